@@ -1,0 +1,466 @@
+/* afcore.c: accept4 + edge-triggered epoll + recv(MSG_PEEK). See afcore.h. */
+#define _GNU_SOURCE
+#include "afcore.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NIL (-1)
+#define FIRST_BUF 1024u
+#define BACKOFF_MIN_US 10000
+#define BACKOFF_MAX_US 1000000
+#define TAG_LISTEN ((uint64_t)1 << 62)
+#define TAG_WAKE ((uint64_t)1 << 61)
+
+/* One held connection, in a table indexed by fd. Kept small: an idle held
+ * connection costs this and nothing else (its buffer comes with its first byte). */
+typedef struct conn {
+    int32_t prev, next;   /* FIFO links (fds), in accept order = deadline order */
+    int64_t accepted_us;  /* on the core's monotonic clock; deadline = this + timeout */
+    char *buf;
+    uint32_t len, bufsize;
+    uint32_t batch;       /* poll number of this connection's last event */
+    uint32_t ev_index;    /* its index in that batch */
+    uint8_t in_use, in_fifo, armed, eof;
+    uint8_t addrlen;
+    uint8_t addr[sizeof(struct sockaddr_in6)];
+} conn;
+
+struct af_core {
+    int listen_fd, epfd, wakefd;
+    uint32_t max_bytes, max_held, max_events;
+    int64_t timeout_us;
+    conn *conns;
+    uint32_t nconns;          /* table size */
+    int32_t head, tail;       /* FIFO of held connections */
+    int32_t *pending;         /* peeked at accept, to be armed at next poll */
+    uint32_t npending, pending_cap;
+    af_event *events;
+    uint32_t nevents;
+    struct epoll_event *epevents;
+    uint32_t batch;
+    int listening, paused;
+    int64_t resume_at, backoff_us, now;
+    af_stats stats;
+};
+
+static int64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int64_t deadline_of(const af_core *c, const conn *k) {
+    return c->timeout_us > 0 ? k->accepted_us + c->timeout_us : INT64_MAX;
+}
+
+static int grow_table(af_core *c, int fd) {
+    if ((uint32_t)fd < c->nconns) return 0;
+    uint32_t n = c->nconns ? c->nconns : 1024;
+    while (n <= (uint32_t)fd) n *= 2;
+    conn *t = realloc(c->conns, (size_t)n * sizeof(conn));
+    if (!t) return -ENOMEM;
+    memset(t + c->nconns, 0, (size_t)(n - c->nconns) * sizeof(conn));
+    c->conns = t;
+    c->nconns = n;
+    return 0;
+}
+
+static conn *owned(af_core *c, int fd) {
+    if (fd < 0 || (uint32_t)fd >= c->nconns || !c->conns[fd].in_use) return NULL;
+    return &c->conns[fd];
+}
+
+static void fifo_unlink(af_core *c, int fd) {
+    conn *k = &c->conns[fd];
+    if (!k->in_fifo) return;
+    if (k->prev != NIL) c->conns[k->prev].next = k->next; else c->head = k->next;
+    if (k->next != NIL) c->conns[k->next].prev = k->prev; else c->tail = k->prev;
+    k->prev = k->next = NIL;
+    k->in_fifo = 0;
+}
+
+static void fifo_append(af_core *c, int fd) {
+    conn *k = &c->conns[fd];
+    k->prev = c->tail;
+    k->next = NIL;
+    if (c->tail != NIL) c->conns[c->tail].next = fd; else c->head = fd;
+    c->tail = fd;
+    k->in_fifo = 1;
+}
+
+static void disarm(af_core *c, int fd) {
+    conn *k = &c->conns[fd];
+    if (k->armed) {
+        epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL);
+        k->armed = 0;
+    }
+}
+
+static void forget(af_core *c, int fd) {
+    conn *k = &c->conns[fd];
+    fifo_unlink(c, fd);
+    free(k->buf);
+    memset(k, 0, sizeof *k);
+    k->prev = k->next = NIL;
+    c->stats.held--;
+}
+
+/* Add (or upgrade) this connection's event in the current batch. A connection
+ * has at most one event per batch; a final kind replaces DATA. */
+static void emit(af_core *c, int fd, int kind, int err) {
+    conn *k = &c->conns[fd];
+    af_event *ev;
+    if (k->batch == c->batch && k->ev_index < c->nevents && c->events[k->ev_index].fd == fd) {
+        ev = &c->events[k->ev_index];
+        if (ev->kind != AF_EV_DATA) return; /* already final */
+    } else {
+        k->batch = c->batch;
+        k->ev_index = c->nevents;
+        ev = &c->events[c->nevents++];
+    }
+    ev->fd = fd;
+    ev->kind = kind;
+    ev->err = err;
+    ev->len = k->len;
+    ev->data = k->buf;
+    int64_t age = c->now - k->accepted_us;
+    ev->age_us = age < 0 ? 0 : (age > UINT32_MAX ? UINT32_MAX : (uint32_t)age);
+    if (kind != AF_EV_DATA) {
+        fifo_unlink(c, fd);
+        disarm(c, fd);
+    }
+}
+
+/* Peek everything available (up to max_bytes). Returns the event kind to report,
+ * or 0 when nothing changed. */
+static int peek(af_core *c, int fd, int hup, int *err) {
+    conn *k = &c->conns[fd];
+    for (;;) {
+        if (k->bufsize == 0 || (k->len == k->bufsize && k->bufsize < c->max_bytes)) {
+            uint32_t want = k->bufsize ? k->bufsize * 2 : FIRST_BUF;
+            if (want > c->max_bytes) want = c->max_bytes;
+            char *b = realloc(k->buf, want);
+            if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+            k->buf = b;
+            k->bufsize = want;
+        }
+        ssize_t n = recv(fd, k->buf, k->bufsize, MSG_PEEK | MSG_DONTWAIT);
+        c->stats.peeks++;
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            *err = errno;
+            return AF_EV_ERROR;
+        }
+        if (n == 0) { k->eof = 1; break; }
+        if ((uint32_t)n > k->len) {
+            c->stats.bytes_peeked += (uint32_t)n - k->len;
+            k->len = (uint32_t)n;
+        }
+        if ((uint32_t)n < k->bufsize || k->bufsize >= c->max_bytes) break;
+        /* buffer filled: grow and peek again */
+    }
+    if (hup) k->eof = 1;
+    if (k->len >= c->max_bytes) return AF_EV_FULL;
+    if (k->eof) return AF_EV_EOF;
+    return -1; /* no final condition; caller decides whether DATA changed */
+}
+
+static void on_readable(af_core *c, int fd, uint32_t flags) {
+    conn *k = owned(c, fd);
+    if (!k || !k->in_fifo) return;
+    int err = 0;
+    uint32_t before = k->len;
+    if ((flags & EPOLLERR) && !(flags & EPOLLIN)) {
+        socklen_t sl = sizeof err;
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl);
+        emit(c, fd, AF_EV_ERROR, err ? err : ECONNRESET);
+        return;
+    }
+    int kind = peek(c, fd, (flags & (EPOLLRDHUP | EPOLLHUP)) != 0, &err);
+    if (kind > 0) emit(c, fd, kind, err);
+    else if (k->len != before) emit(c, fd, AF_EV_DATA, 0);
+}
+
+static int arm(af_core *c, int fd) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = (uint64_t)(uint32_t)fd;
+    if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return -errno;
+    c->conns[fd].armed = 1;
+    return 0;
+}
+
+static void set_listening(af_core *c, int on) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = on ? EPOLLIN : 0;
+    ev.data.u64 = TAG_LISTEN;
+    epoll_ctl(c->epfd, EPOLL_CTL_MOD, c->listen_fd, &ev);
+}
+
+static void pause_accepting(af_core *c, int64_t now) {
+    c->stats.fd_exhaustion++;
+    c->backoff_us = c->backoff_us ? c->backoff_us * 2 : BACKOFF_MIN_US;
+    if (c->backoff_us > BACKOFF_MAX_US) c->backoff_us = BACKOFF_MAX_US;
+    c->resume_at = now + c->backoff_us;
+    c->paused = 1;
+    c->stats.paused = 1;
+    set_listening(c, 0);
+}
+
+/* Room left in the event array, keeping one slot per accepted connection for
+ * the eviction it may cause. */
+static void accept_batch(af_core *c, int64_t now) {
+    while (c->listening && !c->paused && c->nevents + 2 <= c->max_events) {
+        union { struct sockaddr sa; struct sockaddr_in6 in6; struct sockaddr_storage ss; } addr;
+        socklen_t alen = sizeof addr;
+        int fd = accept4(c->listen_fd, &addr.sa, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                pause_accepting(c, now);
+                break;
+            }
+            c->stats.accept_errors++;
+            break;
+        }
+        if (grow_table(c, fd) < 0) { close(fd); pause_accepting(c, now); break; }
+        c->backoff_us = 0;
+        c->stats.accepted++;
+        if (c->max_held && c->stats.held >= c->max_held && c->head != NIL)
+            emit(c, c->head, AF_EV_EVICT, 0);
+        conn *k = &c->conns[fd];
+        memset(k, 0, sizeof *k);
+        k->in_use = 1;
+        k->prev = k->next = NIL;
+        k->accepted_us = now;
+        k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
+        if (k->addrlen) memcpy(k->addr, &addr, k->addrlen);
+        c->stats.held++;
+        fifo_append(c, fd);
+        /* Opportunistic peek: on a busy server the request is often already
+         * here, and the connection never has to enter the epoll set. */
+        int err = 0;
+        int kind = peek(c, fd, 0, &err);
+        if (kind > 0) { emit(c, fd, kind, err); continue; }
+        if (k->len > 0) {
+            emit(c, fd, AF_EV_DATA, 0);
+            if (c->npending == c->pending_cap) {
+                uint32_t cap = c->pending_cap ? c->pending_cap * 2 : 64;
+                int32_t *p = realloc(c->pending, cap * sizeof *p);
+                if (!p) { int e = arm(c, fd); if (e) emit(c, fd, AF_EV_ERROR, -e); continue; }
+                c->pending = p;
+                c->pending_cap = cap;
+            }
+            c->pending[c->npending++] = fd;
+        } else {
+            int e = arm(c, fd);
+            if (e) emit(c, fd, AF_EV_ERROR, -e);
+        }
+    }
+}
+
+af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t max_held,
+                uint32_t max_events, int *err) {
+    af_core *c = calloc(1, sizeof *c);
+    if (!c) { *err = ENOMEM; return NULL; }
+    c->listen_fd = listen_fd;
+    c->max_bytes = max_bytes ? max_bytes : 1;
+    c->timeout_us = timeout_ms > 0 ? timeout_ms * 1000 : 0;
+    c->max_held = max_held;
+    c->max_events = max_events < 16 ? 16 : max_events;
+    c->head = c->tail = NIL;
+    c->epfd = c->wakefd = -1;
+    c->events = calloc(c->max_events, sizeof *c->events);
+    c->epevents = calloc(c->max_events, sizeof *c->epevents);
+    if (!c->events || !c->epevents) { *err = ENOMEM; goto fail; }
+    int fl = 1;
+    if (ioctl(listen_fd, FIONBIO, &fl) < 0) { *err = errno; goto fail; }
+    c->epfd = epoll_create1(EPOLL_CLOEXEC);
+    c->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (c->epfd < 0 || c->wakefd < 0) { *err = errno; goto fail; }
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.u64 = TAG_LISTEN;
+    if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, listen_fd, &ev) < 0) { *err = errno; goto fail; }
+    ev.data.u64 = TAG_WAKE;
+    if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->wakefd, &ev) < 0) { *err = errno; goto fail; }
+    c->listening = 1;
+    return c;
+fail:
+    af_free(c);
+    return NULL;
+}
+
+void af_free(af_core *c) {
+    if (!c) return;
+    for (uint32_t fd = 0; fd < c->nconns; fd++) {
+        if (c->conns[fd].in_use) {
+            close((int)fd);
+            free(c->conns[fd].buf);
+        }
+    }
+    if (c->epfd >= 0) close(c->epfd);
+    if (c->wakefd >= 0) close(c->wakefd);
+    free(c->conns);
+    free(c->pending);
+    free(c->events);
+    free(c->epevents);
+    free(c);
+}
+
+int af_fileno(const af_core *c) { return c->epfd; }
+
+int64_t af_next_timeout_ms(const af_core *c) {
+    int64_t next = INT64_MAX;
+    if (c->head != NIL) next = deadline_of(c, &c->conns[c->head]);
+    if (c->paused && c->resume_at < next) next = c->resume_at;
+    if (next == INT64_MAX) return -1;
+    int64_t left = next - now_us();
+    /* round up: waking a little late is fine, waking early spins */
+    return left <= 0 ? 0 : (left + 999) / 1000;
+}
+
+int af_poll(af_core *c, int timeout_ms, af_event **events) {
+    *events = c->events;
+    c->nevents = 0;
+    c->batch++;
+    for (uint32_t i = 0; i < c->npending; i++) {
+        int fd = c->pending[i];
+        conn *k = owned(c, fd);
+        if (k && k->in_fifo && !k->armed) {
+            int e = arm(c, fd);
+            if (e) emit(c, fd, AF_EV_ERROR, -e);
+        }
+    }
+    c->npending = 0;
+
+    int64_t now = c->now = now_us();
+    if (c->paused && now >= c->resume_at) {
+        c->paused = 0;
+        c->stats.paused = 0;
+        if (c->listening) set_listening(c, 1);
+    }
+    int wait = timeout_ms;
+    int64_t next = af_next_timeout_ms(c);
+    if (next >= 0 && (wait < 0 || next < wait)) wait = next > 0x7fffffff ? 0x7fffffff : (int)next;
+    if (c->nevents) wait = 0;
+    if (c->nevents + 2 > c->max_events) return (int)c->nevents;
+
+    /* Half the array for epoll events (each makes at most one event); the rest
+     * is for accepted connections (and their evictions) and deadlines. */
+    int room = (int)(c->max_events - c->nevents) / 2;
+    int n = epoll_wait(c->epfd, c->epevents, room > 0 ? room : 1, wait);
+    if (n < 0) {
+        if (errno != EINTR) return -errno;
+        n = 0;
+    }
+    now = c->now = now_us();
+    int want_accept = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = c->epevents[i].data.u64;
+        if (tag == TAG_LISTEN) want_accept = 1;
+        else if (tag == TAG_WAKE) {
+            uint64_t v;
+            ssize_t r = read(c->wakefd, &v, sizeof v);
+            (void)r;
+        } else on_readable(c, (int)(uint32_t)tag, c->epevents[i].events);
+    }
+    if (want_accept) accept_batch(c, now);
+    while (c->head != NIL && deadline_of(c, &c->conns[c->head]) <= now && c->nevents < c->max_events)
+        emit(c, c->head, AF_EV_TIMEOUT, 0);
+    return (int)c->nevents;
+}
+
+int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
+    conn *k = owned(c, fd);
+    if (!k) return -EBADF;
+    disarm(c, fd);
+    fifo_unlink(c, fd);
+    char sink[512];
+    while (consume > 0) {
+        ssize_t n = recv(fd, sink, consume < sizeof sink ? consume : sizeof sink, MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return n < 0 ? -errno : -EPIPE;
+        consume -= (uint32_t)n;
+    }
+    int off = 0;
+    if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
+    if (addr) {
+        memset(addr, 0, sizeof *addr);
+        struct sockaddr *sa = (struct sockaddr *)k->addr;
+        if (k->addrlen >= sizeof(struct sockaddr_in) && sa->sa_family == AF_INET) {
+            struct sockaddr_in *in = (struct sockaddr_in *)k->addr;
+            addr->family = AF_INET;
+            addr->port = ntohs(in->sin_port);
+            inet_ntop(AF_INET, &in->sin_addr, addr->host, sizeof addr->host);
+        } else if (k->addrlen >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
+            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)k->addr;
+            addr->family = AF_INET6;
+            addr->port = ntohs(in6->sin6_port);
+            addr->flowinfo = ntohl(in6->sin6_flowinfo);
+            addr->scope_id = in6->sin6_scope_id;
+            inet_ntop(AF_INET6, &in6->sin6_addr, addr->host, sizeof addr->host);
+        } else {
+            addr->family = k->addrlen ? sa->sa_family : 0;
+        }
+    }
+    forget(c, fd);
+    return 0;
+}
+
+int af_close(af_core *c, int fd, int reset) {
+    conn *k = owned(c, fd);
+    if (!k) return -EBADF;
+    if (reset) {
+        struct linger lg = {1, 0};
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    }
+    k->armed = 0; /* close() removes it from the epoll set */
+    forget(c, fd);
+    return close(fd) < 0 ? -errno : 0;
+}
+
+void af_wake(af_core *c) {
+    uint64_t one = 1;
+    ssize_t r = write(c->wakefd, &one, sizeof one);
+    (void)r;
+}
+
+int af_stop_accepting(af_core *c) {
+    if (!c->listening) return 0;
+    c->listening = 0;
+    if (epoll_ctl(c->epfd, EPOLL_CTL_DEL, c->listen_fd, NULL) < 0) return -errno;
+    return 0;
+}
+
+int af_drain(af_core *c, af_event **events) {
+    *events = c->events;
+    c->nevents = 0;
+    c->batch++;
+    c->now = now_us();
+    while (c->head != NIL && c->nevents < c->max_events) {
+        int fd = c->head;
+        int err = 0;
+        conn *k = &c->conns[fd];
+        if (!k->eof) peek(c, fd, 0, &err);
+        emit(c, fd, AF_EV_SHUTDOWN, err);
+    }
+    return (int)c->nevents;
+}
+
+void af_get_stats(const af_core *c, af_stats *out) { *out = c->stats; }

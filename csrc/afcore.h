@@ -1,0 +1,85 @@
+/*
+ * afcore: the I/O core of acceptfilter.
+ *
+ * It accepts eagerly, holds connections in an edge-triggered epoll set, peeks
+ * at their first bytes with recv(MSG_PEEK) and reports what happened as a batch
+ * of events. It knows nothing about any protocol: deciding is the (Python)
+ * engine's job. Deadlines are uniform per core, so held connections form a FIFO
+ * that is also the deadline order and the eviction order (oldest first).
+ *
+ * Not thread-safe, except af_wake(), which any thread may call.
+ */
+#ifndef AFCORE_H
+#define AFCORE_H
+
+#include <stdint.h>
+
+/* Event kinds. DATA is the only non-final one: the connection stays held.
+ * After any other event the connection has left the epoll set and the FIFO,
+ * and the caller must af_release() or af_close() it. */
+enum {
+    AF_EV_DATA = 1,     /* more bytes were peeked */
+    AF_EV_EOF = 2,      /* the peer sent FIN (data: what it sent before) */
+    AF_EV_FULL = 3,     /* the peeked prefix reached max_bytes */
+    AF_EV_TIMEOUT = 4,  /* the connection's deadline passed */
+    AF_EV_EVICT = 5,    /* pushed out: too many held connections */
+    AF_EV_ERROR = 6,    /* the connection failed (err: an errno, e.g. ECONNRESET) */
+    AF_EV_SHUTDOWN = 7  /* af_drain(): the core is shutting down */
+};
+
+typedef struct af_event {
+    int fd;
+    int kind;
+    int err;
+    uint32_t len;
+    uint32_t age_us;  /* time since accept (saturates at ~71 minutes) */
+    const char *data; /* valid until the next call on this core */
+} af_event;
+
+typedef struct af_stats {
+    uint64_t accepted;       /* connections taken from the listen queue */
+    uint64_t accept_errors;  /* accept4 failures other than EAGAIN/EMFILE-like */
+    uint64_t fd_exhaustion;  /* EMFILE/ENFILE/ENOBUFS/ENOMEM pauses */
+    uint64_t peeks;          /* recv(MSG_PEEK) calls */
+    uint64_t bytes_peeked;   /* new bytes seen by peeks */
+    uint32_t held;           /* connections the core still owns */
+    uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
+} af_stats;
+
+typedef struct af_addr {
+    int family;
+    int port;
+    uint32_t flowinfo;
+    uint32_t scope_id;
+    char host[64];
+} af_addr;
+
+typedef struct af_core af_core;
+
+/* Take over a listening socket (made non-blocking). timeout_ms <= 0: no deadline.
+ * Returns NULL with *err set on failure. */
+af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t max_held,
+                uint32_t max_events, int *err);
+/* Close every connection still owned, the epoll and wake fds; not the listen fd. */
+void af_free(af_core *c);
+/* The epoll fd: readable when af_poll() has work. */
+int af_fileno(const af_core *c);
+/* Accept, wait up to timeout_ms (-1: until the next deadline), peek; returns the
+ * number of events (<= max_events) or -errno. */
+int af_poll(af_core *c, int timeout_ms, af_event **events);
+/* Milliseconds until the next deadline or accept resume (0 if due), -1 if none. */
+int64_t af_next_timeout_ms(const af_core *c);
+/* Hand a connection over: leave epoll, discard `consume` bytes, make it blocking.
+ * Returns 0 or -errno (then the connection is still owned and must be closed). */
+int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
+/* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). */
+int af_close(af_core *c, int fd, int reset);
+/* Make a concurrent or future af_poll() return promptly. Thread-safe. */
+void af_wake(af_core *c);
+/* Stop taking new connections (the listen fd leaves the epoll set). */
+int af_stop_accepting(af_core *c);
+/* Final events (AF_EV_SHUTDOWN) for every held connection, oldest first. */
+int af_drain(af_core *c, af_event **events);
+void af_get_stats(const af_core *c, af_stats *out);
+
+#endif

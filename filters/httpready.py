@@ -1,0 +1,197 @@
+"""httpready: surface a connection once it has sent a complete HTTP request head.
+
+FreeBSD's accf_http(9) holds only ``GET``/``HEAD`` and looks for the head's
+end only at the tail of the buffer. This one:
+
+* holds every method (POST and PUT heads are what slow uploads start with);
+* finds the end of the head (``\\r\\n\\r\\n``, or a bare ``\\n\\n``/``\\n\\r\\n``)
+  anywhere in the buffer, so a GET with a body or a pipelined second request
+  does not keep the first one waiting;
+* surfaces an HTTP/0.9 request line (``GET /\\r\\n``) at its line end;
+* recognises the HTTP/2 prior-knowledge preface and surfaces it whole;
+* passes first bytes that cannot be HTTP (TLS, SSH, garbage) at once, like
+  FreeBSD — or rejects them with ``non_http=reject``;
+* scans each byte once per connection (incremental state), never the whole
+  head again on each arrival.
+
+``info`` carries ``method``, ``target``, ``version`` and ``host`` (``protocol``
+is ``"http/1"``, ``"http/0.9"``, ``"h2"`` or ``"unknown"`` for passed non-HTTP).
+
+At the end (EOF, deadline, cap) an incomplete head is rejected, so the
+engine's timeout policy decides about idle and slow clients; a head larger
+than ``max_bytes`` is rejected unless ``oversize=accept`` lets the
+application answer it (with 431, say).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from acceptfilter.filter import DEFAULT_MAX_BYTES, WAIT, Decision, Filter
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# RFC 9110 token characters (a method is a token).
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_MAX_METHOD = 32
+# The request line once its end is known: method SP target [SP HTTP/x.y].
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+)(?: (HTTP/[0-9]\.[0-9]))?\r?$")
+_HOST = re.compile(rb"^host[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+class HttpReady(Filter):
+    """Wait for a complete HTTP request head (any method, HTTP/0.9, h2 preface)."""
+
+    name = "httpready"
+
+    def __init__(
+        self,
+        *,
+        non_http: str = "accept",
+        oversize: str = "reject",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(max_bytes=max_bytes, timeout=timeout)
+        if non_http not in ("accept", "reject"):
+            raise ValueError(f"non_http must be 'accept' or 'reject', not {non_http!r}")
+        if oversize not in ("accept", "reject"):
+            raise ValueError(f"oversize must be 'accept' or 'reject', not {oversize!r}")
+        self.non_http = non_http
+        self.oversize = oversize
+
+    def session(self) -> _HttpSession:
+        return _HttpSession(self)
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        """One-shot check (a fresh session): handy in tests and the REPL."""
+        return _HttpSession(self).check(data, final)
+
+
+class _HttpSession:
+    """Per-connection scan state; every byte is looked at a bounded number of times."""
+
+    __slots__ = ("_decided", "_filter", "_line_end", "_scanned", "_start")
+
+    def __init__(self, flt: HttpReady) -> None:
+        self._filter = flt
+        self._start = -1  # offset of the request line (after leading empty lines)
+        self._line_end = -1  # offset of the request line's "\n"
+        self._scanned = 0  # bytes already searched for the end of the head
+        self._decided: Decision | None = None
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        if self._decided is not None:
+            return self._decided
+        if len(data) > self._filter.max_bytes:
+            data = data[: self._filter.max_bytes]  # decide on the cap, however TCP split it
+        decision = self._scan(data)
+        if decision is WAIT and (final or len(data) >= self._filter.max_bytes):
+            decision = self._incomplete(data)
+        if decision.decided:
+            self._decided = decision
+        return decision
+
+    def _incomplete(self, data: bytes) -> Decision:
+        if len(data) >= self._filter.max_bytes and self._filter.oversize == "accept":
+            return Decision.accept(self._line_info(data), reason="head larger than max_bytes")
+        if len(data) >= self._filter.max_bytes:
+            return Decision.reject(f"request head larger than max_bytes={self._filter.max_bytes}")
+        return Decision.reject("incomplete request head")
+
+    def _non_http(self, why: str) -> Decision:
+        if self._filter.non_http == "reject":
+            return Decision.reject(f"not HTTP: {why}")
+        return Decision.accept({"protocol": "unknown"}, reason=f"not HTTP ({why}), passed")
+
+    def _scan(self, data: bytes) -> Decision:
+        if self._start < 0:
+            start = 0
+            while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
+                start += 2 if data[start] == 0x0D else 1
+            if start >= len(data) or data[start:] == b"\r":
+                return WAIT
+            self._start = start
+        start = self._start
+        if self._line_end < 0:
+            verdict = self._request_line(data, start)
+            if verdict is not None:
+                return verdict
+        # The request line is complete and HTTP/1.x: look for the empty line.
+        # Resume two bytes back so a terminator split across arrivals is found.
+        pos = max(self._line_end, self._scanned - 2)
+        end = _find_head_end(data, pos)
+        if end < 0:
+            self._scanned = len(data)
+            return WAIT
+        return self._complete(data, end)
+
+    def _request_line(self, data: bytes, start: int) -> Decision | None:
+        """Decide what can be decided before the head's end; None to keep scanning."""
+        head = data[start : start + len(H2_PREFACE)]
+        if H2_PREFACE.startswith(head):
+            if len(head) < len(H2_PREFACE):
+                return WAIT
+            return Decision.accept({"protocol": "h2", "method": "PRI", "target": "*", "version": "HTTP/2.0"})
+        # The method must be a token followed by a space.
+        i = start
+        limit = min(len(data), start + _MAX_METHOD + 1)
+        while i < limit and data[i] in _TCHAR:
+            i += 1
+        if i == limit:
+            return WAIT if i == len(data) and i - start <= _MAX_METHOD else self._non_http("method too long")
+        if data[i] != 0x20 or i == start:
+            return self._non_http("no method token")
+        nl = data.find(b"\n", i, start + self._filter.max_bytes)
+        if nl < 0:
+            # Reject early what can never become a request line.
+            if any(b < 0x20 or b == 0x7F for b in data[i + 1 : i + 1 + 64] if b not in (0x20, 0x0D)):
+                return self._non_http("control byte in request line")
+            return WAIT
+        match = _REQUEST_LINE.match(data, start, nl)
+        if match is None:
+            return self._non_http("malformed request line")
+        self._line_end = nl
+        self._scanned = nl
+        if match.group(3) is None:  # HTTP/0.9: the line is the whole request
+            return Decision.accept(self._line_info(data), reason="HTTP/0.9 request line")
+        return None
+
+    def _line_info(self, data: bytes) -> dict[str, Any]:
+        start = max(self._start, 0)
+        nl = self._line_end if self._line_end >= 0 else data.find(b"\n", start)
+        line = data[start : nl if nl >= 0 else len(data)]
+        match = _REQUEST_LINE.match(line)
+        if match is None:
+            return {"protocol": "http/1"}
+        method, target, version = (g.decode("latin-1") if g else None for g in match.groups())
+        return {
+            "protocol": "http/1" if version else "http/0.9",
+            "method": method,
+            "target": target,
+            "version": version or "HTTP/0.9",
+        }
+
+    def _complete(self, data: bytes, end: int) -> Decision:
+        info = self._line_info(data)
+        host = _HOST.search(data, self._line_end + 1, end)
+        info["host"] = host.group(1).decode("latin-1") if host else None
+        return Decision.accept(info)
+
+
+def _find_head_end(data: bytes, pos: int) -> int:
+    """Offset just past the first empty line at or after ``pos``, or -1."""
+    while True:
+        nl = data.find(b"\n", pos)
+        if nl < 0 or nl + 1 >= len(data):
+            return -1
+        nxt = data[nl + 1]
+        if nxt == 0x0A:
+            return nl + 2
+        if nxt == 0x0D:
+            if nl + 2 >= len(data):
+                return -1
+            if data[nl + 2] == 0x0A:
+                return nl + 3
+        pos = nl + 1

@@ -1,0 +1,168 @@
+"""The sans-IO filter contract: bytes in, a decision out.
+
+A filter never touches a socket or a clock. The engine hands it the bytes a
+connection has sent so far (peeked, not read) and a ``final`` flag, and the
+filter answers with a :class:`Decision`. This is what makes filters trivially
+testable and fuzzable (see :mod:`acceptfilter.testing`).
+
+The contract every filter must keep:
+
+* ``final=True`` (EOF, deadline, byte cap reached) means no more bytes will
+  come: the filter must answer ACCEPT or REJECT, never WAIT.
+* Deterministic and chunking-independent: the same bytes give the same
+  decision however TCP split them, and once a filter has decided on a prefix
+  it decides the same on every extension of that prefix.
+* Total: it never raises, whatever the bytes.
+* It never WAITs for more than ``max_bytes`` bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol
+
+__all__ = [
+    "ACCEPT",
+    "DEFAULT_MAX_BYTES",
+    "REJECT",
+    "WAIT",
+    "Checker",
+    "Decision",
+    "Filter",
+    "Verdict",
+]
+
+#: The default byte cap: what Envoy, HAProxy and nginx use for their
+#: inspectors, and enough for a post-quantum TLS ClientHello.
+DEFAULT_MAX_BYTES = 16384
+
+_EMPTY_INFO: Mapping[str, Any] = MappingProxyType({})
+
+
+class Verdict(enum.Enum):
+    """What a filter thinks of the bytes it has seen."""
+
+    WAIT = "wait"
+    """Not enough bytes yet; ask again when more arrive."""
+    ACCEPT = "accept"
+    """Worth waking the application for: surface the connection."""
+    REJECT = "reject"
+    """Not worth serving (or, with ``final=True``: not complete enough)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A verdict plus what the engine needs to act on an ACCEPT.
+
+    ``info`` is a small mapping the application can read (method, host, SNI,
+    the real client address from a PROXY header ...). ``consume`` is how many
+    leading bytes the engine strips before the application sees the stream
+    (only the PROXY protocol should need it). ``route`` labels the connection
+    for routing. ``reason`` says why, for logs and counters.
+    """
+
+    verdict: Verdict
+    info: Mapping[str, Any] = field(default_factory=lambda: _EMPTY_INFO)
+    consume: int = 0
+    route: str | None = None
+    reason: str = ""
+
+    @classmethod
+    def accept(
+        cls,
+        info: Mapping[str, Any] | None = None,
+        *,
+        consume: int = 0,
+        route: str | None = None,
+        reason: str = "",
+    ) -> Decision:
+        """An ACCEPT decision carrying optional metadata."""
+        return cls(
+            Verdict.ACCEPT,
+            MappingProxyType(dict(info)) if info else _EMPTY_INFO,
+            consume,
+            route,
+            reason,
+        )
+
+    @classmethod
+    def reject(cls, reason: str = "") -> Decision:
+        """A REJECT decision; ``reason`` ends up in debug logs."""
+        return cls(Verdict.REJECT, reason=reason)
+
+    @property
+    def decided(self) -> bool:
+        """True for ACCEPT and REJECT."""
+        return self.verdict is not Verdict.WAIT
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict is Verdict.ACCEPT
+
+    @property
+    def rejected(self) -> bool:
+        return self.verdict is Verdict.REJECT
+
+
+WAIT = Decision(Verdict.WAIT)
+"""The shared "need more bytes" decision."""
+ACCEPT = Decision(Verdict.ACCEPT)
+"""A plain ACCEPT with no metadata."""
+REJECT = Decision(Verdict.REJECT)
+"""A plain REJECT."""
+
+
+class Checker(Protocol):
+    """Anything with a ``check(data, final)`` method: a filter or a session."""
+
+    def check(self, data: bytes, final: bool) -> Decision: ...
+
+
+class Filter:
+    """Base class of every filter.
+
+    A filter is configuration: it is built once per listener from its spec
+    (``"httpready:method_only=1"``) and is shared by all connections. Override
+    :meth:`check`. A filter that parses incrementally (to avoid rescanning a
+    growing prefix) overrides :meth:`session` to return a fresh per-connection
+    object with its own ``check``; the engine calls ``session()`` once per
+    connection, on its first bytes.
+
+    Subclasses take their arguments as keyword-only ``__init__`` parameters
+    with type annotations (``int``, ``float``, ``bool``, ``str``,
+    ``tuple[str, ...]``); the registry converts spec strings to those types.
+    Every filter also accepts ``max_bytes`` and ``timeout``.
+    """
+
+    #: The registered (entry-point) name. Set by the registry if left empty.
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float | None = None) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
+        #: The most bytes this filter will ever WAIT for.
+        self.max_bytes = max_bytes
+        #: The deadline this filter asks for (seconds), or None for the listener's.
+        self.timeout = timeout
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        """Decide on the bytes seen so far. Must not raise; must not WAIT if final."""
+        raise NotImplementedError(f"{type(self).__name__} must implement check(data, final)")
+
+    def session(self) -> Checker:
+        """A checker for one connection. Stateless filters are their own session."""
+        return self
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line for ``acceptfilter list``: the first line of the class docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name or '?'} max_bytes={self.max_bytes}>"

@@ -1,0 +1,197 @@
+"""The I/O core interface, and the C core behind it.
+
+An I/O core owns the listening socket and every held connection. It accepts,
+peeks and keeps deadlines; it knows no protocol. The engine drives it through
+this small interface, so the C core (:class:`CCore`) and the pure-Python
+reference (:class:`acceptfilter.pycore.PyCore`) are interchangeable.
+
+``poll()`` returns a batch of events ``(fd, kind, err, data, age)``: ``data`` is
+the whole peeked prefix, ``age`` the seconds since the connection was accepted.
+A connection has at most one event per batch. After any event other than
+:data:`DATA` the connection has left the core's wait set and the caller must
+:meth:`~IOCore.release` or :meth:`~IOCore.close` it before the next poll.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "DATA",
+    "EOF",
+    "ERROR",
+    "EVICT",
+    "FULL",
+    "KIND_NAMES",
+    "SHUTDOWN",
+    "TIMEOUT",
+    "Address",
+    "CCore",
+    "Event",
+    "IOCore",
+    "make_core",
+]
+
+DATA, EOF, FULL, TIMEOUT, EVICT, ERROR, SHUTDOWN = range(1, 8)
+KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT: "evict", ERROR: "error", SHUTDOWN: "shutdown"}
+
+#: (fd, kind, errno, peeked bytes, seconds since accept)
+Event = tuple[int, int, int, bytes, float]
+Address = Any  # what socket.accept() would return as the address
+
+CoreName = Literal["c", "python"]
+
+
+class IOCore(Protocol):
+    """What the engine needs from an I/O core."""
+
+    def fileno(self) -> int:
+        """A pollable fd, readable when :meth:`poll` has work (for event loops)."""
+
+    def poll(self, timeout: float | None) -> list[Event]:
+        """Accept, wait at most ``timeout`` seconds (None: until the next deadline), peek."""
+
+    def next_timeout(self) -> float | None:
+        """Seconds until the next deadline (0 if due), or None if there is none."""
+
+    def release(self, fd: int, consume: int = 0) -> Address:
+        """Hand a connection over (blocking, out of the wait set, ``consume`` bytes read off)."""
+
+    def close(self, fd: int, reset: bool = False) -> None:
+        """Close a held connection, with an RST if ``reset``."""
+
+    def wake(self) -> None:
+        """Make a concurrent or the next :meth:`poll` return promptly. Thread-safe."""
+
+    def stop_accepting(self) -> None:
+        """Stop taking connections from the listen socket."""
+
+    def drain(self) -> list[Event]:
+        """SHUTDOWN events for every held connection (call until empty)."""
+
+    def stats(self) -> dict[str, int]:
+        """accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked, held, paused."""
+
+    def free(self) -> None:
+        """Close every fd the core still owns (not the listen socket). Idempotent."""
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+class CCore:
+    """The C core: one ``af_poll`` call accepts, waits and peeks without the GIL."""
+
+    def __init__(
+        self,
+        listen_sock: socket.socket,
+        *,
+        max_bytes: int,
+        timeout: float | None,
+        max_held: int,
+        max_events: int = 512,
+    ) -> None:
+        try:
+            from ._core import ffi, lib
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "the C core (acceptfilter._core) is not built: reinstall with `pip install .` "
+                "(needs a C compiler and the Python headers), or use core='python'"
+            ) from exc
+        self._ffi = ffi
+        self._lib = lib
+        listen_sock.setblocking(False)  # the core drains the listen queue with accept4
+        err = ffi.new("int *")
+        timeout_ms = 0 if timeout is None else max(1, round(timeout * 1000))
+        core = lib.af_new(listen_sock.fileno(), max_bytes, timeout_ms, max_held, max_events, err)
+        if core == ffi.NULL:
+            raise OSError(err[0], f"cannot start the C core: {os.strerror(err[0])}")
+        self._core: Any = core
+        self._events_out = ffi.new("af_event **")
+        self._addr = ffi.new("af_addr *")
+        self._stats = ffi.new("af_stats *")
+        self._family = listen_sock.family
+
+    def fileno(self) -> int:
+        return int(self._lib.af_fileno(self._core))
+
+    def poll(self, timeout: float | None) -> list[Event]:
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        n = self._lib.af_poll(self._core, ms, self._events_out)
+        if n < 0:
+            raise OSError(-n, f"af_poll: {os.strerror(-n)}")
+        return self._collect(n)
+
+    def _collect(self, n: int) -> list[Event]:
+        evs = self._events_out[0]
+        buffer = self._ffi.buffer
+        out: list[Event] = []
+        for i in range(n):
+            ev = evs[i]
+            length = ev.len
+            data = buffer(ev.data, length)[:] if length else b""
+            out.append((ev.fd, ev.kind, ev.err, data, ev.age_us / 1e6))
+        return out
+
+    def next_timeout(self) -> float | None:
+        ms = self._lib.af_next_timeout_ms(self._core)
+        return None if ms < 0 else ms / 1000
+
+    def release(self, fd: int, consume: int = 0) -> Address:
+        addr = self._addr
+        _check(self._lib.af_release(self._core, fd, consume, addr), "release")
+        if addr.family == socket.AF_INET:
+            return (self._ffi.string(addr.host).decode(), addr.port)
+        if addr.family == socket.AF_INET6:
+            return (self._ffi.string(addr.host).decode(), addr.port, addr.flowinfo, addr.scope_id)
+        return ""  # AF_UNIX peers are unnamed, as socket.accept() reports them
+
+    def close(self, fd: int, reset: bool = False) -> None:
+        rc = self._lib.af_close(self._core, fd, 1 if reset else 0)
+        if rc < 0 and -rc != errno.ECONNRESET:
+            _check(rc, "close")
+
+    def wake(self) -> None:
+        if self._core is not None:
+            self._lib.af_wake(self._core)
+
+    def stop_accepting(self) -> None:
+        _check(self._lib.af_stop_accepting(self._core), "stop accepting")
+
+    def drain(self) -> list[Event]:
+        return self._collect(self._lib.af_drain(self._core, self._events_out))
+
+    def stats(self) -> dict[str, int]:
+        s = self._stats
+        self._lib.af_get_stats(self._core, s)
+        return {
+            "accepted": s.accepted,
+            "accept_errors": s.accept_errors,
+            "fd_exhaustion": s.fd_exhaustion,
+            "peeks": s.peeks,
+            "bytes_peeked": s.bytes_peeked,
+            "held": s.held,
+            "paused": s.paused,
+        }
+
+    def free(self) -> None:
+        core, self._core = self._core, None
+        if core is not None:
+            self._lib.af_free(core)
+
+
+def make_core(name: CoreName | str, listen_sock: socket.socket, **kwargs: Any) -> IOCore:
+    """Build the named core ("c" or "python") on ``listen_sock``."""
+    if name == "c":
+        return CCore(listen_sock, **kwargs)
+    if name == "python":
+        from .pycore import PyCore
+
+        return PyCore(listen_sock, **kwargs)
+    raise ValueError(f"unknown I/O core {name!r}: use 'c' (default) or 'python'")

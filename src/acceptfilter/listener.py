@@ -1,0 +1,454 @@
+"""FilteredListener: the socket-like object servers ``accept()`` from.
+
+It quacks like a listening ``socket.socket``: ``accept()`` returns an exact
+``socket.socket`` (every byte the client sent still unread) and the peer
+address; ``fileno()`` is an eventfd in semaphore mode holding one token per
+queued connection, so level-triggered selectors neither miss nor spin;
+blocking, non-blocking and timeout modes behave like a socket's; ``close()``
+is idempotent. What the filters learnt reaches the application through
+:func:`connection_info` or :meth:`FilteredListener.accept_with_info`, without
+changing the socket type.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+from .driver import ThreadDriver
+from .engine import ConnectionInfo, Engine, Surfaced
+from .errors import FilterSpecError
+from .filter import Filter
+from .iocore import Address, CoreName, IOCore, make_core
+from .policy import Action, Policy, Route
+from .registry import load_chain
+
+__all__ = ["ConnectionInfo", "FilteredListener", "Router", "connection_info", "route", "wrap"]
+
+log = logging.getLogger("acceptfilter")
+
+FilterSpecs = str | Filter | Iterable[str | Filter]
+DriverName = Literal["thread", "none"]
+
+_info_lock = threading.Lock()
+_info_by_socket: weakref.WeakKeyDictionary[socket.socket, ConnectionInfo] = weakref.WeakKeyDictionary()
+
+
+def connection_info(sock: socket.socket) -> ConnectionInfo | None:
+    """What the filters learnt about a socket returned by a FilteredListener, or None."""
+    with _info_lock:
+        return _info_by_socket.get(sock)
+
+
+def _remember(sock: socket.socket, info: ConnectionInfo) -> None:
+    with _info_lock:
+        _info_by_socket[sock] = info
+
+
+def _closed_error() -> OSError:
+    return OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+class SurfaceQueue:
+    """Ready connections of one route, with an eventfd token per entry.
+
+    The entry is appended before its token is written, so a consumer that got a
+    token always finds an entry, whichever thread produced it.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[Surfaced] = deque()
+        self._efd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.closed = False
+
+    def fileno(self) -> int:
+        return -1 if self.closed else self._efd
+
+    def put_many(self, items: list[Surfaced]) -> int:
+        """Queue ``items``; returns how many had to be closed because the queue is closed."""
+        if self.closed:
+            for fd, _, _ in items:
+                os.close(fd)
+            return len(items)
+        self._items.extend(items)
+        os.eventfd_write(self._efd, len(items))
+        return 0
+
+    def get_nowait(self) -> Surfaced:
+        if self.closed:
+            raise _closed_error()
+        os.eventfd_read(self._efd)  # BlockingIOError when empty
+        if self.closed:
+            raise _closed_error()
+        return self._items.popleft()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until an entry may be there; False on timeout."""
+        if self.closed:
+            raise _closed_error()
+        poller = select.poll()
+        poller.register(self._efd, select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        return bool(poller.poll(ms))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> int:
+        """Close every queued connection; wake blocked acceptors. Returns how many were closed."""
+        if self.closed:
+            return 0
+        self.closed = True
+        os.eventfd_write(self._efd, 1 << 30)  # wake every waiter; they see `closed`
+        count = 0
+        while self._items:
+            fd, _, _ = self._items.popleft()
+            os.close(fd)
+            count += 1
+        os.close(self._efd)
+        return count
+
+
+def _listen_backlog(sock: socket.socket) -> int:
+    """The listen socket's backlog (the default bound on held connections)."""
+    try:
+        from .diag import listen_backlog
+
+        backlog = listen_backlog(sock)
+        if backlog:
+            return backlog
+    except Exception as exc:  # diagnostics are best effort; fall back to the sysctl
+        log.debug("could not read the listen backlog: %s", exc)
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+class _Hub:
+    """One listen socket, its I/O core, engine, driver and per-route queues."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        routes: tuple[Route, ...],
+        policy: Policy,
+        *,
+        default_route: str | None,
+        core: CoreName | str,
+        driver: DriverName | str,
+        defer_accept: int | None,
+    ) -> None:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"acceptfilter wraps stream sockets, not {sock.type!r}")
+        try:
+            accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as exc:
+            raise ValueError(f"cannot wrap this socket: {exc}") from None
+        if not accepting:
+            raise ValueError("the socket is not listening: call bind() and listen() (or socket.create_server) first")
+        if driver not in ("thread", "none"):
+            raise ValueError(f"driver must be 'thread' or 'none' (asyncio: see acceptfilter.integrations.asyncio), not {driver!r}")
+        if defer_accept:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(defer_accept))
+        self.sock = sock
+        self.timeout = sock.gettimeout()
+        self.queues = {r.name: SurfaceQueue() for r in routes}
+        self.max_held = policy.max_held or _listen_backlog(sock)
+        self.deadline = policy.effective_timeout(routes)
+        self.core: IOCore = make_core(
+            core,
+            sock,
+            max_bytes=max(1, max(r.max_bytes for r in routes)),
+            timeout=self.deadline,
+            max_held=self.max_held,
+        )
+        try:
+            self.engine = Engine(self.core, routes, policy, self._sink, default_route=default_route)
+        except Exception:
+            self.core.free()
+            raise
+        self._lock = threading.Lock()
+        self._open = set(self.queues)
+        self.closed = False
+        self.driver: ThreadDriver | None = None
+        if driver == "thread":
+            self.driver = ThreadDriver(self.engine)
+            self.driver.start()
+
+    def _sink(self, route: str, items: list[Surfaced]) -> None:
+        lost = self.queues[route].put_many(items)
+        if lost:
+            self.engine.note_unclaimed(lost)
+
+    def close_route(self, name: str) -> None:
+        with self._lock:
+            self._open.discard(name)
+            last = not self._open
+        if last:
+            self.close()
+        else:
+            self.engine.note_unclaimed(self.queues[name].close())
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        if self.driver is not None:
+            self.driver.stop()
+        try:
+            self.engine.shutdown(Action("close"))
+        finally:
+            for queue in self.queues.values():
+                self.engine.note_unclaimed(queue.close())
+            self.core.free()
+            self.sock.close()
+
+
+class FilteredListener:
+    """A listening-socket look-alike that only ever yields connections worth serving."""
+
+    def __init__(self, hub: _Hub, route: str) -> None:
+        self._hub = hub
+        self._route = route
+        self._queue = hub.queues[route]
+        self._timeout: float | None = hub.timeout
+        self._closed = False
+        self.family = hub.sock.family
+        self.type = hub.sock.type
+        self.proto = hub.sock.proto
+
+    # -- accepting -------------------------------------------------------
+    def _take(self) -> Surfaced:
+        if self._closed:
+            raise _closed_error()
+        timeout = self._timeout
+        if timeout == 0:
+            return self._queue.get_nowait()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except BlockingIOError:
+                pass
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("timed out")
+            self._queue.wait(remaining)
+
+    def accept_with_info(self) -> tuple[socket.socket, Address, ConnectionInfo]:
+        """Like :meth:`accept`, plus what the filters learnt (route, info, reason)."""
+        fd, addr, info = self._take()
+        try:
+            sock = socket.socket(self.family, self.type, self.proto, fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)  # what socket.accept() does
+        _remember(sock, info)
+        return sock, addr, info
+
+    def accept(self) -> tuple[socket.socket, Address]:
+        """Wait for (or, non-blocking, take) the next ready connection."""
+        sock, addr, _ = self.accept_with_info()
+        return sock, addr
+
+    # -- socket look-alike -----------------------------------------------
+    def fileno(self) -> int:
+        """Readable while a connection is queued (an eventfd, one token per connection)."""
+        return -1 if self._closed else self._queue.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None and value < 0:
+            raise ValueError("Timeout value out of range")
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def getsockname(self) -> Any:
+        if self._closed:
+            raise _closed_error()
+        return self._hub.sock.getsockname()
+
+    def getpeername(self) -> Any:
+        raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+    def getsockopt(self, *args: Any) -> Any:
+        return self._hub.sock.getsockopt(*args)
+
+    def setsockopt(self, *args: Any) -> None:
+        self._hub.sock.setsockopt(*args)
+
+    def listen(self, backlog: int | None = None) -> None:
+        """A no-op: the wrapped socket is already listening."""
+
+    def close(self) -> None:
+        """Stop accepting and close queued connections; the last route closes everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hub.close_route(self._route)
+
+    def __enter__(self) -> FilteredListener:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- acceptfilter's own ---------------------------------------------
+    @property
+    def route(self) -> str:
+        return self._route
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (for drivers that run it themselves, and for tests)."""
+        return self._hub.engine
+
+    @property
+    def deadline(self) -> float:
+        """Seconds a connection may be held before ``on_timeout`` applies."""
+        return self._hub.deadline
+
+    @property
+    def max_held(self) -> int:
+        return self._hub.max_held
+
+    @property
+    def queued(self) -> int:
+        """Connections ready and waiting for ``accept()``."""
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges: see the README, "Counters"."""
+        out = self._hub.engine.stats()
+        out["queued"] = len(self._queue)
+        return out
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self.fileno()}"
+        try:
+            where = self._hub.sock.getsockname()
+        except OSError:
+            where = "?"
+        return f"<FilteredListener route={self._route!r} {state} laddr={where!r}>"
+
+
+class Router(Mapping[str, FilteredListener]):
+    """Several routes on one port: ``router["http"].accept()``; first match wins."""
+
+    def __init__(self, hub: _Hub) -> None:
+        self._hub = hub
+        self._listeners = {name: FilteredListener(hub, name) for name in hub.queues}
+
+    def __getitem__(self, name: str) -> FilteredListener:
+        try:
+            return self._listeners[name]
+        except KeyError:
+            raise KeyError(f"no route named {name!r}; routes: {', '.join(self._listeners)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._listeners)
+
+    def __len__(self) -> int:
+        return len(self._listeners)
+
+    def stats(self) -> dict[str, Any]:
+        return self._hub.engine.stats()
+
+    def close(self) -> None:
+        for listener in self._listeners.values():
+            listener.close()
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def wrap(
+    sock: socket.socket,
+    filter: FilterSpecs = "httpready",
+    *,
+    timeout: float | None = None,
+    on_timeout: str | Action = "surface",
+    max_held: int | None = None,
+    on_reject: str | Action = "close",
+    on_error: str | Action | None = None,
+    core: CoreName | str = "c",
+    driver: DriverName | str = "thread",
+    defer_accept: int | None = None,
+) -> FilteredListener:
+    """Put a filter (or a chain of filters) in front of a listening socket.
+
+    The returned listener owns ``sock``. ``filter`` is a spec string
+    (``"httpready"``, ``"dataready:min_bytes=4"``), a :class:`Filter`, or a
+    list of them forming a chain. See :class:`Policy` for the keyword
+    arguments; ``core`` picks the I/O core (``"c"`` or ``"python"``);
+    ``driver="thread"`` runs the engine in a background thread (``"none"``:
+    you call ``listener.engine.step()`` yourself, as the asyncio driver does);
+    ``defer_accept`` sets ``TCP_DEFER_ACCEPT`` seconds as a kernel first stage.
+    """
+    policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject, on_error=on_error)
+    chain = load_chain(filter)
+    hub = _Hub(sock, (Route("default", chain),), policy, default_route=None, core=core, driver=driver, defer_accept=defer_accept)
+    return FilteredListener(hub, "default")
+
+
+def route(
+    sock: socket.socket,
+    routes: Mapping[str, FilterSpecs],
+    *,
+    default: str | None = None,
+    timeout: float | None = None,
+    on_timeout: str | Action | None = None,
+    max_held: int | None = None,
+    on_reject: str | Action = "close",
+    on_error: str | Action | None = None,
+    core: CoreName | str = "c",
+    driver: DriverName | str = "thread",
+    defer_accept: int | None = None,
+) -> Router:
+    """Several routes on one listening socket, each surfacing into its own listener.
+
+    ``routes`` maps a name to a filter chain, in priority order (first match
+    wins). ``default`` names the route that gets connections every route
+    rejected and, unless ``on_timeout`` says otherwise, those whose deadline
+    passed (silent, server-first clients such as SSH or SMTP); it may be a
+    name not in ``routes`` (a route with no filters).
+    """
+    if not routes:
+        raise FilterSpecError("route() needs at least one route")
+    built = [Route(name, load_chain(specs)) for name, specs in routes.items()]
+    if default is not None and default not in routes:
+        built.append(Route(default, ()))
+    if on_timeout is None:
+        on_timeout = Action("surface", default) if default else Action("surface")
+    policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject, on_error=on_error)
+    hub = _Hub(sock, tuple(built), policy, default_route=default, core=core, driver=driver, defer_accept=defer_accept)
+    return Router(hub)

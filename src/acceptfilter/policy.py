@@ -1,0 +1,120 @@
+"""Policies: what happens to a connection the filters did not (or could not) decide.
+
+Every one is explicit and counted. The defaults follow Linux's
+``TCP_DEFER_ACCEPT`` since 2.6.32: a connection whose deadline passes is
+*surfaced*, never silently dropped (the Apache-behind-a-load-balancer failure:
+pre-opened idle connections vanished and users got blank pages).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import FilterSpecError
+from .filter import Filter
+
+__all__ = ["DEFAULT_TIMEOUT", "Action", "Policy", "Route", "parse_action"]
+
+#: Seconds a connection may be held before the timeout policy applies.
+DEFAULT_TIMEOUT = 5.0
+
+_ACTIONS = ("surface", "close", "reset")
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """``surface`` (optionally into a named route), ``close`` or ``reset`` (close with RST)."""
+
+    kind: str
+    route: str | None = None
+
+    def __str__(self) -> str:
+        return f"route:{self.route}" if self.route else self.kind
+
+
+def parse_action(text: str | Action, what: str) -> Action:
+    """Parse ``surface``, ``close``, ``reset`` or ``route:NAME``."""
+    if isinstance(text, Action):
+        return text
+    value = str(text).strip()
+    if value in _ACTIONS:
+        return Action(value)
+    if value.startswith("route:") and value[6:].strip():
+        return Action("surface", value[6:].strip())
+    raise FilterSpecError(f"{what} must be one of surface, close, reset or route:NAME, not {text!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The listener-wide rules; see the README, "Policies".
+
+    * ``timeout``: seconds a connection may be held (None: the filters'
+      ``timeout`` if any asks for one, else :data:`DEFAULT_TIMEOUT`). Never infinite.
+    * ``on_timeout``: what a connection gets when its deadline passes and the
+      filters' final check does not accept it. Also applies to eviction.
+    * ``max_held``: bound on held connections (None: the listen backlog); on
+      overflow the oldest is evicted with ``on_timeout``.
+    * ``on_reject``: ``close`` (FIN) or ``reset`` (RST) for rejected connections.
+    * ``on_error``: what a connection gets when a filter raises (None: ``on_timeout``).
+    """
+
+    timeout: float | None = None
+    on_timeout: Action = field(default_factory=lambda: Action("surface"))
+    max_held: int | None = None
+    on_reject: Action = field(default_factory=lambda: Action("close"))
+    on_error: Action | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise FilterSpecError(f"timeout must be a positive, finite number of seconds, not {self.timeout!r}")
+        if self.max_held is not None and self.max_held < 1:
+            raise FilterSpecError(f"max_held must be at least 1, not {self.max_held!r}")
+        if self.on_reject.kind not in ("close", "reset"):
+            raise FilterSpecError(f"on_reject must be close or reset, not {self.on_reject}")
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        timeout: float | None = None,
+        on_timeout: str | Action = "surface",
+        max_held: int | None = None,
+        on_reject: str | Action = "close",
+        on_error: str | Action | None = None,
+    ) -> Policy:
+        """A Policy from plain strings (the CLI's and ``wrap()``'s spelling)."""
+        return cls(
+            timeout=timeout,
+            on_timeout=parse_action(on_timeout, "on_timeout"),
+            max_held=max_held,
+            on_reject=parse_action(on_reject, "on_reject"),
+            on_error=None if on_error is None else parse_action(on_error, "on_error"),
+        )
+
+    def effective_timeout(self, routes: tuple[Route, ...]) -> float:
+        if self.timeout is not None:
+            return self.timeout
+        asked = [f.timeout for r in routes for f in r.chain if f.timeout is not None]
+        return max(asked) if asked else DEFAULT_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Route:
+    """A named filter chain. Several routes on one listener: first match wins.
+
+    A route with an empty chain matches nothing by itself: it is a target for
+    the fallback (``default=``) or for ``on_timeout="route:NAME"``.
+    """
+
+    name: str
+    chain: tuple[Filter, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "_").replace(".", "_").isidentifier():
+            raise FilterSpecError(f"route name {self.name!r} must be a simple identifier")
+
+    @property
+    def max_bytes(self) -> int:
+        """Bytes the core must be able to peek: each filter sees what the previous one left."""
+        return sum(f.max_bytes for f in self.chain)

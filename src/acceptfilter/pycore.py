@@ -1,0 +1,299 @@
+"""The pure-Python I/O core: the reference the C core is tested against.
+
+Same behaviour as ``csrc/afcore.c`` with ``select.epoll`` and
+``socket.recv(MSG_PEEK)``: edge-triggered, one event per connection per batch,
+held connections in accept order (which is also deadline and eviction order).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import time
+from collections import OrderedDict
+
+from .iocore import DATA, EOF, ERROR, EVICT, FULL, SHUTDOWN, TIMEOUT, Address, Event
+
+__all__ = ["PyCore"]
+
+_EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
+
+
+class _Conn:
+    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "sock")
+
+    def __init__(self, sock: socket.socket, addr: Address, now: float) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.accepted_at = now
+        self.data = b""
+        self.eof = False
+        self.armed = False
+
+
+class PyCore:
+    """select.epoll + recv(MSG_PEEK); see :class:`acceptfilter.iocore.IOCore`."""
+
+    def __init__(
+        self,
+        listen_sock: socket.socket,
+        *,
+        max_bytes: int,
+        timeout: float | None,
+        max_held: int,
+        max_events: int = 512,
+    ) -> None:
+        listen_sock.setblocking(False)
+        self._lsock = listen_sock
+        self._lfd = listen_sock.fileno()
+        self._max_bytes = max(1, max_bytes)
+        self._timeout = timeout if timeout and timeout > 0 else None
+        self._max_held = max_held
+        self._max_events = max(16, max_events)
+        self._ep = select.epoll()
+        self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._lfd, select.EPOLLIN)
+        self._ep.register(self._wakefd, select.EPOLLIN)
+        self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # held, in accept order
+        self._owned: dict[int, _Conn] = {}  # held + reported final, not yet released
+        self._pending: list[int] = []
+        self._listening = True
+        self._paused_until: float | None = None
+        self._backoff = 0.0
+        self._events: dict[int, tuple[int, int]] = {}  # this batch: fd -> (kind, errno)
+        self._stats = dict.fromkeys(("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked"), 0)
+
+    # -- helpers ---------------------------------------------------------
+    def _emit(self, fd: int, kind: int, err: int = 0) -> None:
+        conn = self._owned[fd]
+        prev = self._events.get(fd)
+        if prev is not None and prev[0] != DATA:
+            return  # already final in this batch
+        self._events[fd] = (kind, err)
+        if kind != DATA:
+            self._fifo.pop(fd, None)
+            self._disarm(fd, conn)
+
+    def _disarm(self, fd: int, conn: _Conn) -> None:
+        if conn.armed:
+            self._ep.unregister(fd)
+            conn.armed = False
+
+    def _arm(self, fd: int, conn: _Conn) -> None:
+        try:
+            self._ep.register(fd, _CONN_EVENTS)
+            conn.armed = True
+        except OSError as exc:
+            self._emit(fd, ERROR, exc.errno or errno.EIO)
+
+    def _peek(self, conn: _Conn, hup: bool) -> tuple[int, int]:
+        """(kind, errno): kind 0 when nothing final happened."""
+        self._stats["peeks"] += 1
+        try:
+            data = conn.sock.recv(self._max_bytes, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError as exc:
+            return ERROR, exc.errno or errno.EIO
+        if data is not None:
+            if not data:
+                conn.eof = True
+            elif len(data) > len(conn.data):
+                self._stats["bytes_peeked"] += len(data) - len(conn.data)
+                conn.data = data
+        if hup:
+            conn.eof = True
+        if len(conn.data) >= self._max_bytes:
+            return FULL, 0
+        if conn.eof:
+            return EOF, 0
+        return 0, 0
+
+    def _accept_batch(self, now: float) -> None:
+        while self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events:
+            try:
+                sock, addr = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _EXHAUSTION:
+                    self._stats["fd_exhaustion"] += 1
+                    self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or _BACKOFF_MIN)
+                    self._paused_until = now + self._backoff
+                    self._ep.modify(self._lfd, 0)
+                else:
+                    self._stats["accept_errors"] += 1
+                return
+            self._backoff = 0.0
+            self._stats["accepted"] += 1
+            sock.setblocking(False)
+            if self._max_held and len(self._owned) >= self._max_held and self._fifo:
+                self._emit(next(iter(self._fifo)), EVICT)
+            fd = sock.fileno()
+            conn = _Conn(sock, addr, now)
+            self._owned[fd] = conn
+            self._fifo[fd] = conn
+            kind, err = self._peek(conn, False)
+            if kind:
+                self._emit(fd, kind, err)
+            elif conn.data:
+                self._emit(fd, DATA)
+                self._pending.append(fd)
+            else:
+                self._arm(fd, conn)
+
+    def _next_deadline(self) -> float | None:
+        nxt = None
+        if self._timeout is not None and self._fifo:
+            nxt = next(iter(self._fifo.values())).accepted_at + self._timeout
+        if self._paused_until is not None and (nxt is None or self._paused_until < nxt):
+            nxt = self._paused_until
+        return nxt
+
+    def _collect(self, now: float) -> list[Event]:
+        owned = self._owned
+        out: list[Event] = [
+            (fd, kind, err, owned[fd].data, max(0.0, now - owned[fd].accepted_at))
+            for fd, (kind, err) in self._events.items()
+        ]
+        self._events = {}
+        return out
+
+    # -- the interface ---------------------------------------------------
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    def poll(self, timeout: float | None) -> list[Event]:
+        for fd in self._pending:
+            conn = self._fifo.get(fd)
+            if conn is not None and not conn.armed:
+                self._arm(fd, conn)
+        self._pending = []
+        now = time.monotonic()
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            if self._listening:
+                self._ep.modify(self._lfd, select.EPOLLIN)
+        wait = -1.0 if timeout is None else timeout
+        nxt = self._next_deadline()
+        if nxt is not None and (wait < 0 or nxt - now < wait):
+            wait = max(0.0, nxt - now)
+        if self._events:
+            wait = 0.0
+        room = max(1, (self._max_events - len(self._events)) // 2)
+        try:
+            ready = self._ep.poll(wait, room)
+        except InterruptedError:
+            ready = []
+        now = time.monotonic()
+        want_accept = False
+        for fd, flags in ready:
+            if fd == self._lfd:
+                want_accept = True
+            elif fd == self._wakefd:
+                try:
+                    os.eventfd_read(self._wakefd)
+                except BlockingIOError:
+                    pass
+            else:
+                self._on_readable(fd, flags)
+        if want_accept:
+            self._accept_batch(now)
+        if self._timeout is not None:
+            while self._fifo and len(self._events) < self._max_events:
+                fd, conn = next(iter(self._fifo.items()))
+                if conn.accepted_at + self._timeout > now:
+                    break
+                self._emit(fd, TIMEOUT)
+        return self._collect(now)
+
+    def _on_readable(self, fd: int, flags: int) -> None:
+        conn = self._fifo.get(fd)
+        if conn is None:
+            return
+        if flags & select.EPOLLERR and not flags & select.EPOLLIN:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._emit(fd, ERROR, err or errno.ECONNRESET)
+            return
+        before = len(conn.data)
+        kind, err = self._peek(conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)))
+        if kind:
+            self._emit(fd, kind, err)
+        elif len(conn.data) != before:
+            self._emit(fd, DATA)
+
+    def next_timeout(self) -> float | None:
+        nxt = self._next_deadline()
+        return None if nxt is None else max(0.0, nxt - time.monotonic())
+
+    def release(self, fd: int, consume: int = 0) -> Address:
+        conn = self._owned.get(fd)
+        if conn is None:
+            raise OSError(errno.EBADF, "release: not a held connection")
+        self._disarm(fd, conn)
+        self._fifo.pop(fd, None)
+        while consume > 0:
+            try:
+                chunk = conn.sock.recv(min(consume, 65536))
+            except InterruptedError:
+                continue
+            if not chunk:
+                raise OSError(errno.EPIPE, "release: connection closed while consuming")
+            consume -= len(chunk)
+        conn.sock.setblocking(True)
+        del self._owned[fd]
+        conn.sock.detach()
+        return conn.addr
+
+    def close(self, fd: int, reset: bool = False) -> None:
+        conn = self._owned.pop(fd, None)
+        if conn is None:
+            raise OSError(errno.EBADF, "close: not a held connection")
+        self._fifo.pop(fd, None)
+        if conn.armed:
+            self._ep.unregister(fd)
+        if reset:
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        conn.sock.close()
+
+    def wake(self) -> None:
+        try:
+            os.eventfd_write(self._wakefd, 1)
+        except OSError:
+            pass
+
+    def stop_accepting(self) -> None:
+        if self._listening:
+            self._listening = False
+            self._ep.unregister(self._lfd)
+
+    def drain(self) -> list[Event]:
+        now = time.monotonic()
+        while self._fifo and len(self._events) < self._max_events:
+            fd, conn = next(iter(self._fifo.items()))
+            if not conn.eof:
+                self._peek(conn, False)
+            self._emit(fd, SHUTDOWN)
+        return self._collect(now)
+
+    def stats(self) -> dict[str, int]:
+        return {**self._stats, "held": len(self._owned), "paused": int(self._paused_until is not None)}
+
+    def free(self) -> None:
+        for conn in self._owned.values():
+            conn.sock.close()
+        self._owned.clear()
+        self._fifo.clear()
+        if not self._ep.closed:
+            self._ep.close()
+            os.close(self._wakefd)

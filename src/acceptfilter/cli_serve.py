@@ -1,0 +1,96 @@
+"""``acceptfilter serve``: a static file server (like ``python -m http.server``) behind a filter."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import http.server
+import os
+import socket
+import sys
+import threading
+from typing import Any
+
+from .errors import AcceptFilterError
+from .integrations.socketserver import install
+from .policy import DEFAULT_TIMEOUT
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="serve files over HTTP through an accept filter",
+        description="A static HTTP file server (like python -m http.server) whose workers only see ready connections.",
+    )
+    p.add_argument("--filter", "-f", action="append", metavar="SPEC",
+                   help="filter spec; repeat for a chain (default: httpready)")
+    p.add_argument("--bind", "-b", default="127.0.0.1", metavar="ADDR", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", "-p", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--directory", "-d", default=os.getcwd(), help="directory to serve (default: the current one)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g}, or the filter's timeout=)")
+    p.add_argument("--on-timeout", default="surface", metavar="ACTION", help="surface (default), close or reset")
+    p.add_argument("--max-held", type=int, default=None, help="bound on held connections (default: the listen backlog)")
+    p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
+    p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default: 1024)")
+    p.set_defaults(func=run)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """SimpleHTTPRequestHandler that also logs why the connection was surfaced."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        from .listener import connection_info
+
+        info = connection_info(self.request)
+        why = f" [{info.reason}, held {info.held_for * 1000:.1f} ms]" if info else ""
+        sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}{why}\n")
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise AcceptFilterError(f"cannot listen on {where}: the port is already in use; stop the other server or pick another --port") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise AcceptFilterError(f"cannot listen on {where}: permission denied (ports below 1024 need privileges)") from None
+        raise AcceptFilterError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
+    if not os.path.isdir(args.directory):
+        raise AcceptFilterError(f"--directory {args.directory!r} is not a directory")
+    if not 0 <= args.port <= 65535:
+        raise AcceptFilterError(f"--port must be between 0 and 65535, not {args.port}")
+    specs = args.filter or ["httpready"]
+    from .registry import load_chain
+
+    load_chain(specs)  # report a bad spec before binding anything
+    sock = _listen(args.bind, args.port, args.backlog)
+    handler = functools.partial(_QuietHandler, directory=args.directory)
+    server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_name = socket.getfqdn(sock.getsockname()[0])
+    server.server_port = sock.getsockname()[1]
+    server.daemon_threads = True
+    listener = install(server, specs, timeout=args.timeout, on_timeout=args.on_timeout,
+                       max_held=args.max_held, core=args.core)
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"Serving {args.directory} on http://{url_host}:{port}/ through {' -> '.join(specs)} "
+          f"(deadline {listener.deadline:g} s, on timeout: {args.on_timeout}, "
+          f"max held {listener.max_held}, {args.core} core). Ctrl-C stops.", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopping", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,1 @@
+"""One module per server family: how each server gets a FilteredListener."""

@@ -1,0 +1,48 @@
+"""socketserver and http.server (including ThreadingMixIn and ForkingMixIn).
+
+``socketserver.BaseServer`` selects on ``self.socket.fileno()`` and calls
+``self.socket.accept()``: a FilteredListener in place of ``self.socket`` is
+all it takes. Either mix :class:`FilterMixIn` into the server class::
+
+    class Server(FilterMixIn, http.server.ThreadingHTTPServer):
+        accept_filter = "httpready"
+        accept_filter_options = {"timeout": 5}
+
+or put a filter in front of a server that already exists::
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 8000), Handler)
+    install(server, "httpready")
+
+Handlers read what the filter learnt with ``acceptfilter.connection_info(self.request)``.
+"""
+
+from __future__ import annotations
+
+import socketserver
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ..listener import FilteredListener, FilterSpecs, wrap
+
+__all__ = ["FilterMixIn", "install"]
+
+
+def install(server: socketserver.TCPServer, filter: FilterSpecs = "httpready", **options: Any) -> FilteredListener:
+    """Wrap an activated server's listen socket; the server then only sees ready connections."""
+    current = server.socket
+    if isinstance(current, FilteredListener):
+        raise ValueError("this server's socket already has an accept filter")
+    listener = wrap(current, filter, **options)
+    server.socket = listener  # type: ignore[assignment]
+    return listener
+
+
+class FilterMixIn:
+    """Mix in before a TCPServer subclass to filter its connections at activation."""
+
+    accept_filter: ClassVar[FilterSpecs] = "httpready"
+    accept_filter_options: ClassVar[Mapping[str, Any]] = {}
+
+    def server_activate(self) -> None:
+        super().server_activate()  # type: ignore[misc]
+        install(self, self.accept_filter, **self.accept_filter_options)  # type: ignore[arg-type]

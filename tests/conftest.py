@@ -1,0 +1,26 @@
+"""Shared fixtures: real listening sockets on loopback, parametrised over both I/O cores."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(params=["c", "python"])
+def core(request: pytest.FixtureRequest) -> str:
+    """Every engine-level test runs against the C core and the pure-Python reference."""
+    return str(request.param)
+
+
+@pytest.fixture
+def listen_sock() -> Iterator[socket.socket]:
+    sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+    yield sock
+    sock.close()
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}

@@ -429,6 +429,11 @@ int af_close(af_core *c, int fd, int reset) {
     if (reset) {
         struct linger lg = {1, 0};
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    } else if (k->len > 0) {
+        /* Closing with unread data sends an RST; read what was peeked so a
+         * "close" is a clean FIN as promised. */
+        ssize_t r = recv(fd, k->buf, k->bufsize, MSG_DONTWAIT);
+        (void)r;
     }
     k->armed = 0; /* close() removes it from the epoll set */
     forget(c, fd);

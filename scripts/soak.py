@@ -25,7 +25,6 @@ import threading
 import time
 from typing import Any
 
-import acceptfilter
 from acceptfilter.integrations.socketserver import install
 
 

@@ -109,6 +109,7 @@ static void disarm(af_core *c, int fd) {
 static void forget(af_core *c, int fd) {
     conn *k = &c->conns[fd];
     fifo_unlink(c, fd);
+    c->stats.buffered -= k->bufsize;
     free(k->buf);
     memset(k, 0, sizeof *k);
     k->prev = k->next = NIL;
@@ -151,6 +152,7 @@ static int peek(af_core *c, int fd, int hup, int *err) {
             if (want > c->max_bytes) want = c->max_bytes;
             char *b = realloc(k->buf, want);
             if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+            c->stats.buffered += want - k->bufsize;
             k->buf = b;
             k->bufsize = want;
         }

@@ -193,6 +193,7 @@ def test_held_memory_is_bounded_by_the_cap(listen_sock: socket.socket, core: str
     stats = listener.stats()
     assert stats["held"] == 50 and stats["evicted"] == 150 and stats["dropped"] == 150
     assert stats["waiting_with_data"] <= 50  # per-connection Python state is bounded too
+    assert 0 < stats["buffered_bytes"] <= 50 * 16384  # peek buffers: at most bound x cap
     listener.close()
     for c in clients:
         c.close()

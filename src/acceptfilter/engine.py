@@ -380,6 +380,7 @@ class Engine:
             "accept_paused": bool(core["paused"]),
             "peeks": core["peeks"],
             "bytes_peeked": core["bytes_peeked"],
+            "buffered_bytes": core["buffered"],
             "time_to_surface": {
                 "buckets": list(LATENCY_BUCKETS),
                 "counts": list(c.latency),

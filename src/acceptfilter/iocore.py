@@ -73,7 +73,7 @@ class IOCore(Protocol):
         """SHUTDOWN events for every held connection (call until empty)."""
 
     def stats(self) -> dict[str, int]:
-        """accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked, held, paused."""
+        """accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked, buffered, held, paused."""
 
     def free(self) -> None:
         """Close every fd the core still owns (not the listen socket). Idempotent."""
@@ -178,6 +178,7 @@ class CCore:
             "fd_exhaustion": s.fd_exhaustion,
             "peeks": s.peeks,
             "bytes_peeked": s.bytes_peeked,
+            "buffered": s.buffered,
             "held": s.held,
             "paused": s.paused,
         }

@@ -47,7 +47,8 @@ def test_accept_queue_rises_and_falls(family: int, host: str) -> None:
 
 
 def test_backlog_truncation_is_reported() -> None:
-    limit = int(open("/proc/sys/net/core/somaxconn").read())
+    with open("/proc/sys/net/core/somaxconn") as f:
+        limit = int(f.read())
     requested = limit + 1000
     with socket.create_server(("127.0.0.1", 0), backlog=requested) as server:
         view = diag.inspect(server, requested_backlog=requested)

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ TCP_LISTEN = 10
 _EXT_SKMEMINFO = 1 << (7 - 1)
 #: Index of SK_MEMINFO_DROPS in the skmeminfo array of u32.
 _SK_MEMINFO_DROPS = 8
-_FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+_FAMILIES: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
 class DiagError(AcceptFilterError):
@@ -148,8 +149,6 @@ def _drops(record: Any) -> int | None:
 
 
 def _little() -> bool:
-    import sys
-
     return sys.byteorder == "little"
 
 

@@ -141,3 +141,40 @@ def test_prometheus_exposition(listener: FilteredListener) -> None:
     assert [s.value for s in hist if s.name.endswith("_count")] == [1.0]
     assert [s.value for s in hist if s.labels.get("le") == "+Inf"] == [1.0]
     assert families["acceptfilter_held"].samples[0].value == 0.0
+
+
+_FD_SCRIPT = r"""
+import logging, os, resource, socket, sys, time
+import acceptfilter
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+lst = acceptfilter.wrap(sock, "httpready", timeout=30, core=sys.argv[1])
+time.sleep(0.2)
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(lst.getsockname()[1], flush=True)
+sys.stdin.readline()
+time.sleep(2.5)
+print(lst.stats()["fd_exhaustion"], lst.stats()["held"], flush=True)
+"""
+
+
+def test_fd_exhaustion_is_counted_and_warned_once(core: str) -> None:
+    """A process out of fds: the core pauses accepting, the engine warns, once (rate-limited)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _FD_SCRIPT, core], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    port = int(proc.stdout.readline())
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=20)
+    exhausted, held = (int(x) for x in out.split())
+    assert exhausted > 0, err
+    assert held <= 4
+    assert err.count("out of file descriptors") == 1, err
+    for c in clients:
+        c.close()

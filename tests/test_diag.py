@@ -105,3 +105,17 @@ def test_unknown_listener_is_a_clear_error() -> None:
         diag.inspect(sock)
     with pytest.raises(diag.DiagError, match="resolve"):
         diag.listeners(1, host="no-such-host.invalid")
+
+
+def test_syn_recv_counts_connections_held_by_defer_accept() -> None:
+    """TCP_DEFER_ACCEPT keeps data-less handshakes in SYN_RECV; sending data moves them to the queue."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as server:
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+        clients = [socket.create_connection(server.getsockname()) for _ in range(3)]
+        _wait_for(lambda: diag.inspect(server).syn_recv == 3)
+        assert diag.inspect(server).accept_queue == 0
+        clients[0].sendall(b"x")
+        _wait_for(lambda: diag.inspect(server).accept_queue == 1)
+        assert diag.inspect(server).syn_recv == 2
+        for c in clients:
+            c.close()

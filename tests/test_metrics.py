@@ -77,13 +77,15 @@ def test_histogram_counts_every_surfaced_connection(listener: FilteredListener) 
     clients = [_connect(listener) for _ in range(10)]
     for c in clients[:9]:
         c.sendall(HEAD)
-    time.sleep(0.15)  # the last client waits before it talks: the histogram must show that wait
+    got = _drain(listener, 9)
+    _wait_for(lambda: listener.stats()["held"] == 1)  # the core holds the silent tenth client
+    time.sleep(0.15)  # ... which waits before it talks: the histogram must show that wait
     clients[9].sendall(HEAD)
-    got = _drain(listener, 10)
+    got += _drain(listener, 1)
     hist = listener.stats()["time_to_surface"]
     assert hist["count"] == 10 == sum(hist["counts"])
-    assert 0.15 <= hist["sum"] < 10 * 0.3
-    assert sum(c for b, c in zip(hist["buckets"], hist["counts"], strict=False) if b <= 0.1) <= 9
+    assert hist["sum"] >= 0.15
+    assert sum(c for b, c in zip([*hist["buckets"], float("inf")], hist["counts"], strict=True) if b > 0.1) >= 1
     for sock in got + clients:
         sock.close()
 

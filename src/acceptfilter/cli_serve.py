@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-held", type=int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default: 1024)")
+    p.add_argument("--status-interval", type=float, default=2.0, metavar="S",
+                   help="seconds between status lines (held / surfaced / timed out / kernel queue; default: 2)")
+    p.add_argument("--no-status", dest="status", action="store_false", help="no status line")
     p.set_defaults(func=run)
 
 
@@ -46,6 +49,35 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         info = connection_info(self.request)
         why = f" [{info.reason}, held {info.held_for * 1000:.1f} ms]" if info else ""
         sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}{why}\n")
+
+
+def status_line(stats: dict[str, Any], view: Any) -> str:
+    """One line an operator can read at a glance: what is held, what got through, what the kernel queues."""
+    kernel = "?" if view is None else f"{view.accept_queue}/{view.backlog}"
+    drops = "" if view is None or not view.drops else f"  kernel drops {view.drops}"
+    return (f"held {stats['held']}  surfaced {stats['surfaced']}  timed out {stats['timed_out']}  "
+            f"rejected {stats['rejected']}  kernel queue {kernel}{drops}")
+
+
+def _status_loop(listener: Any, sock: socket.socket, interval: float, stop: threading.Event) -> None:
+    """Refresh the status line in place on a terminal; print plain lines when stderr is a file or pipe."""
+    from . import diag
+
+    tty = sys.stderr.isatty()
+    while not stop.wait(interval):
+        try:
+            view: Any = diag.inspect(sock)
+        except (diag.DiagError, OSError):
+            view = None
+        try:
+            line = status_line(listener.stats(), view)
+        except Exception:  # the server is shutting down under us
+            return
+        if tty:
+            sys.stderr.write(f"\r\x1b[K{line}")
+        else:
+            sys.stderr.write(f"status: {line}\n")
+        sys.stderr.flush()
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -66,6 +98,8 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
         raise AcceptFilterError(f"--directory {args.directory!r} is not a directory")
     if not 0 <= args.port <= 65535:
         raise AcceptFilterError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.status and not args.status_interval > 0:
+        raise AcceptFilterError(f"--status-interval must be positive, not {args.status_interval}")
     specs = args.filter or ["httpready"]
     from .registry import load_chain
 
@@ -85,6 +119,17 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     print(f"Serving {args.directory} on http://{url_host}:{port}/ through {' -> '.join(specs)} "
           f"(deadline {listener.deadline:g} s, on timeout: {args.on_timeout}, "
           f"max held {listener.max_held}, {args.core} core). Ctrl-C stops.", flush=True)
+    from . import diag
+
+    try:
+        for warning in diag.inspect(sock, requested_backlog=args.backlog).warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    except diag.DiagError as exc:
+        print(f"warning: no kernel view of the listener: {exc}", file=sys.stderr)
+    stop = threading.Event()
+    if args.status:
+        threading.Thread(target=_status_loop, args=(listener, sock, args.status_interval, stop),
+                         name="acceptfilter-status", daemon=True).start()
     if ready is not None:
         ready.set()
     try:
@@ -92,5 +137,6 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstopping", file=sys.stderr)
     finally:
+        stop.set()
         server.server_close()
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,32 @@ log = logging.getLogger("acceptfilter")
 
 #: Upper bounds (seconds) of the time-to-verdict histogram buckets.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Seconds between two warnings about the same recurring problem (a filter's errors, fd exhaustion).
+WARN_INTERVAL = 60.0
+#: Seconds between two looks at the core's fd-exhaustion counter (keeps step() cheap).
+_WATCH_INTERVAL = 1.0
+
+
+class _RateLimit:
+    """Lets one warning per key through every ``interval`` seconds and counts what it held back."""
+
+    __slots__ = ("_interval", "_last", "_suppressed")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def allow(self, key: str) -> int | None:
+        """None: stay quiet; otherwise the number of occurrences held back since the last warning."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] += 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +118,7 @@ class _Counters:
     filter_errors: int = 0
     unclaimed: int = 0
     by_route: Counter[str] = field(default_factory=Counter)
+    by_reason: Counter[str] = field(default_factory=Counter)
     errors_by_filter: Counter[str] = field(default_factory=Counter)
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
@@ -122,7 +150,9 @@ class Engine:
                 raise ValueError(f"policy names route {action.route!r}, which is not one of {sorted(self._names)}")
         self._states: dict[int, list[_Progress | None]] = {}
         self._counters = _Counters()
-        self._warned: set[str] = set()
+        self._warn = _RateLimit(WARN_INTERVAL)
+        self._fd_exhaustion = 0
+        self._next_watch = 0.0
         self._on_error = policy.on_error or policy.on_timeout
         self._shutdown_action = Action("close")
         self._lock = threading.Lock()
@@ -133,7 +163,22 @@ class Engine:
         events = self.core.poll(timeout)
         if events:
             self.handle(events)
+        now = time.monotonic()
+        if now >= self._next_watch:
+            self._next_watch = now + _WATCH_INTERVAL
+            self.watch()
         return len(events)
+
+    def watch(self) -> None:
+        """Warn (rate-limited) when the core hit EMFILE/ENFILE since the last look."""
+        seen = int(self.core.stats()["fd_exhaustion"])
+        if seen > self._fd_exhaustion:
+            new, self._fd_exhaustion = seen - self._fd_exhaustion, seen
+            held_back = self._warn.allow("fd_exhaustion")
+            if held_back is not None:
+                log.warning("out of file descriptors (EMFILE/ENFILE) %d time(s) since the last look (%d in all); "
+                            "accepting pauses and resumes, held connections are still served. "
+                            "Raise the fd limit (ulimit -n) or lower max_held.", new, seen)
 
     def handle(self, events: list[Event]) -> None:
         with self._lock:  # stats() from other threads sees whole batches only
@@ -300,11 +345,11 @@ class Engine:
         except Exception as exc:
             name = flt.name or type(flt).__name__
             self._count_error(name)
-            if name not in self._warned:
-                self._warned.add(name)
-                log.warning("filter %r raised %s; the connection gets the on_error policy. "
-                            "Further errors from this filter are counted and logged at debug level.",
-                            name, type(exc).__name__, exc_info=True)
+            held_back = self._warn.allow(name)
+            if held_back is not None:
+                log.warning("filter %r raised %s; the connection gets the on_error policy "
+                            "(%d more errors from it since the last warning; at most one warning every %g s).",
+                            name, type(exc).__name__, held_back, WARN_INTERVAL, exc_info=True)
             else:
                 log.debug("filter %r raised %r", name, exc)
             raise _FilterError(name) from exc
@@ -312,9 +357,12 @@ class Engine:
     def _broken(self, flt: Filter, what: str) -> _FilterError:
         name = flt.name or type(flt).__name__
         self._count_error(name)
-        if name not in self._warned:
-            self._warned.add(name)
-            log.warning("filter %r broke its contract: it %s; the connection gets the on_error policy", name, what)
+        held_back = self._warn.allow(name)
+        if held_back is not None:
+            log.warning("filter %r broke its contract: it %s; the connection gets the on_error policy "
+                        "(%d more errors from it since the last warning)", name, what, held_back)
+        else:
+            log.debug("filter %r broke its contract: it %s", name, what)
         return _FilterError(name)
 
     def _count_error(self, name: str) -> None:
@@ -334,6 +382,7 @@ class Engine:
         c = self._counters
         c.surfaced += 1
         c.by_route[route] += 1
+        c.by_reason[reason] += 1
         c.latency[bisect.bisect_left(LATENCY_BUCKETS, age)] += 1
         c.latency_sum += age
         out.setdefault(route, []).append((fd, addr, ConnectionInfo(route, dict(info), reason, age, consume, addr)))
@@ -374,6 +423,7 @@ class Engine:
             "unclaimed": c.unclaimed,
             "waiting_with_data": len(self._states),
             "surfaced_by_route": dict(c.by_route),
+            "surfaced_by_reason": dict(c.by_reason),
             "filter_errors_by_filter": dict(c.errors_by_filter),
             "accept_errors": core["accept_errors"],
             "fd_exhaustion": core["fd_exhaustion"],

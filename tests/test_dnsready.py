@@ -6,9 +6,9 @@ import socket
 import struct
 
 import pytest
+from acceptfilter.filters.dnsready import DnsReady
 
 from acceptfilter import Verdict, load_filter
-from acceptfilter.filters.dnsready import DnsReady
 from acceptfilter.listener import wrap
 
 from .filterutil import assert_split_independent

@@ -8,6 +8,7 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 from acceptfilter.filters.tlsready import TlsReady, ja4
@@ -193,4 +194,7 @@ def test_padded_hello_over_a_socket(core: str, listen_sock: socket.socket) -> No
             client.settimeout(3)
             with contextlib.suppress(ConnectionResetError):
                 assert client.recv(10) == b""
+        deadline = time.monotonic() + 2  # the counter is bumped just after the close
+        while listener2.stats()["rejected"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert listener2.stats()["rejected"] == 1

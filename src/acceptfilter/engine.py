@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import socket
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,14 +64,33 @@ Surfaced = tuple[int, Address, ConnectionInfo]
 class _Progress:
     """How far one route's chain got on one connection."""
 
-    __slots__ = ("index", "info", "label", "offset", "sessions")
+    __slots__ = ("fd", "index", "info", "label", "offset", "sessions")
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, fd: int) -> None:
+        self.fd = fd
         self.index = 0
         self.offset = 0
         self.info: dict[str, Any] = {}
         self.label: str | None = None
         self.sessions: list[Checker | None] = [None] * length
+
+
+def _peer_of(fd: int) -> Address:
+    """The peer address of a held connection, for filters that set ``needs_peer``.
+
+    The cores report the address only at release; a wrapper that is detached
+    again never closes (or dups) the fd. None when it cannot be known.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 class _FilterError(Exception):
@@ -227,7 +247,7 @@ class Engine:
         for i, route in enumerate(self._matching):
             progress = states[i]
             if progress is None:
-                progress = states[i] = _Progress(len(route.chain))
+                progress = states[i] = _Progress(len(route.chain), fd)
             elif progress.index < 0:
                 continue  # this route rejected earlier
             if first is None:
@@ -255,7 +275,11 @@ class Engine:
             part = data[progress.offset :] if progress.offset else data
             session = progress.sessions[progress.index]
             if session is None:
-                session = progress.sessions[progress.index] = self._guard(flt, flt.session)
+                if flt.needs_peer:
+                    session = self._guard(flt, flt.peer_session, _peer_of(progress.fd))
+                else:
+                    session = self._guard(flt, flt.session)
+                progress.sessions[progress.index] = session
             decision = self._check(flt, session, part, final)
             if decision.verdict is Verdict.WAIT:
                 if final:

@@ -133,6 +133,9 @@ class Engine:
         self._sink = sink
         self._names = {r.name for r in routes}
         self._matching = tuple(r for r in routes if r.chain)
+        #: Several routes (or a default): a filter's pass of foreign bytes
+        #: (info protocol "unknown") is then no match; see _decide.
+        self._routing = len(routes) > 1
         if default_route is not None and default_route not in self._names:
             raise ValueError(f"default route {default_route!r} is not one of the routes {sorted(self._names)}")
         self.default_route = default_route
@@ -234,6 +237,9 @@ class Engine:
     def _decide(self, fd: int, data: bytes, final: bool) -> tuple[str | None, Decision | None, _Progress | None]:
         """Run the routes in order; first match wins once every earlier route has rejected.
 
+        When routing, an ACCEPT whose info says ``protocol="unknown"`` (a
+        filter passing bytes that are not its protocol) counts as a reject.
+
         Returns (route, decision, progress): decision None means WAIT. When
         every route rejects, the decision is a REJECT and the progress is that
         of the first route (for the partial info and consume of a timeout).
@@ -256,6 +262,10 @@ class Engine:
             if decision is None:
                 waiting = True
                 continue
+            if decision.verdict is Verdict.ACCEPT and self._routing and decision.info.get("protocol") == "unknown":
+                # httpready/tlsready pass bytes that are not their protocol;
+                # behind a router that pass must not steal another route's match.
+                decision = Decision.reject(f"{route.name}: not its protocol (passed), no match")
             if decision.verdict is Verdict.ACCEPT:
                 if waiting:
                     continue  # an earlier route may still match: wait for it

@@ -109,6 +109,7 @@ static void disarm(af_core *c, int fd) {
 static void forget(af_core *c, int fd) {
     conn *k = &c->conns[fd];
     fifo_unlink(c, fd);
+    c->stats.buffered -= k->bufsize;
     free(k->buf);
     memset(k, 0, sizeof *k);
     k->prev = k->next = NIL;
@@ -151,6 +152,7 @@ static int peek(af_core *c, int fd, int hup, int *err) {
             if (want > c->max_bytes) want = c->max_bytes;
             char *b = realloc(k->buf, want);
             if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+            c->stats.buffered += want - k->bufsize;
             k->buf = b;
             k->bufsize = want;
         }
@@ -401,22 +403,23 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
     int off = 0;
     if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
     if (addr) {
+        /* k->addr is a packed byte array: copy it out before looking at it. */
+        union { struct sockaddr sa; struct sockaddr_in in; struct sockaddr_in6 in6; } u;
+        memset(&u, 0, sizeof u);
+        memcpy(&u, k->addr, k->addrlen);
         memset(addr, 0, sizeof *addr);
-        struct sockaddr *sa = (struct sockaddr *)k->addr;
-        if (k->addrlen >= sizeof(struct sockaddr_in) && sa->sa_family == AF_INET) {
-            struct sockaddr_in *in = (struct sockaddr_in *)k->addr;
+        if (k->addrlen >= sizeof u.in && u.sa.sa_family == AF_INET) {
             addr->family = AF_INET;
-            addr->port = ntohs(in->sin_port);
-            inet_ntop(AF_INET, &in->sin_addr, addr->host, sizeof addr->host);
-        } else if (k->addrlen >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
-            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)k->addr;
+            addr->port = ntohs(u.in.sin_port);
+            inet_ntop(AF_INET, &u.in.sin_addr, addr->host, sizeof addr->host);
+        } else if (k->addrlen >= sizeof u.in6 && u.sa.sa_family == AF_INET6) {
             addr->family = AF_INET6;
-            addr->port = ntohs(in6->sin6_port);
-            addr->flowinfo = ntohl(in6->sin6_flowinfo);
-            addr->scope_id = in6->sin6_scope_id;
-            inet_ntop(AF_INET6, &in6->sin6_addr, addr->host, sizeof addr->host);
+            addr->port = ntohs(u.in6.sin6_port);
+            addr->flowinfo = ntohl(u.in6.sin6_flowinfo);
+            addr->scope_id = u.in6.sin6_scope_id;
+            inet_ntop(AF_INET6, &u.in6.sin6_addr, addr->host, sizeof addr->host);
         } else {
-            addr->family = k->addrlen ? sa->sa_family : 0;
+            addr->family = k->addrlen ? u.sa.sa_family : 0;
         }
     }
     forget(c, fd);

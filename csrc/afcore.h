@@ -42,6 +42,7 @@ typedef struct af_stats {
     uint64_t fd_exhaustion;  /* EMFILE/ENFILE/ENOBUFS/ENOMEM pauses */
     uint64_t peeks;          /* recv(MSG_PEEK) calls */
     uint64_t bytes_peeked;   /* new bytes seen by peeks */
+    uint64_t buffered;       /* peek buffer bytes allocated now (<= held * max_bytes) */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;

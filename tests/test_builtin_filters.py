@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from acceptfilter import Verdict, load_filter
 from acceptfilter.filters.dataready import DataReady
 from acceptfilter.filters.httpready import HttpReady
+
+from acceptfilter import Verdict, load_filter
 
 A, R, W = Verdict.ACCEPT, Verdict.REJECT, Verdict.WAIT
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-EXE = shutil.which("acceptfilter") or ""
-needs_exe = pytest.mark.skipif(not EXE, reason="the acceptfilter console script is not on PATH (pip install the project)")
+# The console script installed beside this interpreter (the venv's bin/), else PATH.
+_BESIDE = Path(sys.executable).parent / "acceptfilter"
+EXE = str(_BESIDE) if _BESIDE.exists() else (shutil.which("acceptfilter") or "")
+needs_exe = pytest.mark.skipif(not EXE, reason="the acceptfilter console script is not installed (pip install the project)")
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

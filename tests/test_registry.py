@@ -6,10 +6,10 @@ import sys
 from importlib.metadata import EntryPoint
 
 import pytest
+from acceptfilter.filters.httpready import HttpReady
 
 import acceptfilter
 from acceptfilter import registry
-from acceptfilter.filters.httpready import HttpReady
 
 
 def test_builtins_are_registered_by_entry_point() -> None:

@@ -14,7 +14,7 @@ CDEF = """
 typedef struct af_event { int fd; int kind; int err; uint32_t len; uint32_t age_us; const char *data; } af_event;
 typedef struct af_stats {
     uint64_t accepted; uint64_t accept_errors; uint64_t fd_exhaustion;
-    uint64_t peeks; uint64_t bytes_peeked; uint32_t held; uint32_t paused;
+    uint64_t peeks; uint64_t bytes_peeked; uint64_t buffered; uint32_t held; uint32_t paused;
 } af_stats;
 typedef struct af_addr { int family; int port; uint32_t flowinfo; uint32_t scope_id; char host[64]; } af_addr;
 typedef struct af_core af_core;

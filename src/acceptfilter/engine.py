@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import logging
 import socket
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class Engine:
         self._warned: set[str] = set()
         self._on_error = policy.on_error or policy.on_timeout
         self._shutdown_action = Action("close")
+        self._lock = threading.Lock()
 
     # -- driving ---------------------------------------------------------
     def step(self, timeout: float | None) -> int:
@@ -157,6 +159,10 @@ class Engine:
         return len(events)
 
     def handle(self, events: list[Event]) -> None:
+        with self._lock:  # stats() from other threads sees whole batches only
+            self._handle(events)
+
+    def _handle(self, events: list[Event]) -> None:
         out: dict[str, list[Surfaced]] = {}
         for fd, kind, err, data, age in events:
             try:
@@ -381,6 +387,10 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters (see the README, "Counters")."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         c = self._counters
         core = self.core.stats()
         return {
@@ -404,6 +414,7 @@ class Engine:
             "accept_paused": bool(core["paused"]),
             "peeks": core["peeks"],
             "bytes_peeked": core["bytes_peeked"],
+            "buffered_bytes": core["buffered"],
             "time_to_surface": {
                 "buckets": list(LATENCY_BUCKETS),
                 "counts": list(c.latency),

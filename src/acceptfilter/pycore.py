@@ -290,7 +290,8 @@ class PyCore:
         return self._collect(now)
 
     def stats(self) -> dict[str, int]:
-        return {**self._stats, "held": len(self._owned), "paused": int(self._paused_until is not None)}
+        buffered = sum(len(conn.data) for conn in self._owned.values())
+        return {**self._stats, "buffered": buffered, "held": len(self._owned), "paused": int(self._paused_until is not None)}
 
     def free(self) -> None:
         for conn in self._owned.values():

@@ -12,7 +12,12 @@ end only at the tail of the buffer. This one:
 * passes first bytes that cannot be HTTP (TLS, SSH, garbage) at once, like
   FreeBSD — or rejects them with ``non_http=reject``;
 * scans each byte once per connection (incremental state), never the whole
-  head again on each arrival.
+  head again on each arrival;
+* with ``body=N``, also waits for a request body of at most N bytes when the
+  head has a valid ``Content-Length`` (slow uploads then wait here, not in a
+  worker); a chunked body, a larger one, or one that would not fit in
+  ``max_bytes`` is surfaced at the end of the head (``info["body"]`` says
+  ``"complete"`` or ``"not awaited"``).
 
 ``info`` carries ``method``, ``target``, ``version`` and ``host`` (``protocol``
 is ``"http/1"``, ``"http/0.9"``, ``"h2"`` or ``"unknown"`` for passed non-HTTP).
@@ -38,6 +43,8 @@ _MAX_METHOD = 32
 # The request line once its end is known: method SP target [SP HTTP/x.y].
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+)(?: (HTTP/[0-9]\.[0-9]))?\r?$")
 _HOST = re.compile(rb"^host[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 class HttpReady(Filter):
@@ -50,6 +57,7 @@ class HttpReady(Filter):
         *,
         non_http: str = "accept",
         oversize: str = "reject",
+        body: int = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout: float | None = None,
     ) -> None:
@@ -58,8 +66,12 @@ class HttpReady(Filter):
             raise ValueError(f"non_http must be 'accept' or 'reject', not {non_http!r}")
         if oversize not in ("accept", "reject"):
             raise ValueError(f"oversize must be 'accept' or 'reject', not {oversize!r}")
+        if body < 0:
+            raise ValueError(f"body must be a byte count >= 0, not {body}")
         self.non_http = non_http
         self.oversize = oversize
+        #: Wait for a Content-Length body of at most this many bytes (0: never).
+        self.body = body
 
     def session(self) -> _HttpSession:
         return _HttpSession(self)
@@ -72,7 +84,7 @@ class HttpReady(Filter):
 class _HttpSession:
     """Per-connection scan state; every byte is looked at a bounded number of times."""
 
-    __slots__ = ("_decided", "_filter", "_line_end", "_scanned", "_start")
+    __slots__ = ("_decided", "_filter", "_line_end", "_need", "_pending", "_scanned", "_start")
 
     def __init__(self, flt: HttpReady) -> None:
         self._filter = flt
@@ -80,13 +92,20 @@ class _HttpSession:
         self._line_end = -1  # offset of the request line's "\n"
         self._scanned = 0  # bytes already searched for the end of the head
         self._decided: Decision | None = None
+        self._need = -1  # with body=N: bytes needed for head + body, once the head is complete
+        self._pending: Decision | None = None  # the ACCEPT to give once the body is there
 
     def check(self, data: bytes, final: bool) -> Decision:
         if self._decided is not None:
             return self._decided
         if len(data) > self._filter.max_bytes:
             data = data[: self._filter.max_bytes]  # decide on the cap, however TCP split it
-        decision = self._scan(data)
+        if self._pending is not None:
+            decision = self._pending if len(data) >= self._need else WAIT
+            if decision is WAIT and final:
+                decision = Decision.reject("incomplete request body")
+        else:
+            decision = self._scan(data)
         if decision is WAIT and (final or len(data) >= self._filter.max_bytes):
             decision = self._incomplete(data)
         if decision.decided:
@@ -177,7 +196,27 @@ class _HttpSession:
         info = self._line_info(data)
         host = _HOST.search(data, self._line_end + 1, end)
         info["host"] = host.group(1).decode("latin-1") if host else None
-        return Decision.accept(info)
+        if not self._filter.body:
+            return Decision.accept(info)
+        length = self._body_length(data, end)
+        if length is None or length > self._filter.body or end + length > self._filter.max_bytes:
+            info["body"] = "not awaited"
+            return Decision.accept(info)
+        info["body"] = "complete"
+        info["content_length"] = length
+        self._pending = Decision.accept(info)
+        self._need = end + length
+        return self._pending if len(data) >= self._need else WAIT
+
+    def _body_length(self, data: bytes, end: int) -> int | None:
+        """A single valid Content-Length without Transfer-Encoding, else None (not awaited)."""
+        if _TRANSFER_ENCODING.search(data, self._line_end + 1, end):
+            return None
+        values = {m.group(1) for m in _CONTENT_LENGTH.finditer(data, self._line_end + 1, end)}
+        if len(values) != 1:
+            return None
+        raw = values.pop()
+        return int(raw) if raw.isdigit() and len(raw) <= 12 else None
 
 
 def _find_head_end(data: bytes, pos: int) -> int:

@@ -58,7 +58,7 @@ def test_load_filter_converts_types_and_reports_bad_values() -> None:
     assert (flt.timeout, flt.max_bytes, flt.non_http) == (2.5, 8192, "reject")
     with pytest.raises(acceptfilter.FilterSpecError, match="max_bytes='lots'.*not a valid int"):
         acceptfilter.load_filter("httpready:max_bytes=lots")
-    with pytest.raises(acceptfilter.FilterSpecError, match="has no argument 'colour'.*it takes: max_bytes"):
+    with pytest.raises(acceptfilter.FilterSpecError, match="has no argument 'colour'.*it takes: body, max_bytes"):
         acceptfilter.load_filter("httpready:colour=blue")
     with pytest.raises(acceptfilter.FilterSpecError, match="non_http must be"):
         acceptfilter.load_filter("httpready:non_http=maybe")
@@ -70,7 +70,7 @@ def test_load_filter_converts_types_and_reports_bad_values() -> None:
 
 
 def test_unknown_filter_names_the_registered_ones() -> None:
-    with pytest.raises(acceptfilter.UnknownFilterError, match="unknown filter 'htpready'.*dataready, httpready"):
+    with pytest.raises(acceptfilter.UnknownFilterError, match="unknown filter 'htpready'.*dataready, dnsready, httpready, proxy, tlsready"):
         acceptfilter.load_filter("htpready")
 
 

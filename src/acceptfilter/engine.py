@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -91,14 +92,33 @@ Surfaced = tuple[int, Address, ConnectionInfo]
 class _Progress:
     """How far one route's chain got on one connection."""
 
-    __slots__ = ("index", "info", "label", "offset", "sessions")
+    __slots__ = ("fd", "index", "info", "label", "offset", "sessions")
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, fd: int) -> None:
+        self.fd = fd
         self.index = 0
         self.offset = 0
         self.info: dict[str, Any] = {}
         self.label: str | None = None
         self.sessions: list[Checker | None] = [None] * length
+
+
+def _peer_of(fd: int) -> Address:
+    """The peer address of a held connection, for filters that set ``needs_peer``.
+
+    The cores report the address only at release; a wrapper that is detached
+    again never closes (or dups) the fd. None when it cannot be known.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 class _FilterError(Exception):
@@ -142,6 +162,9 @@ class Engine:
         self._sink = sink
         self._names = {r.name for r in routes}
         self._matching = tuple(r for r in routes if r.chain)
+        #: Several routes (or a default): a filter's pass of foreign bytes
+        #: (info protocol "unknown") is then no match; see _decide.
+        self._routing = len(routes) > 1
         if default_route is not None and default_route not in self._names:
             raise ValueError(f"default route {default_route!r} is not one of the routes {sorted(self._names)}")
         self.default_route = default_route
@@ -265,6 +288,9 @@ class Engine:
     def _decide(self, fd: int, data: bytes, final: bool) -> tuple[str | None, Decision | None, _Progress | None]:
         """Run the routes in order; first match wins once every earlier route has rejected.
 
+        When routing, an ACCEPT whose info says ``protocol="unknown"`` (a
+        filter passing bytes that are not its protocol) counts as a reject.
+
         Returns (route, decision, progress): decision None means WAIT. When
         every route rejects, the decision is a REJECT and the progress is that
         of the first route (for the partial info and consume of a timeout).
@@ -278,7 +304,7 @@ class Engine:
         for i, route in enumerate(self._matching):
             progress = states[i]
             if progress is None:
-                progress = states[i] = _Progress(len(route.chain))
+                progress = states[i] = _Progress(len(route.chain), fd)
             elif progress.index < 0:
                 continue  # this route rejected earlier
             if first is None:
@@ -287,6 +313,10 @@ class Engine:
             if decision is None:
                 waiting = True
                 continue
+            if decision.verdict is Verdict.ACCEPT and self._routing and decision.info.get("protocol") == "unknown":
+                # httpready/tlsready pass bytes that are not their protocol;
+                # behind a router that pass must not steal another route's match.
+                decision = Decision.reject(f"{route.name}: not its protocol (passed), no match")
             if decision.verdict is Verdict.ACCEPT:
                 if waiting:
                     continue  # an earlier route may still match: wait for it
@@ -306,7 +336,11 @@ class Engine:
             part = data[progress.offset :] if progress.offset else data
             session = progress.sessions[progress.index]
             if session is None:
-                session = progress.sessions[progress.index] = self._guard(flt, flt.session)
+                if flt.needs_peer:
+                    session = self._guard(flt, flt.peer_session, _peer_of(progress.fd))
+                else:
+                    session = self._guard(flt, flt.session)
+                progress.sessions[progress.index] = session
             decision = self._check(flt, session, part, final)
             if decision.verdict is Verdict.WAIT:
                 if final:

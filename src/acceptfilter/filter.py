@@ -139,6 +139,10 @@ class Filter:
 
     #: The registered (entry-point) name. Set by the registry if left empty.
     name: ClassVar[str] = ""
+    #: True for filters whose decision depends on who connected (PROXY
+    #: protocol: trusted balancers). The engine then looks the peer address up
+    #: (``getpeername``) and calls :meth:`peer_session` instead of :meth:`session`.
+    needs_peer: ClassVar[bool] = False
 
     def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float | None = None) -> None:
         if max_bytes < 1:
@@ -157,6 +161,14 @@ class Filter:
     def session(self) -> Checker:
         """A checker for one connection. Stateless filters are their own session."""
         return self
+
+    def peer_session(self, peer: Any) -> Checker:
+        """A checker for one connection from ``peer`` (socket address, or None if unknown).
+
+        Only called when :attr:`needs_peer` is true; the peer is still data
+        handed in, so the filter stays sans-IO.
+        """
+        return self.session()
 
     @classmethod
     def describe(cls) -> str:

@@ -269,6 +269,11 @@ class FilteredListener:
         if socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)  # what socket.accept() does
         _remember(sock, info)
+        # A PROXY protocol header names the real client: it wins over the
+        # balancer's address, which stays in ``info.peer``.
+        proxied = info.info.get("client_address")
+        if proxied is not None:
+            addr = proxied
         return sock, addr, info
 
     def accept(self) -> tuple[socket.socket, Address]:

@@ -122,7 +122,7 @@ class _HttpSession:
     def _non_http(self, why: str) -> Decision:
         if self._filter.non_http == "reject":
             return Decision.reject(f"not HTTP: {why}")
-        return Decision.accept({"protocol": "unknown"}, reason=f"not HTTP ({why}), passed")
+        return Decision.pass_through({"protocol": "unknown"}, reason=f"not HTTP ({why}), passed")
 
     def _scan(self, data: bytes) -> Decision:
         if self._start < 0:

@@ -65,7 +65,7 @@ class TlsReady(Filter):
     def _non_tls(self) -> Decision:
         if self.non_tls == "reject":
             return Decision.reject("not TLS")
-        return Decision.accept({"protocol": "unknown"}, reason="not TLS, passed")
+        return Decision.pass_through({"protocol": "unknown"}, reason="not TLS, passed")
 
     def _scan(self, data: bytes) -> Decision:
         if not data:

@@ -61,6 +61,12 @@ def test_httpready_terminator_anywhere_not_only_at_the_tail() -> None:
     assert HttpReady().check(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", False).verdict is A
 
 
+def test_httpready_non_http_is_a_pass_through() -> None:
+    d = HttpReady().check(b"\x16\x03\x01\x02", False)
+    assert d.verdict is A and d.passed  # surfaced alone, no match behind a router
+    assert not HttpReady().check(b"GET / HTTP/1.0\r\n\r\n", False).passed
+
+
 def test_httpready_non_http_reject_option() -> None:
     d = HttpReady(non_http="reject").check(b"\x16\x03\x01\x02", False)
     assert d.verdict is R and "not HTTP" in d.reason

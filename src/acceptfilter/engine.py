@@ -92,7 +92,7 @@ Surfaced = tuple[int, Address, ConnectionInfo]
 class _Progress:
     """How far one route's chain got on one connection."""
 
-    __slots__ = ("fd", "index", "info", "label", "offset", "sessions")
+    __slots__ = ("fd", "index", "info", "label", "offset", "passed", "sessions")
 
     def __init__(self, length: int, fd: int) -> None:
         self.fd = fd
@@ -100,6 +100,7 @@ class _Progress:
         self.offset = 0
         self.info: dict[str, Any] = {}
         self.label: str | None = None
+        self.passed = False  # some filter in the chain passed foreign bytes through
         self.sessions: list[Checker | None] = [None] * length
 
 
@@ -163,7 +164,7 @@ class Engine:
         self._names = {r.name for r in routes}
         self._matching = tuple(r for r in routes if r.chain)
         #: Several routes (or a default): a filter's pass of foreign bytes
-        #: (info protocol "unknown") is then no match; see _decide.
+        #: (Decision.pass_through) is then no match; see _decide.
         self._routing = len(routes) > 1
         if default_route is not None and default_route not in self._names:
             raise ValueError(f"default route {default_route!r} is not one of the routes {sorted(self._names)}")
@@ -288,8 +289,8 @@ class Engine:
     def _decide(self, fd: int, data: bytes, final: bool) -> tuple[str | None, Decision | None, _Progress | None]:
         """Run the routes in order; first match wins once every earlier route has rejected.
 
-        When routing, an ACCEPT whose info says ``protocol="unknown"`` (a
-        filter passing bytes that are not its protocol) counts as a reject.
+        When routing, a pass-through ACCEPT (a filter passing bytes that are
+        not its protocol, :meth:`Decision.pass_through`) counts as a reject.
 
         Returns (route, decision, progress): decision None means WAIT. When
         every route rejects, the decision is a REJECT and the progress is that
@@ -313,7 +314,7 @@ class Engine:
             if decision is None:
                 waiting = True
                 continue
-            if decision.verdict is Verdict.ACCEPT and self._routing and decision.info.get("protocol") == "unknown":
+            if decision.verdict is Verdict.ACCEPT and decision.passed and self._routing:
                 # httpready/tlsready pass bytes that are not their protocol;
                 # behind a router that pass must not steal another route's match.
                 decision = Decision.reject(f"{route.name}: not its protocol (passed), no match")
@@ -362,7 +363,10 @@ class Engine:
                     raise self._broken(flt, f"routed to unknown route {decision.route!r}")
                 progress.label = decision.route
             progress.offset += decision.consume
+            progress.passed = progress.passed or decision.passed
             progress.index += 1
+        if progress.passed:
+            return Decision(Verdict.ACCEPT, progress.info, progress.offset, None, "passed through", True)
         return Decision.accept(progress.info, consume=progress.offset)
 
     def _check(self, flt: Filter, session: Checker, part: bytes, final: bool) -> Decision:

@@ -61,7 +61,9 @@ class Decision:
     the real client address from a PROXY header ...). ``consume`` is how many
     leading bytes the engine strips before the application sees the stream
     (only the PROXY protocol should need it). ``route`` labels the connection
-    for routing. ``reason`` says why, for logs and counters.
+    for routing. ``reason`` says why, for logs and counters. ``passed`` marks
+    a pass-through: bytes that are not the filter's protocol (see
+    :meth:`pass_through`).
     """
 
     verdict: Verdict
@@ -69,6 +71,7 @@ class Decision:
     consume: int = 0
     route: str | None = None
     reason: str = ""
+    passed: bool = False
 
     @classmethod
     def accept(
@@ -87,6 +90,15 @@ class Decision:
             route,
             reason,
         )
+
+    @classmethod
+    def pass_through(cls, info: Mapping[str, Any] | None = None, *, reason: str = "") -> Decision:
+        """ACCEPT bytes that are not this filter's protocol (FreeBSD's pass-through).
+
+        Alone on a listener it surfaces the connection; behind a router it is
+        *no match*, so it never steals a connection another route would match.
+        """
+        return cls(Verdict.ACCEPT, MappingProxyType(dict(info)) if info else _EMPTY_INFO, 0, None, reason, True)
 
     @classmethod
     def reject(cls, reason: str = "") -> Decision:

@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .driver import ThreadDriver
 from .engine import ConnectionInfo, Engine, Surfaced
@@ -38,7 +38,13 @@ __all__ = ["ConnectionInfo", "FilteredListener", "Router", "connection_info", "r
 log = logging.getLogger("acceptfilter")
 
 FilterSpecs = str | Filter | Iterable[str | Filter]
-DriverName = Literal["thread", "none"]
+DriverName = Literal["thread", "asyncio", "none"]
+
+
+class Driver(Protocol):
+    """Whatever runs the engine; the hub stops it before freeing the core."""
+
+    def stop(self) -> None: ...
 
 _info_lock = threading.Lock()
 _info_by_socket: weakref.WeakKeyDictionary[socket.socket, ConnectionInfo] = weakref.WeakKeyDictionary()
@@ -132,6 +138,15 @@ def _default_max_held(sock: socket.socket) -> int:
 def _listen_backlog(sock: socket.socket) -> int:
     """The listen socket's effective backlog, as the kernel reports it."""
     try:
+        import asyncio
+
+        asyncio.get_running_loop()
+        in_loop = True  # pyroute2's sync API runs its own loop: it cannot run inside one
+    except RuntimeError:
+        in_loop = False
+    try:
+        if in_loop:
+            raise RuntimeError("inside a running event loop")
         from .diag import listen_backlog
 
         backlog = listen_backlog(sock)
@@ -168,8 +183,8 @@ class _Hub:
             raise ValueError(f"cannot wrap this socket: {exc}") from None
         if not accepting:
             raise ValueError("the socket is not listening: call bind() and listen() (or socket.create_server) first")
-        if driver not in ("thread", "none"):
-            raise ValueError(f"driver must be 'thread' or 'none' (asyncio: see acceptfilter.integrations.asyncio), not {driver!r}")
+        if driver not in ("thread", "asyncio", "none"):
+            raise ValueError(f"driver must be 'thread', 'asyncio' or 'none', not {driver!r}")
         if defer_accept:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(defer_accept))
         self.sock = sock
@@ -192,10 +207,26 @@ class _Hub:
         self._lock = threading.Lock()
         self._open = set(self.queues)
         self.closed = False
-        self.driver: ThreadDriver | None = None
+        self.driver: Driver | None = None
         if driver == "thread":
-            self.driver = ThreadDriver(self.engine)
-            self.driver.start()
+            thread_driver = ThreadDriver(self.engine)
+            thread_driver.start()
+            self.driver = thread_driver
+        elif driver == "asyncio":
+            from .integrations.asyncio import AsyncioDriver
+
+            try:
+                self.driver = AsyncioDriver(self.engine)  # needs a running loop
+            except Exception:
+                self.core.free()
+                raise
+
+    def attach_driver(self, driver: Driver) -> None:
+        """Adopt a driver started elsewhere, so :meth:`close` stops it first."""
+        with self._lock:
+            if self.closed or self.driver is not None:
+                raise ValueError("this listener is closed or already has a driver")
+            self.driver = driver
 
     def _sink(self, route: str, items: list[Surfaced]) -> None:
         lost = self.queues[route].put_many(items)
@@ -340,6 +371,10 @@ class FilteredListener:
         """The engine (for drivers that run it themselves, and for tests)."""
         return self._hub.engine
 
+    def attach_driver(self, driver: Driver) -> None:
+        """For ``driver="none"`` listeners: who runs the engine; ``close()`` stops it."""
+        self._hub.attach_driver(driver)
+
     @property
     def deadline(self) -> float:
         """Seconds a connection may be held before ``on_timeout`` applies."""
@@ -425,8 +460,9 @@ def wrap(
     (``"httpready"``, ``"dataready:min_bytes=4"``), a :class:`Filter`, or a
     list of them forming a chain. See :class:`Policy` for the keyword
     arguments; ``core`` picks the I/O core (``"c"`` or ``"python"``);
-    ``driver="thread"`` runs the engine in a background thread (``"none"``:
-    you call ``listener.engine.step()`` yourself, as the asyncio driver does);
+    ``driver="thread"`` runs the engine in a background thread, ``"asyncio"``
+    on the running event loop with no thread (call ``wrap`` inside the loop),
+    ``"none"``: you call ``listener.engine.step()`` yourself;
     ``defer_accept`` sets ``TCP_DEFER_ACCEPT`` seconds as a kernel first stage.
     """
     policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject, on_error=on_error)

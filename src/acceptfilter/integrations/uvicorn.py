@@ -1,0 +1,90 @@
+"""uvicorn behind a filter: ``Server.serve(sockets=[listener])``, on asyncio or uvloop.
+
+uvicorn hands each socket in ``sockets`` to ``loop.create_server(sock=...)``
+and closes it at shutdown (``close()`` is idempotent). The listener is created
+inside the loop (``driver="asyncio"``: no thread). On uvloop the loop must be
+:class:`acceptfilter.integrations.uvloop.Loop`, which :func:`run` picks for
+``loop="uvloop"`` (and for ``"auto"`` when uvloop is installed)::
+
+    from acceptfilter.integrations.uvicorn import run
+    run(app, "0.0.0.0", 8000, filter="httpready", timeout=10)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+from ..listener import FilteredListener, FilterSpecs, wrap
+from .asyncio import _is_selector_loop
+
+__all__ = ["loop_factory", "run", "serve"]
+
+
+def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop factory for uvicorn's ``loop`` names: "auto", "asyncio" or "uvloop"."""
+    if loop in ("auto", "uvloop"):
+        try:
+            from .uvloop import new_event_loop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            return new_event_loop
+    if loop in ("auto", "asyncio"):
+        return asyncio.SelectorEventLoop
+    raise ValueError(f"loop must be 'auto', 'asyncio' or 'uvloop', not {loop!r}")
+
+
+def _is_filtered_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        from .uvloop import Loop
+    except ImportError:
+        return False
+    return isinstance(loop, Loop)
+
+
+async def serve(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    filter: FilterSpecs = "httpready",
+    sock: socket.socket | None = None,
+    core: str = "c",
+    policy: dict[str, Any] | None = None,
+    started: Callable[[FilteredListener, uvicorn.Server], None] | None = None,
+    **config: Any,
+) -> None:
+    """Serve ``app`` with uvicorn on the running loop, behind ``filter``.
+
+    ``sock`` (a listening socket) replaces ``host``/``port``; ``policy`` goes
+    to :func:`acceptfilter.wrap`; ``config`` to ``uvicorn.Config``;
+    ``started(listener, server)`` is called before serving (set
+    ``server.should_exit = True`` to stop).
+    """
+    loop = asyncio.get_running_loop()
+    if not _is_selector_loop(loop) and not _is_filtered_uvloop(loop):
+        raise RuntimeError(
+            "uvicorn calls loop.create_server(sock=listener): on uvloop run it on "
+            "acceptfilter.integrations.uvloop.Loop (see loop_factory())"
+        )
+    raw = sock or socket.create_server((host, port), backlog=config.get("backlog", 2048))
+    listener = wrap(raw, filter, core=core, driver="asyncio", **(policy or {}))
+    server = uvicorn.Server(uvicorn.Config(app, **config))
+    if started is not None:
+        started(listener, server)
+    try:
+        await server.serve(sockets=[listener])  # type: ignore[list-item]
+    finally:
+        listener.close()
+
+
+def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, loop: str = "auto", **kwargs: Any) -> None:
+    """Like ``uvicorn.run(app, host=, port=)`` behind a filter (keywords: see :func:`serve`)."""
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        runner.run(serve(app, host, port, **kwargs))

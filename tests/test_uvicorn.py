@@ -68,13 +68,14 @@ def test_uvicorn_serves_through_httpready_while_idle_are_held(core: str, loop: s
         for _, w in slow:
             w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
         await asyncio.sleep(0.1)
+        assert threading.active_count() == threads, "no extra thread"
         code, body = await curl(port)
         assert (code, body) == (200, "hello /ready")
         assert app.requests == ["/ready"]
         assert len(got["server"].server_state.connections) <= 1, "held connections reached uvicorn"
         stats = got["listener"].stats()
         assert stats["held"] == 25 and stats["surfaced"] == 1
-        assert threading.active_count() == threads, "no extra thread"
+        assert not [t for t in threading.enumerate() if t.name.startswith("acceptfilter")]  # curl's child watcher may run
         for _, w in idle + slow:
             w.close()
         got["server"].should_exit = True

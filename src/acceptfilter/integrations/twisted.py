@@ -1,0 +1,104 @@
+"""Twisted: ready connections handed over with ``reactor.adoptStreamConnection``.
+
+Twisted's ``listenTCP`` accepts in its own ``tcp.Port``; instead, a reader on
+the listener's eventfd accepts ready connections and adopts them (Twisted
+dups the fd, so ours is closed right after). The engine runs on the
+background thread, or on the asyncio loop with no thread when the reactor is
+Twisted's ``AsyncioSelectorReactor``::
+
+    port = listen(reactor, 8000, Site(root), filter="httpready")
+
+Protocols get the filter's info with :func:`transport_info` (from
+``dataReceived`` on: adoption calls ``connectionMade`` before it is recorded).
+"""
+
+from __future__ import annotations
+
+import socket
+import weakref
+from typing import Any
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..engine import ConnectionInfo
+from ..listener import FilteredListener, FilterSpecs, wrap
+from .asyncio import attach
+
+__all__ = ["FilteredPort", "listen", "transport_info"]
+
+_infos: weakref.WeakKeyDictionary[Any, ConnectionInfo] = weakref.WeakKeyDictionary()
+
+
+def transport_info(transport: Any) -> ConnectionInfo | None:
+    """What the filters learnt about the connection behind ``transport``."""
+    return _infos.get(transport)
+
+
+@implementer(IReadDescriptor)
+class FilteredPort:
+    """Reads the listener's readiness fd and adopts each ready connection into ``factory``."""
+
+    def __init__(self, reactor: Any, listener: FilteredListener, factory: Any) -> None:
+        listener.setblocking(False)
+        self.reactor = reactor
+        self.listener = listener
+        self.factory = factory
+        self._fd = listener.fileno()
+        factory.doStart()
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "acceptfilter"
+
+    def doRead(self) -> None:
+        while True:
+            try:
+                sock, _, info = self.listener.accept_with_info()
+            except (BlockingIOError, OSError):
+                return
+            with sock:
+                transport = self.reactor.adoptStreamConnection(sock.fileno(), sock.family, self.factory)
+            if transport is not None:
+                _infos[transport] = info
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.stopListening()
+
+    def getHost(self) -> Any:
+        return self.listener.getsockname()
+
+    def stopListening(self) -> None:
+        """Stop adopting and close the listener (held connections resolved by policy). Idempotent."""
+        if self.listener.closed:
+            return
+        self.reactor.removeReader(self)
+        self.listener.close()
+        self.factory.doStop()
+
+
+def listen(
+    reactor: Any,
+    port: int,
+    factory: Any,
+    *,
+    interface: str = "127.0.0.1",
+    filter: FilterSpecs = "httpready",
+    backlog: int = 1024,
+    **options: Any,
+) -> FilteredPort:
+    """Like ``reactor.listenTCP(port, factory, interface=...)`` behind ``filter``."""
+    sock = socket.create_server((interface, port), backlog=backlog)
+    loop = getattr(reactor, "_asyncioEventloop", None)  # Twisted's AsyncioSelectorReactor
+    try:
+        listener = wrap(sock, filter, driver="none" if loop is not None else "thread", **options)
+    except Exception:
+        sock.close()
+        raise
+    if loop is not None:
+        attach(listener, loop)
+    return FilteredPort(reactor, listener, factory)

@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "acceptfilter.cli_serve",
     "acceptfilter.cli_stats",
     "acceptfilter.cli_top",
+    "acceptfilter.cli_run",
 )
 
 

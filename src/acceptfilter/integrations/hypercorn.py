@@ -17,6 +17,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hypercorn.app_wrappers import ASGIWrapper, WSGIWrapper
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
 from hypercorn.utils import wrap_app
@@ -44,7 +45,7 @@ async def serve(
         started(listener)
     try:
         await worker_serve(
-            wrap_app(app, config.wsgi_max_body_size, None),
+            app if isinstance(app, ASGIWrapper | WSGIWrapper) else wrap_app(app, config.wsgi_max_body_size, None),
             config,
             sockets=Sockets([], [listener], []),  # type: ignore[list-item]
             shutdown_trigger=shutdown_trigger,

@@ -13,6 +13,7 @@ inside the loop (``driver="asyncio"``: no thread). On uvloop the loop must be
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -75,7 +76,15 @@ async def serve(
         )
     raw = sock or socket.create_server((host, port), backlog=config.get("backlog", 2048))
     listener = wrap(raw, filter, core=core, driver="asyncio", **(policy or {}))
-    server = uvicorn.Server(uvicorn.Config(app, **config))
+    server = uvicorn.Server(uvicorn.Config(app, **config))  # Config() sets up uvicorn's logging
+    bound_host, bound_port = listener.getsockname()[:2]
+    # uvicorn logs its address only for sockets it bound itself.
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d behind acceptfilter %s (Press CTRL+C to quit)",
+        f"[{bound_host}]" if ":" in bound_host else bound_host,
+        bound_port,
+        filter,
+    )
     if started is not None:
         started(listener, server)
     try:

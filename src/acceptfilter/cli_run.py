@@ -1,0 +1,127 @@
+"""``acceptfilter run [options] -- uvicorn|hypercorn ARGS...``: a filter with no code change.
+
+The server's own command line is parsed by the server's own CLI code, in this
+process; only the final "run it" step is replaced: acceptfilter binds the
+address the server was asked to bind, wraps it in the filter (asyncio driver:
+no thread) and serves it with the server's in-process API
+(``uvicorn.Server.serve(sockets=[listener])``, Hypercorn's asyncio worker).
+One process, one event loop: ``--reload`` and ``--workers N`` are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+from typing import Any
+
+from .errors import AcceptFilterError
+from .policy import DEFAULT_TIMEOUT
+
+SERVERS = ("uvicorn", "hypercorn")
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "run",
+        help="run uvicorn or hypercorn behind an accept filter, unchanged",
+        description="Run `uvicorn ...` or `hypercorn ...` (their usual arguments, after --) behind an accept filter.",
+    )
+    p.add_argument("--filter", "-f", action="append", metavar="SPEC", help="filter spec; repeat for a chain (default: httpready)")
+    p.add_argument("--timeout", type=float, default=None, help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--on-timeout", default="surface", metavar="ACTION", help="surface (default), close or reset")
+    p.add_argument("--max-held", type=int, default=None, help="bound on held connections (default: the listen backlog)")
+    p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
+    p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn ... or hypercorn ...")
+    p.set_defaults(func=run)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "filter": args.filter or ["httpready"],
+        "core": args.core,
+        "policy": {"timeout": args.timeout, "on_timeout": args.on_timeout, "max_held": args.max_held},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.server)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command or command[0] not in SERVERS:
+        raise AcceptFilterError(f"give the server command after --: one of {', '.join(SERVERS)} (e.g. -- uvicorn app:app)")
+    name, server_args = command[0], command[1:]
+    if name == "uvicorn":
+        return _run_uvicorn(server_args, _options(args))
+    return _run_hypercorn(server_args, _options(args))
+
+
+def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
+    import uvicorn
+
+    from .integrations import uvicorn as af_uvicorn
+
+    main_module = importlib.import_module("uvicorn.main")  # `uvicorn.main` is also the click command
+    accepted = set(inspect.signature(uvicorn.Config).parameters)
+
+    def filtered_run(app: Any, **kwargs: Any) -> None:
+        for flag, bad in (("reload", True), ("uds", None), ("fd", None)):
+            if kwargs.get(flag) not in (None, False) and (bad is None or kwargs.get(flag) == bad):
+                raise AcceptFilterError(f"acceptfilter run does not support uvicorn --{flag}")
+        if (kwargs.get("workers") or 1) > 1:
+            raise AcceptFilterError("acceptfilter run serves one process: drop --workers (or use gunicorn, issue 3 part 2)")
+        if kwargs.get("app_dir") is not None:
+            sys.path.insert(0, kwargs["app_dir"])
+        host, port, loop = kwargs.pop("host"), kwargs.pop("port"), kwargs.pop("loop", "auto")
+        config = {k: v for k, v in kwargs.items() if k in accepted and k not in ("uds", "fd", "reload", "workers")}
+        policy = {k: v for k, v in options["policy"].items() if v is not None}
+        try:
+            af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy, **config)
+        except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down for; uvicorn.run() swallows it too
+            pass
+
+    original = getattr(main_module, "run")  # noqa: B009
+    setattr(main_module, "run", filtered_run)  # noqa: B010
+    try:
+        uvicorn.main.main(args=server_args, prog_name="uvicorn", standalone_mode=False)
+    finally:
+        setattr(main_module, "run", original)  # noqa: B010
+    return 0
+
+
+def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
+    import asyncio
+    import socket
+
+    from hypercorn.config import Config
+    from hypercorn.utils import load_application
+
+    from .integrations import hypercorn as af_hypercorn
+    from .integrations.uvicorn import loop_factory
+
+    main_module = importlib.import_module("hypercorn.__main__")
+
+    def filtered_run(config: Config) -> int:
+        if config.workers > 1 or config.use_reloader:
+            raise AcceptFilterError("acceptfilter run serves one process: drop --workers/--reload")
+        if len(config.bind) != 1 or config.bind[0].startswith(("unix:", "fd://")) or config.ssl_enabled:
+            raise AcceptFilterError("acceptfilter run supports exactly one TCP --bind HOST:PORT, without TLS")
+        host, _, port = config.bind[0].rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        sock = socket.create_server((host, int(port)), backlog=config.backlog)
+        app = load_application(config.application_path, config.wsgi_max_body_size)
+        loop = "uvloop" if config.worker_class == "uvloop" else "asyncio"
+        if config.worker_class not in ("asyncio", "uvloop"):
+            raise AcceptFilterError("acceptfilter run supports Hypercorn's asyncio and uvloop workers")
+        policy = {k: v for k, v in options["policy"].items() if v is not None}
+        with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+            runner.run(af_hypercorn.serve(app, config, sock=sock, filter=options["filter"], core=options["core"], **policy))
+        return 0
+
+    original = getattr(main_module, "run")  # noqa: B009
+    setattr(main_module, "run", filtered_run)  # noqa: B010
+    try:
+        return int(main_module.main(server_args) or 0)
+    finally:
+        setattr(main_module, "run", original)  # noqa: B010

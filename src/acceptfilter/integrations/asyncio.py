@@ -167,6 +167,7 @@ class FilteredServer(asyncio.AbstractServer):
         self._listener = listener
         self._kwargs = kwargs
         self._serving = False
+        self._fd = -1
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.infos: dict[int, ConnectionInfo] = {}
@@ -186,7 +187,8 @@ class FilteredServer(asyncio.AbstractServer):
             return
         self._serving = True
         self._listener.setblocking(False)
-        self._loop.add_reader(self._listener.fileno(), self._accept_ready)
+        self._fd = self._listener.fileno()  # remembered: fileno() is -1 once the listener is closed
+        self._loop.add_reader(self._fd, self._accept_ready)
 
     def _accept_ready(self) -> None:
         while self._serving:
@@ -216,9 +218,7 @@ class FilteredServer(asyncio.AbstractServer):
     def close(self) -> None:
         if self._serving:
             self._serving = False
-            fd = self._listener.fileno()
-            if fd >= 0:
-                self._loop.remove_reader(fd)
+            self._loop.remove_reader(self._fd)
         self._listener.close()
         self._closed.set()
 

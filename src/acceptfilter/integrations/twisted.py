@@ -46,6 +46,7 @@ class FilteredPort:
         self.listener = listener
         self.factory = factory
         self._fd = listener.fileno()
+        self._listening = True
         factory.doStart()
         reactor.addReader(self)
 
@@ -74,8 +75,9 @@ class FilteredPort:
 
     def stopListening(self) -> None:
         """Stop adopting and close the listener (held connections resolved by policy). Idempotent."""
-        if self.listener.closed:
+        if not self._listening:
             return
+        self._listening = False
         self.reactor.removeReader(self)
         self.listener.close()
         self.factory.doStop()

@@ -22,6 +22,7 @@ __all__ = ["main"]
 _COMMAND_MODULES = (
     "acceptfilter.cli_list",
     "acceptfilter.cli_serve",
+    "acceptfilter.cli_fuzz",
 )
 
 

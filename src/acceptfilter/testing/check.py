@@ -41,6 +41,7 @@ INVARIANTS = (
     "consume",
     "deterministic",
     "slow",
+    "sockets",
 )
 
 

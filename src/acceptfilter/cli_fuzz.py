@@ -27,7 +27,9 @@ def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "fuzz", help="fuzz filters against the filter contract (needs acceptfilter[testing])"
     )
-    p.add_argument("names", nargs="+", metavar="NAME|all", help="filter specs to fuzz, or 'all' for every registered one")
+    p.add_argument(
+        "names", nargs="+", metavar="NAME|all", help="filter specs to fuzz, or 'all' for every registered one"
+    )
     p.add_argument("--examples", type=int, default=200, metavar="N", help="examples per round (default 200)")
     p.add_argument("--seconds", type=float, default=0.0, metavar="S", help="keep running fresh rounds for S seconds")
     p.add_argument(

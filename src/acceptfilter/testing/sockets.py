@@ -7,6 +7,7 @@ connection ends in exactly one counted outcome. Loopback (127.0.0.1) only.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -105,7 +106,7 @@ def send_and_check(
         total = sum(int(stats[k]) for k in _OUTCOMES)  # type: ignore[call-overload]
         if stats["accepted"] != 1 or total != 1:
             raise ContractViolation(
-                "sockets", f"core={core}: outcomes do not add up: {({k: stats[k] for k in ('accepted', *_OUTCOMES)})}"
+                "sockets", f"core={core}: outcomes do not add up: { ({k: stats[k] for k in ('accepted', *_OUTCOMES)}) }"
             )
     finally:
         listener.close()
@@ -121,7 +122,11 @@ def check_sockets(
 ) -> None:
     """Fuzz the filter through real listeners on both I/O cores (slow: keep max_examples small)."""
     flt = load_filter(filter_or_spec)
-    source = payloads if payloads is not None else st.one_of(strategies.well_formed(), strategies.mutated(strategies.well_formed()))
+    source = (
+        payloads
+        if payloads is not None
+        else st.one_of(strategies.well_formed(), strategies.mutated(strategies.well_formed()))
+    )
     source = source.filter(lambda b: len(b) < min(flt.max_bytes, 8192))
 
     @_settings(max_examples)
@@ -129,7 +134,7 @@ def check_sockets(
     def over_sockets(case: tuple[bytes, tuple[int, ...]]) -> None:
         data, cuts = case
         bounds = [0, *cuts, len(data)]
-        chunks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        chunks = [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
         for core in cores:
             send_and_check(flt, chunks, core=core)
 

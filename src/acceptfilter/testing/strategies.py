@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 __all__ = [
     "any_bytes",
-    "chunkings",
     "chunked",
+    "chunkings",
     "dns_queries",
     "h2_prefaces",
     "http_requests",
@@ -75,7 +75,9 @@ def http_requests(draw: st.DrawFn) -> bytes:
     headers = draw(
         st.lists(
             st.tuples(
-                st.one_of(st.sampled_from(["Host", "host", "HOST", "Content-Length", "User-Agent", "Accept"]), _token()),
+                st.one_of(
+                    st.sampled_from(["Host", "host", "HOST", "Content-Length", "User-Agent", "Accept"]), _token()
+                ),
                 st.sampled_from([":", ": ", " : ", ":\t"]),
                 st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
             ),
@@ -106,9 +108,9 @@ def _u16_vec(data: bytes) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-_hostname = st.lists(st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20), min_size=1, max_size=4).map(
-    lambda labels: ".".join(labels)
-)
+_hostname = st.lists(
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20), min_size=1, max_size=4
+).map(lambda labels: ".".join(labels))
 
 
 @st.composite
@@ -125,7 +127,9 @@ def tls_client_hellos(draw: st.DrawFn) -> bytes:
         extensions.append((43, _u8_vec(b"\x03\x04\x03\x03")))
     if draw(st.booleans()):  # key_share; a post-quantum one makes the hello ~1.2 KB bigger
         size = draw(st.sampled_from([32, 32, 1216 + 32]))
-        share = struct.pack("!H", 0x11EC if size > 32 else 0x001D) + _u16_vec(draw(st.binary(min_size=size, max_size=size)))
+        share = struct.pack("!H", 0x11EC if size > 32 else 0x001D) + _u16_vec(
+            draw(st.binary(min_size=size, max_size=size))
+        )
         extensions.append((51, _u16_vec(share)))
     for ext_type, ext_data in draw(st.lists(st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=40)), max_size=4)):
         extensions.append((ext_type, ext_data))
@@ -136,12 +140,19 @@ def tls_client_hellos(draw: st.DrawFn) -> bytes:
     suites = draw(st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=16))
     body += _u16_vec(b"".join(struct.pack("!H", s) for s in suites))
     body += _u8_vec(b"\x00")
-    if extensions or draw(st.booleans()):
+    empty_extensions_block: bool = draw(st.booleans())
+    if extensions or empty_extensions_block:
         body += _u16_vec(ext_bytes)
     handshake = b"\x01" + struct.pack("!I", len(body))[1:] + body
     # Split the handshake message over one or more records (RFC 8446 5.1 allows any fragmentation).
     n_records = draw(st.integers(1, 3))
-    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(handshake) - 1)), min_size=n_records - 1, max_size=n_records - 1, unique=True)))
+    cuts = sorted(
+        draw(
+            st.lists(
+                st.integers(1, max(1, len(handshake) - 1)), min_size=n_records - 1, max_size=n_records - 1, unique=True
+            )
+        )
+    )
     pieces = [handshake[a:b] for a, b in zip([0, *cuts], [*cuts, len(handshake)], strict=True)]
     record_version = draw(st.sampled_from([b"\x03\x01", b"\x03\x03", b"\x03\x00"]))
     return b"".join(b"\x16" + record_version + _u16_vec(piece) for piece in pieces if piece)
@@ -152,7 +163,9 @@ def dns_queries(draw: st.DrawFn) -> bytes:
     """DNS-over-TCP queries (RFC 7766): 2-byte length prefix + one message, maybe a second one after it."""
 
     def message() -> bytes:
-        header = struct.pack("!HHHHHH", draw(st.integers(0, 0xFFFF)), draw(st.sampled_from([0x0100, 0x0000, 0x0120])), 1, 0, 0, 0)
+        header = struct.pack(
+            "!HHHHHH", draw(st.integers(0, 0xFFFF)), draw(st.sampled_from([0x0100, 0x0000, 0x0120])), 1, 0, 0, 0
+        )
         labels = draw(_hostname).split(".")
         qname = b"".join(_u8_vec(label.encode()) for label in labels) + b"\x00"
         question = qname + struct.pack("!HH", draw(st.sampled_from([1, 28, 15, 16, 255, 252])), 1)
@@ -192,7 +205,11 @@ def proxy_v2_headers(draw: st.DrawFn) -> bytes:
     addresses = draw(st.binary(min_size=sizes[family >> 4], max_size=sizes[family >> 4]))
     tlvs = b"".join(
         bytes([t]) + _u16_vec(v)
-        for t, v in draw(st.lists(st.tuples(st.sampled_from([0x01, 0x02, 0x04, 0x05, 0x20, 0xE0]), st.binary(max_size=20)), max_size=3))
+        for t, v in draw(
+            st.lists(
+                st.tuples(st.sampled_from([0x01, 0x02, 0x04, 0x05, 0x20, 0xE0]), st.binary(max_size=20)), max_size=3
+            )
+        )
     )
     body = addresses + tlvs
     header = PROXY_V2_SIGNATURE + bytes([command, family]) + _u16_vec(body)

@@ -1,0 +1,59 @@
+"""A third-party filter from a test file: fuzzed with one call, one fixture line and one CLI command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from acceptfilter.testing import check_filter
+from thirdparty_filter import HelloReady
+
+TESTS = Path(__file__).parent
+CLI = [sys.executable, "-m", "acceptfilter.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=TESTS.parent, env=env)
+
+
+def test_one_call() -> None:
+    check_filter(HelloReady(), max_examples=100)
+
+
+def test_one_fixture_line(filter_checker: Callable[..., None]) -> None:
+    filter_checker(HelloReady(max_bytes=32), max_examples=100)
+
+
+def test_one_cli_command() -> None:
+    proc = run_cli("fuzz", "--import", "tests/thirdparty_filter.py", "helloready", "--examples", "100")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok    helloready" in proc.stdout
+
+
+def test_cli_reports_counterexample() -> None:
+    proc = run_cli("fuzz", "--import", "tests/broken_filters.py", "broken-final", "--examples", "100")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL  broken-final: [final-wait]" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_all_builtins() -> None:
+    proc = run_cli("fuzz", "all", "--examples", "30")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok    httpready" in proc.stdout and "ok    dataready" in proc.stdout
+
+
+def test_cli_unknown_name_is_clear() -> None:
+    proc = run_cli("fuzz", "nosuchfilter")
+    assert proc.returncode == 2
+    assert "unknown filter 'nosuchfilter'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_bad_import_is_clear() -> None:
+    proc = run_cli("fuzz", "--import", "no_such_module_xyz", "dataready")
+    assert proc.returncode == 2
+    assert "--import no_such_module_xyz failed" in proc.stderr and "Traceback" not in proc.stderr

@@ -57,3 +57,27 @@ def test_cli_bad_import_is_clear() -> None:
     proc = run_cli("fuzz", "--import", "no_such_module_xyz", "dataready")
     assert proc.returncode == 2
     assert "--import no_such_module_xyz failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    """The README's "Testing your own filter" example is a working test file."""
+    readme = (TESTS.parent / "README.md").read_text()
+    section = readme.split("## Testing your own filter", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "test_hello.py").write_text(code)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--filter-examples", "30", "test_hello.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout
+
+
+def test_pytest_plugin_is_import_light() -> None:
+    """Every pytest run of every project imports the plugin: it must not pull in hypothesis."""
+    code = "import sys, acceptfilter.testing.pytest_plugin; print('hypothesis' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stdout + proc.stderr

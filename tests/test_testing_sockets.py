@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from acceptfilter import REJECT, WAIT, Decision, Filter
 from acceptfilter.registry import available_filters
-from acceptfilter.testing import check_sockets
+from acceptfilter.testing import check_filter, check_sockets
 from acceptfilter.testing.sockets import send_and_check
 
 BUILTIN_NAMES = [info.name for info in available_filters() if info.distribution.startswith("acceptfilter ")]
@@ -28,3 +29,24 @@ def test_builtin_over_real_sockets(spec: str) -> None:
 )
 def test_known_cases(core: str, spec: str, chunks: list[bytes]) -> None:
     send_and_check(spec, chunks, core=core)
+
+
+class StripFirstLine(Filter):
+    """A correct consuming filter (PROXY v1 style): the first line is stripped before the application reads."""
+
+    name = "strip-first-line"
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        nl = data.find(b"\n", 0, self.max_bytes)
+        if nl >= 0:
+            return Decision.accept({"line": data[:nl].decode("latin-1")}, consume=nl + 1)
+        return REJECT if final or len(data) >= self.max_bytes else WAIT
+
+
+def test_consuming_filter_keeps_contract() -> None:
+    check_filter(StripFirstLine(max_bytes=128), max_examples=100)
+
+
+def test_consume_over_real_sockets(core: str) -> None:
+    send_and_check(StripFirstLine(), [b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r", b"\nGET / HTTP/1.1\r\n\r\n"], core=core)
+    check_sockets(StripFirstLine(), max_examples=6, cores=(core,))

@@ -401,22 +401,23 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
     int off = 0;
     if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
     if (addr) {
+        /* k->addr is a packed byte array: copy it out before looking at it. */
+        union { struct sockaddr sa; struct sockaddr_in in; struct sockaddr_in6 in6; } u;
+        memset(&u, 0, sizeof u);
+        memcpy(&u, k->addr, k->addrlen);
         memset(addr, 0, sizeof *addr);
-        struct sockaddr *sa = (struct sockaddr *)k->addr;
-        if (k->addrlen >= sizeof(struct sockaddr_in) && sa->sa_family == AF_INET) {
-            struct sockaddr_in *in = (struct sockaddr_in *)k->addr;
+        if (k->addrlen >= sizeof u.in && u.sa.sa_family == AF_INET) {
             addr->family = AF_INET;
-            addr->port = ntohs(in->sin_port);
-            inet_ntop(AF_INET, &in->sin_addr, addr->host, sizeof addr->host);
-        } else if (k->addrlen >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
-            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)k->addr;
+            addr->port = ntohs(u.in.sin_port);
+            inet_ntop(AF_INET, &u.in.sin_addr, addr->host, sizeof addr->host);
+        } else if (k->addrlen >= sizeof u.in6 && u.sa.sa_family == AF_INET6) {
             addr->family = AF_INET6;
-            addr->port = ntohs(in6->sin6_port);
-            addr->flowinfo = ntohl(in6->sin6_flowinfo);
-            addr->scope_id = in6->sin6_scope_id;
-            inet_ntop(AF_INET6, &in6->sin6_addr, addr->host, sizeof addr->host);
+            addr->port = ntohs(u.in6.sin6_port);
+            addr->flowinfo = ntohl(u.in6.sin6_flowinfo);
+            addr->scope_id = u.in6.sin6_scope_id;
+            inet_ntop(AF_INET6, &u.in6.sin6_addr, addr->host, sizeof addr->host);
         } else {
-            addr->family = k->addrlen ? sa->sa_family : 0;
+            addr->family = k->addrlen ? u.sa.sa_family : 0;
         }
     }
     forget(c, fd);
@@ -429,6 +430,11 @@ int af_close(af_core *c, int fd, int reset) {
     if (reset) {
         struct linger lg = {1, 0};
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    } else if (k->len > 0) {
+        /* Closing with unread data sends an RST; read what was peeked so a
+         * "close" is a clean FIN as promised. */
+        ssize_t r = recv(fd, k->buf, k->bufsize, MSG_DONTWAIT);
+        (void)r;
     }
     k->armed = 0; /* close() removes it from the epoll set */
     forget(c, fd);

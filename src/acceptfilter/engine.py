@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class Engine:
         self._warned: set[str] = set()
         self._on_error = policy.on_error or policy.on_timeout
         self._shutdown_action = Action("close")
+        self._lock = threading.Lock()
 
     # -- driving ---------------------------------------------------------
     def step(self, timeout: float | None) -> int:
@@ -134,6 +136,10 @@ class Engine:
         return len(events)
 
     def handle(self, events: list[Event]) -> None:
+        with self._lock:  # stats() from other threads sees whole batches only
+            self._handle(events)
+
+    def _handle(self, events: list[Event]) -> None:
         out: dict[str, list[Surfaced]] = {}
         for fd, kind, err, data, age in events:
             try:
@@ -347,6 +353,10 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters (see the README, "Counters")."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         c = self._counters
         core = self.core.stats()
         return {

@@ -116,7 +116,7 @@ class CCore:
         self._events_out = ffi.new("af_event **")
         self._addr = ffi.new("af_addr *")
         self._stats = ffi.new("af_stats *")
-        self._family = listen_sock.family
+        self._final_stats: dict[str, int] = {}
 
     def fileno(self) -> int:
         return int(self._lib.af_fileno(self._core))
@@ -168,6 +168,8 @@ class CCore:
         return self._collect(self._lib.af_drain(self._core, self._events_out))
 
     def stats(self) -> dict[str, int]:
+        if self._core is None:
+            return dict(self._final_stats)  # after free(): the last numbers
         s = self._stats
         self._lib.af_get_stats(self._core, s)
         return {
@@ -181,9 +183,11 @@ class CCore:
         }
 
     def free(self) -> None:
+        if self._core is None:
+            return
+        self._final_stats = self.stats()
         core, self._core = self._core, None
-        if core is not None:
-            self._lib.af_free(core)
+        self._lib.af_free(core)
 
 
 def make_core(name: CoreName | str, listen_sock: socket.socket, **kwargs: Any) -> IOCore:

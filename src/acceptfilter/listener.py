@@ -119,8 +119,18 @@ class SurfaceQueue:
         return count
 
 
+#: The smallest default bound on held connections. FreeBSD bounds its held
+#: queue by the listen backlog, but socketserver listens with a backlog of 5:
+#: five idle clients would then evict real ones.
+MIN_DEFAULT_MAX_HELD = 1024
+
+
+def _default_max_held(sock: socket.socket) -> int:
+    return max(_listen_backlog(sock), MIN_DEFAULT_MAX_HELD)
+
+
 def _listen_backlog(sock: socket.socket) -> int:
-    """The listen socket's backlog (the default bound on held connections)."""
+    """The listen socket's effective backlog, as the kernel reports it."""
     try:
         from .diag import listen_backlog
 
@@ -165,7 +175,7 @@ class _Hub:
         self.sock = sock
         self.timeout = sock.gettimeout()
         self.queues = {r.name: SurfaceQueue() for r in routes}
-        self.max_held = policy.max_held or _listen_backlog(sock)
+        self.max_held = policy.max_held or _default_max_held(sock)
         self.deadline = policy.effective_timeout(routes)
         self.core: IOCore = make_core(
             core,

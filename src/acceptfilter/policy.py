@@ -53,7 +53,8 @@ class Policy:
       ``timeout`` if any asks for one, else :data:`DEFAULT_TIMEOUT`). Never infinite.
     * ``on_timeout``: what a connection gets when its deadline passes and the
       filters' final check does not accept it. Also applies to eviction.
-    * ``max_held``: bound on held connections (None: the listen backlog); on
+    * ``max_held``: bound on held connections (None: the listen backlog, at
+      least 1024 — socketserver listens with a backlog of 5); on
       overflow the oldest is evicted with ``on_timeout``.
     * ``on_reject``: ``close`` (FIN) or ``reset`` (RST) for rejected connections.
     * ``on_error``: what a connection gets when a filter raises (None: ``on_timeout``).

@@ -259,11 +259,14 @@ class PyCore:
         self._fifo.pop(fd, None)
         if conn.armed:
             self._ep.unregister(fd)
-        if reset:
-            try:
+        try:
+            if reset:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
+            elif conn.data:
+                # Closing with unread data sends an RST; read the peeked bytes so "close" is a FIN.
+                conn.sock.recv(len(conn.data))
+        except OSError:
+            pass
         conn.sock.close()
 
     def wake(self) -> None:

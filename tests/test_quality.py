@@ -1,0 +1,47 @@
+"""The code stays warning-free: the C core with -Wall -Wextra, Python with ruff and mypy --strict."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+def test_c_core_compiles_without_warnings(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc/afcore.c"), "-o", str(tmp_path / "afcore.o")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_c_core_has_no_protocol_knowledge() -> None:
+    source = (ROOT / "csrc/afcore.c").read_text().lower()
+    for word in ("http", "tls", "proxy", "get ", "dns"):
+        assert word not in source, f"the C core mentions {word!r}: protocol logic belongs in filters"
+
+
+def _tool(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        pytest.fail(f"{module} is not installed: it is part of the test extra (pip install -e '.[test]')")
+
+
+def test_ruff_clean() -> None:
+    _tool("ruff")
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "filters", "tests", "bench", "scripts"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_mypy_strict_clean() -> None:
+    _tool("mypy")
+    out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -10,12 +10,15 @@ from hypothesis.stateful import run_state_machine_as_test
 from acceptfilter.registry import available_filters, load_filter
 from acceptfilter.testing import ContractViolation, check_filter, filter_state_machine, strategies
 from acceptfilter.testing.check import INVARIANTS, check_payload
-from broken_filters import BROKEN, ChunkingDependent, Slow
+from tests.broken_filters import BROKEN, ChunkingDependent, Slow
 
 BUILTIN_NAMES = [info.name for info in available_filters() if info.distribution.startswith("acceptfilter ")]
+#: Built-ins that cannot be built without arguments, and the spec to fuzz them with.
+REQUIRED_ARGS = {"proxy": "proxy:trusted=127.0.0.0/8"}
+BUILTIN_DEFAULT_SPECS = [REQUIRED_ARGS.get(name, name) for name in BUILTIN_NAMES]
 # Every argument shape the built-ins document, so option branches are fuzzed too.
 BUILTIN_SPECS = [
-    *BUILTIN_NAMES,
+    *BUILTIN_DEFAULT_SPECS,
     "dataready:min_bytes=4",
     "httpready:max_bytes=64",
     "httpready:non_http=reject,oversize=accept,max_bytes=200",
@@ -56,7 +59,7 @@ def test_state_machine_catches_chunking_bug() -> None:
     assert caught.value.invariant == "chunking"
 
 
-@pytest.mark.parametrize("spec", BUILTIN_NAMES)
+@pytest.mark.parametrize("spec", BUILTIN_DEFAULT_SPECS)
 def test_state_machine_passes_builtins(spec: str) -> None:
     run_state_machine_as_test(
         filter_state_machine(load_filter(spec)), settings=settings(max_examples=50, deadline=None)

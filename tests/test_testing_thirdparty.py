@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from acceptfilter.testing import check_filter
-from thirdparty_filter import HelloReady
+from tests.thirdparty_filter import HelloReady
 
 TESTS = Path(__file__).parent
 CLI = [sys.executable, "-m", "acceptfilter.cli"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import AcceptFilterError
+from .errors import AcceptFilterError, FilterSpecError
 from .filter import Filter
 from .registry import available_filters, filter_class, register_filter
 
@@ -99,7 +99,17 @@ def run(args: argparse.Namespace) -> int:
     for target in args.imports:
         _register_defined(_import(target))
     specs = _targets(args.names)
-    filters = [(spec, load_filter(spec)) for spec in specs]  # unknown names fail here, before any fuzzing
+    filters: list[tuple[str, Filter]] = []
+    skipped = 0
+    for spec in specs:  # unknown names and bad specs fail here, before any fuzzing
+        try:
+            filters.append((spec, load_filter(spec)))
+        except FilterSpecError as exc:
+            if "all" not in args.names or spec in args.names:
+                raise
+            # "all" cannot guess required arguments (proxy's trusted=...): say so, never skip silently.
+            skipped += 1
+            print(f"skip  {spec}: cannot build it without arguments ({exc}); fuzz it as 'NAME:arg=value'", flush=True)
     failed = 0
     for spec, flt in filters:
         start = time.monotonic()
@@ -120,5 +130,5 @@ def run(args: argparse.Namespace) -> int:
             continue
         took = time.monotonic() - start
         print(f"ok    {spec}: {rounds * args.examples} examples in {rounds} round(s), {took:.1f}s", flush=True)
-    print(f"{len(filters) - failed} passed, {failed} failed")
+    print(f"{len(filters) - failed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return 1 if failed else 0

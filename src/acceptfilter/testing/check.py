@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +30,9 @@ __all__ = [
 
 #: Seconds one check() call may take. Generous: a filter is on the hot path, but CI machines stall.
 DEFAULT_TIME_LIMIT = 0.25
+
+#: The peer address sessions are made for, when a filter has ``peer_session(peer)``.
+DEFAULT_PEER: tuple[Any, ...] = ("127.0.0.1", 40000)
 
 #: The invariants, by the names used in ContractViolation.invariant.
 INVARIANTS = (
@@ -65,12 +68,17 @@ def _show(d: Decision) -> str:
 class _Runner:
     """Calls a filter's checkers, turning exceptions, bad return types and slowness into violations."""
 
-    def __init__(self, flt: Filter, time_limit: float) -> None:
+    def __init__(self, flt: Filter, time_limit: float, peer: tuple[Any, ...] | None = DEFAULT_PEER) -> None:
         self.flt = flt
         self.time_limit = time_limit
+        self.peer = peer
 
     def session(self) -> Checker:
+        # Filters that judge the peer (PROXY: trusted balancers) may offer peer_session(peer).
+        peer_session = getattr(self.flt, "peer_session", None)
         try:
+            if self.peer is not None and callable(peer_session):
+                return cast(Checker, peer_session(self.peer))
             return self.flt.session()
         except Exception as exc:
             raise ContractViolation("raises", f"session() raised {type(exc).__name__}: {exc}") from exc
@@ -116,7 +124,12 @@ class _Runner:
 
 
 def check_payload(
-    flt: Filter, data: bytes, cuts: Iterable[int] = (), *, time_limit: float = DEFAULT_TIME_LIMIT
+    flt: Filter,
+    data: bytes,
+    cuts: Iterable[int] = (),
+    *,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
 ) -> None:
     """Check every invariant for one payload delivered in chunks ending at ``cuts`` (and at the end).
 
@@ -125,7 +138,7 @@ def check_payload(
     one-shot answer on the same prefix, and a decided prefix fixes the answer for all
     longer ones.
     """
-    run = _Runner(flt, time_limit)
+    run = _Runner(flt, time_limit, peer)
     ends = sorted({c for c in cuts if 0 < c < len(data)} | {len(data)})
     prefixes = [data[:end] for end in ends if end > 0] or [data]
     session = run.session()
@@ -167,7 +180,11 @@ def check_payload(
 
 
 def filter_state_machine(
-    flt: Filter, payloads: st.SearchStrategy[bytes] | None = None, *, time_limit: float = DEFAULT_TIME_LIMIT
+    flt: Filter,
+    payloads: st.SearchStrategy[bytes] | None = None,
+    *,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
 ) -> type[RuleBasedStateMachine]:
     """A state machine driving one connection's session: arrivals, re-peeks, EOF and deadline.
 
@@ -179,7 +196,7 @@ def filter_state_machine(
     class FilterMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
-            self.run = _Runner(flt, time_limit)
+            self.run = _Runner(flt, time_limit, peer)
             self.session: Checker | None = None
             self.data = b""
             self.pending = b""
@@ -277,6 +294,7 @@ def check_filter(
     time_limit: float = DEFAULT_TIME_LIMIT,
     stateful: bool = True,
     byte_by_byte: int = 256,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
 ) -> None:
     """Fuzz a filter against the whole contract; raise ContractViolation with a minimal counterexample.
 
@@ -284,6 +302,7 @@ def check_filter(
     well-formed and mutated HTTP, TLS, DNS and PROXY inputs, plus inputs the size of
     ``max_bytes``). ``max_examples`` overrides the active hypothesis profile. Payloads up
     to ``byte_by_byte`` bytes are also fed one byte at a time (every prefix is compared).
+    A filter with ``peer_session(peer)`` gets its sessions for ``peer`` (None: ``session()``).
     """
     flt = load_filter(filter_or_spec)
     source = _as_strategy(payloads, flt)
@@ -293,13 +312,13 @@ def check_filter(
     @given(case=strategies.chunked(source))
     def contract(case: tuple[bytes, tuple[int, ...]]) -> None:
         data, cuts = case
-        check_payload(flt, data, cuts, time_limit=time_limit)
+        check_payload(flt, data, cuts, time_limit=time_limit, peer=peer)
         if len(data) <= byte_by_byte:
-            check_payload(flt, data, range(1, len(data)), time_limit=time_limit)
+            check_payload(flt, data, range(1, len(data)), time_limit=time_limit, peer=peer)
 
     contract()
     if stateful:
-        machine = filter_state_machine(flt, source, time_limit=time_limit)
+        machine = filter_state_machine(flt, source, time_limit=time_limit, peer=peer)
         step_settings = settings(cfg, max_examples=max(1, cfg.max_examples // 2), stateful_step_count=20)
         run_state_machine_as_test(machine, settings=step_settings)
 

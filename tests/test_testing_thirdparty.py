@@ -81,3 +81,25 @@ def test_pytest_plugin_is_import_light() -> None:
     code = "import sys, acceptfilter.testing.pytest_plugin; print('hypothesis' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
+def test_cli_all_names_filters_it_cannot_build(tmp_path: Path) -> None:
+    """'fuzz all' cannot guess required arguments: it says so per filter instead of skipping silently."""
+    plugin = tmp_path / "needs_arg.py"
+    plugin.write_text(
+        "from acceptfilter import ACCEPT, Filter\n"
+        "class NeedsArg(Filter):\n"
+        "    name = 'needsarg'\n"
+        "    def __init__(self, *, word: str = '', max_bytes: int = 16384, timeout: float | None = None) -> None:\n"
+        "        super().__init__(max_bytes=max_bytes, timeout=timeout)\n"
+        "        if not word:\n"
+        "            raise ValueError('needsarg needs word=...')\n"
+        "    def check(self, data, final):\n"
+        "        return ACCEPT\n"
+    )
+    proc = run_cli("fuzz", "--import", str(plugin), "all", "--examples", "20")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skip  needsarg: cannot build it without arguments" in proc.stdout
+    assert "1 skipped" in proc.stdout
+    proc = run_cli("fuzz", "--import", str(plugin), "needsarg:word=hi", "--examples", "20")
+    assert proc.returncode == 0 and "ok    needsarg:word=hi" in proc.stdout, proc.stdout + proc.stderr

@@ -77,12 +77,12 @@ def test_respects_user_profile() -> None:
             return super().check(data, final)
 
     settings.register_profile("_af_tiny", max_examples=3)
-    previous = settings._current_profile
+    previous = settings.get_current_profile_name()
     settings.load_profile("_af_tiny")
     try:
         check_filter(Counting(), stateful=False, byte_by_byte=0)
     finally:
-        settings.load_profile(previous or "default")
+        settings.load_profile(previous)
     assert 0 < calls < 3 * 30
 
 

@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"FAIL  {spec}: {exc}", flush=True)
             continue
+        except Exception as exc:  # hypothesis' Flaky, a filter that breaks only sometimes: still a failure
+            failed += 1
+            print(f"FAIL  {spec}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+            continue
         took = time.monotonic() - start
         print(f"ok    {spec}: {rounds * args.examples} examples in {rounds} round(s), {took:.1f}s", flush=True)
     print(f"{len(filters) - failed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))

@@ -92,7 +92,7 @@ class _Runner:
                 "raises", f"check({data!r}, final={final}) raised {type(exc).__name__}: {exc}"
             ) from exc
         elapsed = time.perf_counter() - start
-        if elapsed > self.time_limit:
+        if elapsed > self.time_limit and self._slow_again(data, final):
             raise ContractViolation(
                 "slow", f"check() on {len(data)} bytes took {elapsed:.3f}s (limit {self.time_limit}s): {data[:80]!r}"
             )
@@ -100,6 +100,18 @@ class _Runner:
             raise ContractViolation("raises", f"check({data!r}, final={final}) returned {d!r}, not a Decision")
         self.validate(d, data, final)
         return d
+
+    def _slow_again(self, data: bytes, final: bool, tries: int = 2) -> bool:
+        """Confirm slowness on fresh sessions so a GC pause or a busy CI box is not a counterexample."""
+        for _ in range(tries):
+            start = time.perf_counter()
+            try:
+                self.session().check(data, final)
+            except Exception:
+                return True  # the raise itself is reported by the caller's next check
+            if time.perf_counter() - start <= self.time_limit:
+                return False
+        return True
 
     def validate(self, d: Decision, data: bytes, final: bool) -> None:
         """The per-call rules: no WAIT when final or at the cap, consume within the data."""

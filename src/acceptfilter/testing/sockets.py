@@ -42,19 +42,20 @@ def expected_decision(flt: Filter, data: bytes) -> tuple[bool, int]:
 
 def _client(port: int, chunks: Sequence[bytes], pause: float, errors: list[BaseException]) -> None:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError as exc:  # the only client error that is the listener's fault
+        errors.append(exc)
+        return
+    with c:
+        try:
             for chunk in chunks:
                 c.sendall(chunk)
                 time.sleep(pause)
             c.shutdown(socket.SHUT_WR)
-            c.settimeout(5)
-            try:
-                while c.recv(65536):
-                    pass
-            except OSError:
-                pass  # a rejected connection may be reset
-    except BaseException as exc:  # reported by the caller
-        errors.append(exc)
+            while c.recv(65536):
+                pass
+        except OSError:
+            pass  # a rejected connection may be closed or reset under the client's feet
 
 
 def send_and_check(
@@ -127,7 +128,7 @@ def check_sockets(
         if payloads is not None
         else st.one_of(strategies.well_formed(), strategies.mutated(strategies.well_formed()))
     )
-    source = source.filter(lambda b: len(b) < min(flt.max_bytes, 8192))
+    source = source.filter(lambda b: len(b) < 8192)  # past a small cap too: the engine must stop at it
 
     @_settings(max_examples)
     @given(case=strategies.chunked(source, max_cuts=max_chunks - 1))

@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "acceptfilter.cli_stats",
     "acceptfilter.cli_top",
     "acceptfilter.cli_run",
+    "acceptfilter.cli_fuzz",
 )
 
 

@@ -1,0 +1,344 @@
+"""check_filter(): property-based proof that a filter keeps the contract in filter.py.
+
+Every example feeds one payload to the filter in two ways -- one-shot on fresh sessions
+and chunk by chunk to a single session, as the engine does -- and compares. A broken
+contract raises :class:`ContractViolation` (an AssertionError, so pytest shows it as a
+test failure) naming the invariant, and hypothesis shrinks to a minimal counterexample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+
+from ..filter import Checker, Decision, Filter, Verdict
+from ..registry import load_filter
+from . import strategies
+
+__all__ = [
+    "DEFAULT_TIME_LIMIT",
+    "ContractViolation",
+    "check_filter",
+    "check_payload",
+    "filter_state_machine",
+]
+
+#: Seconds one check() call may take. Generous: a filter is on the hot path, but CI machines stall.
+DEFAULT_TIME_LIMIT = 0.25
+
+#: The peer address sessions are made for, when a filter has ``peer_session(peer)``.
+DEFAULT_PEER: tuple[Any, ...] = ("127.0.0.1", 40000)
+
+#: The invariants, by the names used in ContractViolation.invariant.
+INVARIANTS = (
+    "raises",
+    "chunking",
+    "extension",
+    "final-wait",
+    "max-bytes",
+    "consume",
+    "deterministic",
+    "slow",
+    "sockets",
+)
+
+
+class ContractViolation(AssertionError):
+    """A filter broke the contract; ``invariant`` names which rule (one of INVARIANTS)."""
+
+    def __init__(self, invariant: str, message: str) -> None:
+        super().__init__(f"[{invariant}] {message}")
+        self.invariant = invariant
+
+
+def _key(d: Decision) -> tuple[Verdict, tuple[tuple[str, Any], ...], int, str | None]:
+    """What must agree between two decisions: everything except the free-text reason."""
+    return (d.verdict, tuple(sorted(dict(d.info).items(), key=lambda kv: kv[0])), d.consume, d.route)
+
+
+def _show(d: Decision) -> str:
+    return f"{d.verdict.name}(info={dict(d.info)!r}, consume={d.consume}, route={d.route!r})"
+
+
+class _Runner:
+    """Calls a filter's checkers, turning exceptions, bad return types and slowness into violations."""
+
+    def __init__(self, flt: Filter, time_limit: float, peer: tuple[Any, ...] | None = DEFAULT_PEER) -> None:
+        self.flt = flt
+        self.time_limit = time_limit
+        self.peer = peer
+
+    def session(self) -> Checker:
+        # Filters that judge the peer (PROXY: trusted balancers) may offer peer_session(peer).
+        peer_session = getattr(self.flt, "peer_session", None)
+        try:
+            if self.peer is not None and callable(peer_session):
+                return cast(Checker, peer_session(self.peer))
+            return self.flt.session()
+        except Exception as exc:
+            raise ContractViolation("raises", f"session() raised {type(exc).__name__}: {exc}") from exc
+
+    def call(self, checker: Checker, data: bytes, final: bool) -> Decision:
+        start = time.perf_counter()
+        try:
+            d = checker.check(data, final)
+        except Exception as exc:
+            raise ContractViolation(
+                "raises", f"check({data!r}, final={final}) raised {type(exc).__name__}: {exc}"
+            ) from exc
+        elapsed = time.perf_counter() - start
+        if elapsed > self.time_limit and self._slow_again(data, final):
+            raise ContractViolation(
+                "slow", f"check() on {len(data)} bytes took {elapsed:.3f}s (limit {self.time_limit}s): {data[:80]!r}"
+            )
+        if not isinstance(d, Decision):
+            raise ContractViolation("raises", f"check({data!r}, final={final}) returned {d!r}, not a Decision")
+        self.validate(d, data, final)
+        return d
+
+    def _slow_again(self, data: bytes, final: bool, tries: int = 2) -> bool:
+        """Confirm slowness on fresh sessions so a GC pause or a busy CI box is not a counterexample."""
+        for _ in range(tries):
+            start = time.perf_counter()
+            try:
+                self.session().check(data, final)
+            except Exception:
+                return True  # the raise itself is reported by the caller's next check
+            if time.perf_counter() - start <= self.time_limit:
+                return False
+        return True
+
+    def validate(self, d: Decision, data: bytes, final: bool) -> None:
+        """The per-call rules: no WAIT when final or at the cap, consume within the data."""
+        if final and d.verdict is Verdict.WAIT:
+            raise ContractViolation("final-wait", f"check({data!r}, final=True) returned WAIT; it must decide")
+        if d.verdict is Verdict.WAIT and len(data) >= self.flt.max_bytes:
+            raise ContractViolation(
+                "max-bytes", f"WAIT on {len(data)} bytes, at or past max_bytes={self.flt.max_bytes}: {data[:80]!r}"
+            )
+        if not (isinstance(d.consume, int) and 0 <= d.consume <= len(data)):
+            raise ContractViolation("consume", f"consume={d.consume!r} outside 0..{len(data)} for {data!r}")
+
+    def fresh(self, data: bytes, final: bool) -> Decision:
+        """One-shot on a new session, twice: the answer must be the same (info included)."""
+        first = self.call(self.session(), data, final)
+        second = self.call(self.session(), data, final)
+        if _key(first) != _key(second):
+            raise ContractViolation(
+                "deterministic", f"same bytes, two answers: {_show(first)} then {_show(second)} for {data!r}"
+            )
+        return first
+
+
+def check_payload(
+    flt: Filter,
+    data: bytes,
+    cuts: Iterable[int] = (),
+    *,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
+) -> None:
+    """Check every invariant for one payload delivered in chunks ending at ``cuts`` (and at the end).
+
+    Raises ContractViolation. The session is fed growing prefixes like the engine feeds
+    peeked bytes and is not asked again once it decided; each answer must equal the
+    one-shot answer on the same prefix, and a decided prefix fixes the answer for all
+    longer ones.
+    """
+    run = _Runner(flt, time_limit, peer)
+    ends = sorted({c for c in cuts if 0 < c < len(data)} | {len(data)})
+    prefixes = [data[:end] for end in ends if end > 0] or [data]
+    session = run.session()
+    decided_at: tuple[bytes, Decision] | None = None
+    chunks = [len(p) for p in prefixes]
+    for prefix in prefixes:
+        one_shot = run.fresh(prefix, False)
+        if decided_at is not None:
+            # Extension rule, on fresh sessions since the engine stops asking a decided one.
+            base, d0 = decided_at
+            if _key(one_shot) != _key(d0):
+                raise ContractViolation(
+                    "extension",
+                    f"decided {_show(d0)} on {base!r} but {_show(one_shot)} on its extension {prefix!r}",
+                )
+            continue
+        incremental = run.call(session, prefix, False)
+        if _key(incremental) != _key(one_shot):
+            raise ContractViolation(
+                "chunking",
+                f"fed in chunks ending at {chunks}: {_show(incremental)} at {prefix!r}, but one-shot says {_show(one_shot)}",
+            )
+        if incremental.decided:
+            decided_at = (prefix, incremental)
+    final_one_shot = run.fresh(data, True)
+    if decided_at is not None:
+        base, d0 = decided_at
+        if _key(final_one_shot) != _key(d0):
+            raise ContractViolation(
+                "extension", f"decided {_show(d0)} on {base!r} but {_show(final_one_shot)} at EOF after {data!r}"
+            )
+    else:
+        final = run.call(session, data, True)
+        if _key(final) != _key(final_one_shot):
+            raise ContractViolation(
+                "chunking",
+                f"fed in chunks ending at {chunks} then EOF: {_show(final)}, but one-shot says {_show(final_one_shot)} on {data!r}",
+            )
+
+
+def filter_state_machine(
+    flt: Filter,
+    payloads: st.SearchStrategy[bytes] | None = None,
+    *,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
+) -> type[RuleBasedStateMachine]:
+    """A state machine driving one connection's session: arrivals, re-peeks, EOF and deadline.
+
+    Run it with ``run_state_machine_as_test(machine)`` (check_filter does). ``repeek`` has
+    no precondition so every state has an enabled rule.
+    """
+    source = payloads if payloads is not None else strategies.payloads(flt.max_bytes)
+
+    class FilterMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.run = _Runner(flt, time_limit, peer)
+            self.session: Checker | None = None
+            self.data = b""
+            self.pending = b""
+            self.last: Decision | None = None
+            self.done = False
+
+        @initialize(payload=source)
+        def plan(self, payload: bytes) -> None:
+            self.pending = payload
+
+        def _arrive(self, chunk: bytes) -> None:
+            self.data += chunk
+            if self.session is None:  # the engine makes a session on the first bytes
+                self.session = self.run.session()
+            d = self.run.call(self.session, self.data, False)
+            expected = self.run.fresh(self.data, False)
+            if _key(d) != _key(expected):
+                raise ContractViolation(
+                    "chunking", f"session says {_show(d)} after arrivals, one-shot {_show(expected)} on {self.data!r}"
+                )
+            self.last = d
+            self.done = d.decided
+
+        @precondition(lambda self: not self.done and bool(self.pending))
+        @rule(n=st.one_of(st.integers(1, 8), st.integers(1, 600)))  # small arrivals split terminators
+        def arrive_planned(self, n: int) -> None:
+            chunk, self.pending = self.pending[:n], self.pending[n:]
+            self._arrive(chunk)
+
+        @precondition(lambda self: not self.done and not self.pending)
+        @rule(chunk=st.binary(min_size=1, max_size=16))
+        def arrive_random(self, chunk: bytes) -> None:
+            """Trailing bytes after the planned payload (a pipelined request, a body, garbage)."""
+            self._arrive(chunk)
+
+        @rule()
+        def repeek(self) -> None:
+            """A spurious wake-up: the same bytes again must give the same answer."""
+            if self.done or self.session is None or self.last is None:
+                return
+            d = self.run.call(self.session, self.data, False)
+            if _key(d) != _key(self.last):
+                raise ContractViolation(
+                    "chunking", f"re-peek of the same {self.data!r}: {_show(self.last)} then {_show(d)}"
+                )
+
+        @precondition(lambda self: not self.done)
+        @rule(kind=st.sampled_from(["eof", "deadline", "cap"]))
+        def end(self, kind: str) -> None:
+            """EOF, deadline or cap: one last check with final=True must decide (like one-shot)."""
+            if self.session is None:
+                self.session = self.run.session()
+            d = self.run.call(self.session, self.data, True)
+            expected = self.run.fresh(self.data, True)
+            if _key(d) != _key(expected):
+                raise ContractViolation(
+                    "chunking",
+                    f"final check at {kind}: session {_show(d)}, one-shot {_show(expected)} on {self.data!r}",
+                )
+            self.done = True
+
+    FilterMachine.__name__ = f"FilterMachine[{flt.name or type(flt).__name__}]"
+    return FilterMachine
+
+
+def _as_strategy(payloads: st.SearchStrategy[bytes] | Iterable[bytes] | None, flt: Filter) -> st.SearchStrategy[bytes]:
+    if payloads is None:
+        return strategies.payloads(flt.max_bytes)
+    if isinstance(payloads, st.SearchStrategy):
+        return payloads
+    items = [bytes(p) for p in payloads]
+    if not items:
+        raise ValueError("payloads is empty")
+    # Given examples are checked as is and as seeds for mutations.
+    return st.one_of(st.sampled_from(items), strategies.mutated(st.sampled_from(items)))
+
+
+def _settings(max_examples: int | None, deadline_free: bool = True) -> settings:
+    """The user's active hypothesis profile, with our own timing instead of hypothesis' deadline."""
+    kwargs: dict[str, Any] = {
+        "deadline": None,
+        "report_multiple_bugs": False,  # one counterexample, the minimal one
+        "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    }
+    if max_examples is not None:
+        kwargs["max_examples"] = max_examples
+    return settings(settings(), **kwargs)
+
+
+def check_filter(
+    filter_or_spec: Filter | str,
+    payloads: st.SearchStrategy[bytes] | Iterable[bytes] | None = None,
+    *,
+    max_examples: int | None = None,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    stateful: bool = True,
+    byte_by_byte: int = 256,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
+) -> None:
+    """Fuzz a filter against the whole contract; raise ContractViolation with a minimal counterexample.
+
+    ``payloads`` is a strategy or a list of example inputs (default: random bytes plus
+    well-formed and mutated HTTP, TLS, DNS and PROXY inputs, plus inputs the size of
+    ``max_bytes``). ``max_examples`` overrides the active hypothesis profile. Payloads up
+    to ``byte_by_byte`` bytes are also fed one byte at a time (every prefix is compared).
+    A filter with ``peer_session(peer)`` gets its sessions for ``peer`` (None: ``session()``).
+    """
+    flt = load_filter(filter_or_spec)
+    source = _as_strategy(payloads, flt)
+    cfg = _settings(max_examples)
+
+    @cfg
+    @given(case=strategies.chunked(source))
+    def contract(case: tuple[bytes, tuple[int, ...]]) -> None:
+        data, cuts = case
+        check_payload(flt, data, cuts, time_limit=time_limit, peer=peer)
+        if len(data) <= byte_by_byte:
+            check_payload(flt, data, range(1, len(data)), time_limit=time_limit, peer=peer)
+
+    contract()
+    if stateful:
+        machine = filter_state_machine(flt, source, time_limit=time_limit, peer=peer)
+        step_settings = settings(cfg, max_examples=max(1, cfg.max_examples // 2), stateful_step_count=20)
+        run_state_machine_as_test(machine, settings=step_settings)
+
+
+def violations_of(fn: Callable[[], None]) -> str | None:
+    """The invariant a call breaks, or None: a helper for tests of broken filters."""
+    try:
+        fn()
+    except ContractViolation as exc:
+        return exc.invariant
+    return None

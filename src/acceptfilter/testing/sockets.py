@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ..filter import Filter
+from ..filter import Checker, Filter
 from ..listener import wrap
 from ..registry import load_filter
 from . import strategies
@@ -29,14 +29,19 @@ _OUTCOMES = ("surfaced", "rejected", "closed_empty", "failed", "dropped", "held"
 
 def expected_decision(flt: Filter, data: bytes) -> tuple[bool, int]:
     """(surfaced?, consume) for ``data`` followed by EOF, from the sans-IO filter alone."""
+
+    def session() -> Checker:
+        # The harness's clients connect from loopback: that is the peer a filter that asks sees.
+        return flt.peer_session(("127.0.0.1", 0)) if flt.needs_peer else flt.session()
+
     capped = data[: flt.max_bytes]
     for end in range(1, len(capped) + 1):
-        d = flt.session().check(capped[:end], False)
+        d = session().check(capped[:end], False)
         if d.decided:
             return d.accepted, d.consume
     if not data:
         return False, 0
-    d = flt.session().check(capped, True)
+    d = session().check(capped, True)
     return d.accepted, d.consume
 
 

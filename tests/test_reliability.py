@@ -229,3 +229,51 @@ def test_hostile_client_soak(soak_core: str) -> None:
     for kind in ("legit_ok", "idle", "slowloris", "garbage", "rst", "half_close_ok", "connect_close", "oversized"):
         assert clients.get(kind, 0) > 0, f"the soak ran no {kind} clients"
     assert report["invariant_exact_after_close"] and report["fds"]["after_close"] == report["fds"]["baseline"]
+
+
+def test_asyncio_driver_close_during_a_flood_is_bounded_and_leaks_nothing(core: str) -> None:
+    """Same as the thread driver: close() mid-flood returns fast, resolves everything, leaks nothing."""
+    import asyncio
+
+    before = open_fds()
+
+    async def main() -> dict[str, object]:
+        sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        port = sock.getsockname()[1]
+        listener = acceptfilter.wrap(sock, "httpready", timeout=30, core=core, driver="asyncio")
+        threads_before = threading.active_count()
+        loop = asyncio.get_running_loop()
+        writers: list[asyncio.StreamWriter] = []
+
+        async def one(i: int) -> None:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return
+            if i % 3 == 0:
+                w.write(b"GET / HTTP/1.1\r\n")  # held with data
+            elif i % 3 == 1:
+                w.write(b"GET / HTTP/1.1\r\n\r\n")  # ready, never accepted
+            writers.append(w)
+
+        tasks = [loop.create_task(one(i)) for i in range(600)]
+        await asyncio.sleep(0.3)
+        start = time.monotonic()
+        listener.close()
+        took = time.monotonic() - start
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stats = listener.stats()
+        for w in writers:
+            w.close()
+        await asyncio.sleep(0.1)
+        return {"took": took, "stats": stats, "threads": threading.active_count() - threads_before}
+
+    result = asyncio.run(main())
+    stats = result["stats"]
+    assert isinstance(stats, dict)
+    assert result["took"] < 2.0  # type: ignore[operator]
+    assert result["threads"] == 0  # the asyncio driver runs on the loop, no thread
+    assert stats["held"] == 0 and stats["accepted"] > 50
+    assert stats["accepted"] == stats["surfaced"] + stats["rejected"] + stats["closed_empty"] + stats["failed"] + stats["dropped"]
+    time.sleep(0.2)
+    assert open_fds() - before == set()

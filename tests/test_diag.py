@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable
 
 import pytest
 
 from acceptfilter import diag
 from acceptfilter.errors import AcceptFilterError
 
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
+from .conftest import wait_for
 
 
 @pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
@@ -32,7 +24,7 @@ def test_accept_queue_rises_and_falls(family: int, host: str) -> None:
         assert diag.inspect(server).accept_queue == 0
         for _ in range(5):
             clients.append(socket.create_connection(server.getsockname()[:2]))
-        _wait_for(lambda: diag.inspect(server).accept_queue == 5)
+        wait_for(lambda: diag.inspect(server).accept_queue == 5)
         view = diag.inspect(server)
         assert view.family == ("ipv4" if family == socket.AF_INET else "ipv6")
         assert view.address == host
@@ -78,7 +70,7 @@ def test_overflow_counts_per_listener_drops() -> None:
             c.setblocking(False)
             c.connect_ex(server.getsockname())
             clients.append(c)
-        _wait_for(lambda: (diag.inspect(server).drops or 0) > 0)
+        wait_for(lambda: (diag.inspect(server).drops or 0) > 0)
         view = diag.inspect(server)
         assert view.accept_queue <= view.backlog + 1
         after = diag.listen_counters()
@@ -112,10 +104,10 @@ def test_syn_recv_counts_connections_held_by_defer_accept() -> None:
     with socket.create_server(("127.0.0.1", 0), backlog=16) as server:
         server.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
         clients = [socket.create_connection(server.getsockname()) for _ in range(3)]
-        _wait_for(lambda: diag.inspect(server).syn_recv == 3)
+        wait_for(lambda: diag.inspect(server).syn_recv == 3)
         assert diag.inspect(server).accept_queue == 0
         clients[0].sendall(b"x")
-        _wait_for(lambda: diag.inspect(server).accept_queue == 1)
+        wait_for(lambda: diag.inspect(server).accept_queue == 1)
         assert diag.inspect(server).syn_recv == 2
         for c in clients:
             c.close()

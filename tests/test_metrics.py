@@ -5,22 +5,16 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 import acceptfilter
 from acceptfilter import Decision, Filter, FilteredListener
 
+from .conftest import wait_for
+
 HEAD = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -43,7 +37,7 @@ def _drain(lst: FilteredListener, count: int) -> list[socket.socket]:
 def test_counters_match_what_clients_did(listener: FilteredListener) -> None:
     n_idle, m_ready, k_bad = 3, 4, 2
     idle = [_connect(listener) for _ in range(n_idle)]
-    _wait_for(lambda: listener.stats()["held"] == n_idle)
+    wait_for(lambda: listener.stats()["held"] == n_idle)
     assert listener.stats()["timed_out"] == 0
     ready = [_connect(listener) for _ in range(m_ready)]
     for c in ready:
@@ -52,7 +46,7 @@ def test_counters_match_what_clients_did(listener: FilteredListener) -> None:
     for c in bad:
         c.sendall(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
     got = _drain(listener, m_ready + n_idle)  # the ready ones first, the idle ones after 0.3 s
-    _wait_for(lambda: listener.stats()["rejected"] == k_bad)
+    wait_for(lambda: listener.stats()["rejected"] == k_bad)
     s = listener.stats()
     assert s["timed_out"] == n_idle
     assert s["surfaced"] == m_ready + n_idle
@@ -78,7 +72,7 @@ def test_histogram_counts_every_surfaced_connection(listener: FilteredListener) 
     for c in clients[:9]:
         c.sendall(HEAD)
     got = _drain(listener, 9)
-    _wait_for(lambda: listener.stats()["held"] == 1)  # the core holds the silent tenth client
+    wait_for(lambda: listener.stats()["held"] == 1)  # the core holds the silent tenth client
     time.sleep(0.15)  # ... which waits before it talks: the histogram must show that wait
     clients[9].sendall(HEAD)
     got += _drain(listener, 1)
@@ -108,7 +102,7 @@ def test_filter_errors_counted_and_warning_rate_limited(core: str, caplog: pytes
         clients = [socket.create_connection(lst.getsockname()[:2]) for _ in range(4)]
         for c in clients:
             c.sendall(b"x")
-        _wait_for(lambda: lst.stats()["filter_errors"] == 4)
+        wait_for(lambda: lst.stats()["filter_errors"] == 4)
         assert lst.stats()["filter_errors_by_filter"] == {"exploding": 4}
         warnings = [r for r in caplog.records if r.name == "acceptfilter" and r.levelno == logging.WARNING]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -120,7 +114,7 @@ def test_reject_and_timeout_logged_at_debug(listener: FilteredListener, caplog: 
     caplog.set_level(logging.DEBUG, logger="acceptfilter")
     with _connect(listener) as bad:
         bad.sendall(b"\x16\x03\x01 tls?\r\n\r\n")
-        _wait_for(lambda: listener.stats()["rejected"] == 1)
+        wait_for(lambda: listener.stats()["rejected"] == 1)
     debug = [r.getMessage() for r in caplog.records if r.name == "acceptfilter" and r.levelno == logging.DEBUG]
     assert any("rejected" in m for m in debug), debug
 

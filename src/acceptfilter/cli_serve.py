@@ -14,7 +14,9 @@ from typing import Any
 
 from .errors import AcceptFilterError
 from .integrations.socketserver import install
+from .listener import route
 from .policy import DEFAULT_TIMEOUT
+from .relay import forward, parse_target
 
 
 def register(subparsers: Any) -> None:
@@ -34,6 +36,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-held", type=int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default: 1024)")
+    p.add_argument("--route", action="append", metavar="NAME=SPEC[+SPEC...]", default=[],
+                   help="route on this port (repeat; first match wins; '+' chains filters); "
+                        "the file server serves --serve-route, the others need --forward")
+    p.add_argument("--default", metavar="NAME", default=None,
+                   help="route for connections every route rejects and for silent clients after the deadline")
+    p.add_argument("--forward", action="append", metavar="NAME=HOST:PORT", default=[],
+                   help="relay a route's connections to a TCP backend (sslh-style)")
+    p.add_argument("--serve-route", metavar="NAME", default=None,
+                   help="the route the file server answers (default: 'http' if there is one, else the first)")
     p.add_argument("--status-interval", type=float, default=2.0, metavar="S",
                    help="seconds between status lines (held / surfaced / timed out / kernel queue; default: 2)")
     p.add_argument("--no-status", dest="status", action="store_false", help="no status line")
@@ -103,7 +114,9 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     specs = args.filter or ["httpready"]
     from .registry import load_chain
 
-    load_chain(specs)  # report a bad spec before binding anything
+    plan = _route_plan(args) if args.route else None
+    for chain in ([specs] if plan is None else plan[0].values()):
+        load_chain(chain)  # report a bad spec before binding anything
     sock = _listen(args.bind, args.port, args.backlog)
     handler = functools.partial(_QuietHandler, directory=args.directory)
     server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
@@ -112,11 +125,25 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     server.server_name = socket.getfqdn(sock.getsockname()[0])
     server.server_port = sock.getsockname()[1]
     server.daemon_threads = True
-    listener = install(server, specs, timeout=args.timeout, on_timeout=args.on_timeout,
+    router = None
+    if plan is None:
+        listener = install(server, specs, timeout=args.timeout, on_timeout=args.on_timeout,
+                           max_held=args.max_held, core=args.core)
+        through = " -> ".join(specs)
+    else:
+        routes, forwards, serve_name = plan
+        router = route(sock, routes, default=args.default, timeout=args.timeout,
+                       on_timeout=None if args.on_timeout == "surface" else args.on_timeout,
                        max_held=args.max_held, core=args.core)
+        listener = router[serve_name]
+        server.socket = listener  # type: ignore[assignment]
+        for name, target in forwards.items():
+            forward(router[name], target)
+            print(f"route {name}: {' -> '.join(routes.get(name, ['(default)']))} forwarded to {target[0]}:{target[1]}", flush=True)
+        through = f"route {serve_name} ({' -> '.join(routes.get(serve_name, ['(default)']))})"
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    print(f"Serving {args.directory} on http://{url_host}:{port}/ through {' -> '.join(specs)} "
+    print(f"Serving {args.directory} on http://{url_host}:{port}/ through {through} "
           f"(deadline {listener.deadline:g} s, on timeout: {args.on_timeout}, "
           f"max held {listener.max_held}, {args.core} core). Ctrl-C stops.", flush=True)
     from . import diag
@@ -139,4 +166,41 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     finally:
         stop.set()
         server.server_close()
+        if router is not None:
+            router.close()
     return 0
+
+
+def _route_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[str, tuple[str, int]], str]:
+    """Check --route/--forward/--default/--serve-route together, before anything is bound."""
+    routes: dict[str, list[str]] = {}
+    for text in args.route:
+        name, sep, spec = text.partition("=")
+        name = name.strip()
+        if not sep or not name or not spec.strip():
+            raise AcceptFilterError(f"--route takes NAME=SPEC[+SPEC...], not {text!r}")
+        if name in routes:
+            raise AcceptFilterError(f"route {name!r} is given twice")
+        routes[name] = [part.strip() for part in spec.split("+")]
+    if args.filter:
+        raise AcceptFilterError("use either --filter (one chain) or --route (several), not both")
+    forwards: dict[str, tuple[str, int]] = {}
+    for text in args.forward:
+        name, sep, target = text.partition("=")
+        try:
+            forwards[name.strip()] = parse_target(target)
+        except ValueError as exc:
+            raise AcceptFilterError(f"--forward {text!r}: {exc}") from None
+    names = set(routes) | ({args.default} if args.default else set())
+    serve_name = args.serve_route or ("http" if "http" in routes else next(iter(routes)))
+    if serve_name not in names:
+        raise AcceptFilterError(f"--serve-route {serve_name!r} is not one of the routes: {', '.join(sorted(names))}")
+    unknown = sorted(set(forwards) - names)
+    if unknown:
+        raise AcceptFilterError(f"--forward names route {unknown[0]!r}, which is not one of: {', '.join(sorted(names))}")
+    stranded = sorted(names - set(forwards) - {serve_name})
+    if stranded:
+        raise AcceptFilterError(f"route {stranded[0]!r} has nowhere to go: add --forward {stranded[0]}=HOST:PORT")
+    if serve_name in forwards:
+        raise AcceptFilterError(f"route {serve_name!r} is served by the file server; it cannot also be forwarded")
+    return routes, forwards, serve_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -35,3 +36,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A test HTTP handler that answers GET with :meth:`body` and logs nothing."""
+
+    def body(self) -> bytes:
+        return b"ok\n"
+
+    def do_GET(self) -> None:
+        body = self.body()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass

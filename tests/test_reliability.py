@@ -17,23 +17,16 @@ import pytest
 import acceptfilter
 from acceptfilter.integrations.socketserver import install
 
-from .conftest import open_fds
+from .conftest import QuietHandler, open_fds
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Hello(http.server.BaseHTTPRequestHandler):
+class Hello(QuietHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:
-        body = b"hello " + self.path.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+    def body(self) -> bytes:
+        return b"hello " + self.path.encode()
 
 
 def test_load_balancer_preopened_idle_connections_are_all_served(core: str) -> None:

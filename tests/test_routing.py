@@ -15,6 +15,7 @@ import pytest
 
 from acceptfilter.listener import Router, route
 
+from .conftest import QuietHandler
 from .test_tlsready import client_hello
 
 
@@ -30,16 +31,9 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return crt, key
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"plain http\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+class _Handler(QuietHandler):
+    def body(self) -> bytes:
+        return b"plain http\n"
 
 
 @pytest.fixture

@@ -15,11 +15,13 @@ import pytest
 import acceptfilter
 from acceptfilter.integrations.socketserver import FilterMixIn, install
 
+from .conftest import QuietHandler
+
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (scripts/test.sh installs it)")
 
 
-class CountingHandler(http.server.BaseHTTPRequestHandler):
+class CountingHandler(QuietHandler):
     """Counts the connections the application actually sees."""
 
     seen: list[str] = []
@@ -30,16 +32,9 @@ class CountingHandler(http.server.BaseHTTPRequestHandler):
             self.seen.append(repr(self.client_address))
         super().setup()
 
-    def do_GET(self) -> None:
+    def body(self) -> bytes:
         info = acceptfilter.connection_info(self.request)
-        body = f"hello {info['host'] if info else None} {info.reason if info else None}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        return f"hello {info['host'] if info else None} {info.reason if info else None}\n".encode()
 
 
 class FilteredThreadingServer(FilterMixIn, http.server.ThreadingHTTPServer):

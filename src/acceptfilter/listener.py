@@ -30,7 +30,7 @@ from .engine import ConnectionInfo, Engine, Surfaced
 from .errors import FilterSpecError
 from .filter import Filter
 from .iocore import Address, CoreName, IOCore, make_core
-from .policy import Action, Policy, Route
+from .policy import Action, Policy, Route, parse_action
 from .registry import load_chain
 
 __all__ = ["ConnectionInfo", "FilteredListener", "Router", "connection_info", "route", "wrap"]
@@ -242,6 +242,16 @@ class _Hub:
         else:
             self.engine.note_unclaimed(self.queues[name].close())
 
+    def release_held(self, action: Action) -> None:
+        """Stop accepting and resolve every held connection with ``action`` now."""
+        with self._lock:
+            if self.closed:
+                return
+            driver, self.driver = self.driver, None
+        if driver is not None:
+            driver.stop()
+        self.engine.shutdown(action)
+
     def close(self) -> None:
         with self._lock:
             if self.closed:
@@ -362,6 +372,16 @@ class FilteredListener:
         self.close()
 
     # -- acceptfilter's own ---------------------------------------------
+    def release_held(self, held: str = "surface") -> None:
+        """Stop filtering: take no new connections and resolve every held one now.
+
+        ``held="surface"`` queues them for :meth:`accept` (``reason`` is
+        ``"shutdown"``), as a hand-over before a restart does; ``"close"`` and
+        ``"reset"`` end them. Already-queued connections stay queued;
+        :meth:`close` afterwards closes whatever nobody accepted.
+        """
+        self._hub.release_held(parse_action(held, "held"))
+
     @property
     def route(self) -> str:
         return self._route

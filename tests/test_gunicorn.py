@@ -50,11 +50,12 @@ HEAD = b"GET /held HTTP/1.1\r\nHost: held\r\n"  # a request head missing its fin
 
 
 class Gunicorn:
-    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str], *, filtered: bool = True) -> None:
+    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str], *, filtered: bool = True,
+                 launcher: list[str] | None = None) -> None:
         (tmp_path / "app.py").write_text(APP)
         self.log_path = tmp_path / "gunicorn.log"
-        config = ["-c", "python:acceptfilter.gunicorn"] if filtered and "-c" not in args else []
-        cmd = [sys.executable, "-m", "gunicorn", *config, "--no-control-socket", "-b", "127.0.0.1:0",
+        config = ["-c", "python:acceptfilter.gunicorn"] if filtered and "-c" not in args and not launcher else []
+        cmd = [*(launcher or [sys.executable, "-m", "gunicorn"]), *config, "--no-control-socket", "-b", "127.0.0.1:0",
                "--chdir", str(tmp_path), "--graceful-timeout", "3", *args, "app:app"]
         self.log_file = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
@@ -110,8 +111,9 @@ def _alive(pid: int) -> bool:
 def start_gunicorn(tmp_path: Path) -> Iterator:
     servers: list[Gunicorn] = []
 
-    def start(*args: str, workers: int = 2, env: dict[str, str] | None = None, filtered: bool = True) -> Gunicorn:
-        server = Gunicorn(tmp_path, ["-w", str(workers), *args], env or {}, filtered=filtered)
+    def start(*args: str, workers: int = 2, env: dict[str, str] | None = None, filtered: bool = True,
+              launcher: list[str] | None = None) -> Gunicorn:
+        server = Gunicorn(tmp_path, ["-w", str(workers), *args], env or {}, filtered=filtered, launcher=launcher)
         servers.append(server)
         return server.wait_started(workers, filtered)
 
@@ -297,6 +299,24 @@ def test_the_filter_process_is_restarted_when_it_dies(start_gunicorn) -> None:
     wait_for(lambda: len(server.feeder_pids()) == 2, timeout=15)
     assert "ended (signal 9)" in server.log() or "ended (exited)" in server.log()
     assert curl(server.port)["reason"] == "ready"
+
+
+def test_acceptfilter_run_starts_gunicorn_behind_the_filter(start_gunicorn) -> None:
+    launcher = [sys.executable, "-m", "acceptfilter.cli", "run", "--filter", "httpready", "--timeout", "20", "--", "gunicorn"]
+    server = start_gunicorn("-k", "gthread", launcher=launcher)
+    idle = open_conns(server.port, 20)
+    try:
+        answer = curl(server.port, "/via-run", max_time=5)
+        assert answer["reason"] == "ready" and answer["info"]["target"] == "/via-run"
+    finally:
+        close_all(idle)
+
+
+def test_acceptfilter_run_gunicorn_refuses_a_second_config_file(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "acceptfilter.cli", "run", "--", "gunicorn", "-c", "conf.py", "app:app"],
+                         capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "install(globals())" in out.stderr
 
 
 # -- metadata ----------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""``acceptfilter run [options] -- uvicorn|hypercorn ARGS...``: a filter with no code change.
+"""``acceptfilter run [options] -- uvicorn|hypercorn|gunicorn ARGS...``: a filter with no code change.
+
+gunicorn keeps its prefork design: this replaces the process with
+``gunicorn -c python:acceptfilter.gunicorn ARGS...`` and the options as
+``ACCEPTFILTER_*`` environment variables (see :mod:`acceptfilter.integrations.gunicorn`).
+For uvicorn and Hypercorn:
 
 The server's own command line is parsed by the server's own CLI code, in this
 process; only the final "run it" step is replaced: acceptfilter binds the
@@ -13,27 +18,29 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 from typing import Any
 
 from .errors import AcceptFilterError
 from .policy import DEFAULT_TIMEOUT
 
-SERVERS = ("uvicorn", "hypercorn")
+SERVERS = ("uvicorn", "hypercorn", "gunicorn")
 
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "run",
-        help="run uvicorn or hypercorn behind an accept filter, unchanged",
-        description="Run `uvicorn ...` or `hypercorn ...` (their usual arguments, after --) behind an accept filter.",
+        help="run uvicorn, hypercorn or gunicorn behind an accept filter, unchanged",
+        description="Run `uvicorn ...`, `hypercorn ...` or `gunicorn ...` (their usual arguments, after --) "
+        "behind an accept filter.",
     )
     p.add_argument("--filter", "-f", action="append", metavar="SPEC", help="filter spec; repeat for a chain (default: httpready)")
     p.add_argument("--timeout", type=float, default=None, help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g})")
     p.add_argument("--on-timeout", default="surface", metavar="ACTION", help="surface (default), close or reset")
     p.add_argument("--max-held", type=int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
-    p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn ... or hypercorn ...")
+    p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn|hypercorn|gunicorn ...")
     p.set_defaults(func=run)
 
 
@@ -52,9 +59,31 @@ def run(args: argparse.Namespace) -> int:
     if not command or command[0] not in SERVERS:
         raise AcceptFilterError(f"give the server command after --: one of {', '.join(SERVERS)} (e.g. -- uvicorn app:app)")
     name, server_args = command[0], command[1:]
+    if name == "gunicorn":
+        return _run_gunicorn(server_args, args)
     if name == "uvicorn":
         return _run_uvicorn(server_args, _options(args))
     return _run_hypercorn(server_args, _options(args))
+
+
+def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
+    if any(a in ("-c", "--config") or a.startswith("--config=") for a in server_args):
+        raise AcceptFilterError("gunicorn already has a config file here: add "
+                                "`import acceptfilter.gunicorn; acceptfilter.gunicorn.install(globals())` to it "
+                                "and run gunicorn directly")
+    env = dict(os.environ)
+    env["ACCEPTFILTER_FILTER"] = " ".join(args.filter or ["httpready"])
+    env["ACCEPTFILTER_CORE"] = args.core
+    env["ACCEPTFILTER_ON_TIMEOUT"] = args.on_timeout
+    for var, value in (("ACCEPTFILTER_TIMEOUT", args.timeout), ("ACCEPTFILTER_MAX_HELD", args.max_held)):
+        if value is not None:
+            env[var] = str(value)
+    from .integrations.gunicorn import settings
+
+    settings(env)  # a bad filter spec fails here, before gunicorn starts
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:acceptfilter.gunicorn", *server_args]
+    os.execve(sys.executable, argv, env)
+    return 1  # not reached
 
 
 def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
@@ -70,7 +99,7 @@ def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
             if kwargs.get(flag) not in (None, False) and (bad is None or kwargs.get(flag) == bad):
                 raise AcceptFilterError(f"acceptfilter run does not support uvicorn --{flag}")
         if (kwargs.get("workers") or 1) > 1:
-            raise AcceptFilterError("acceptfilter run serves one process: drop --workers (or use gunicorn, issue 3 part 2)")
+            raise AcceptFilterError("acceptfilter run serves one process: drop --workers")
         if kwargs.get("app_dir") is not None:
             sys.path.insert(0, kwargs["app_dir"])
         host, port, loop = kwargs.pop("host"), kwargs.pop("port"), kwargs.pop("loop", "auto")

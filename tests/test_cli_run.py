@@ -68,7 +68,7 @@ def test_run_wraps_an_unchanged_server(tmp_path: Path, server: list[str], settle
 
 
 def test_run_needs_a_known_server() -> None:
-    out = subprocess.run([sys.executable, "-m", "acceptfilter.cli", "run", "--", "gunicorn", "app:app"],
+    out = subprocess.run([sys.executable, "-m", "acceptfilter.cli", "run", "--", "waitress-serve", "app:app"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert "one of uvicorn, hypercorn" in out.stderr
+    assert "one of uvicorn, hypercorn, gunicorn" in out.stderr

@@ -116,6 +116,8 @@ class _Supervisor:
     def __init__(self, server: Any, listeners: list[Any], config: FeederSettings) -> None:
         self.log = getattr(server, "log", _fallback_log)
         self.loglevel = str(getattr(server.cfg, "loglevel", "info")).lower()
+        errorlog = getattr(server.cfg, "errorlog", "-")
+        self.errorlog = errorlog if isinstance(errorlog, str) and errorlog else "-"
         self.listeners = list(listeners)
         self.fds = tuple(lst.fileno() for lst in self.listeners)
         self.config = config
@@ -174,7 +176,7 @@ class _Supervisor:
         status_r, status_w = os.pipe()
         pairs = [f"{lst.fileno()}:{send.fileno()}" for lst, (send, _) in zip(self.listeners, self.channels, strict=True)]
         cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn_feeder", "--master", str(os.getpid()),
-               "--status-fd", str(status_w), "--log-level", self.loglevel, *config.argv()]
+               "--status-fd", str(status_w), "--log-level", self.loglevel, "--error-log", self.errorlog, *config.argv()]
         for pair in pairs:
             cmd += ["--pair", pair]
         pass_fds = [*self.fds, *(send.fileno() for send, _ in self.channels), status_w]

@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-held", type=int, default=None)
     p.add_argument("--core", default="c")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--error-log", default="-", metavar="PATH", help="gunicorn's --error-logfile ('-': stderr)")
     return p
 
 
@@ -127,7 +128,8 @@ class _Feeder:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr) if args.error_log == "-" else logging.FileHandler(args.error_log)
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler],
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] acceptfilter: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S %z")
     _die_with(args.master)

@@ -24,7 +24,8 @@ Settings, from the environment (which wins) or :func:`install`:
 ``ACCEPTFILTER_FILTER`` (a spec, or a chain of specs separated by spaces;
 default ``httpready``), ``ACCEPTFILTER_TIMEOUT`` (seconds),
 ``ACCEPTFILTER_ON_TIMEOUT`` (``surface``, ``close``, ``reset``),
-``ACCEPTFILTER_MAX_HELD`` and ``ACCEPTFILTER_CORE`` (``c`` or ``python``).
+``ACCEPTFILTER_MAX_HELD`` (default: the filter process's fd limit, raised to
+its hard limit, less 256) and ``ACCEPTFILTER_CORE`` (``c`` or ``python``).
 An application reads what the filters learnt with
 ``acceptfilter.connection_info(environ["gunicorn.socket"])`` (or
 :func:`connection_info` here).

@@ -1,6 +1,8 @@
 """The filter process of the gunicorn integration (started by the arbiter, never by hand).
 
-It runs apart from gunicorn's arbiter on purpose: the arbiter forks every
+One thread: the engines' epoll fds, the channels (when full) and a signal
+pipe go into one selector; no engine thread, no cross-thread hand-off. It
+runs apart from gunicorn's arbiter on purpose: the arbiter forks every
 worker, and a fork would copy each held connection's descriptor into the
 worker, so closing a held connection (a reject, a deadline) would no longer
 end it. This process is started with ``exec``, inherits only the listen
@@ -16,16 +18,21 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..engine import ConnectionInfo
 from ..errors import AcceptFilterError
+from ..iocore import Address
 from ..listener import FilteredListener, wrap
 from .handoff import send_connection
 
@@ -34,6 +41,13 @@ __all__ = ["FeederSettings", "main"]
 log = logging.getLogger("acceptfilter.gunicorn")
 
 _PR_SET_PDEATHSIG = 1
+#: Descriptors kept free for everything but held connections (channels, ready ones in flight).
+FD_HEADROOM = 256
+MAX_HELD_CAP = 1_000_000
+#: How soon to retry a hand-off the kernel refused with ETOOMANYREFS.
+RETRY_INTERVAL = 0.01
+#: Engine polls per wake-up before handing over (as the asyncio driver does).
+MAX_ROUNDS = 64
 #: How long the shutdown hand-over may wait for room in a channel.
 HANDOVER_TIMEOUT = 2.0
 
@@ -61,7 +75,15 @@ class FeederSettings:
 
     def wrap(self, sock: socket.socket) -> FilteredListener:
         return wrap(sock, list(self.filters), timeout=self.timeout, on_timeout=self.on_timeout,
-                    max_held=self.max_held, core=self.core)
+                    max_held=self.max_held or default_max_held(), core=self.core, driver="none")
+
+
+def default_max_held() -> int:
+    """This process's fd limit less room for everything else: it exists only to hold connections."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_HELD_CAP
+    return max(1024, min(MAX_HELD_CAP, soft - FD_HEADROOM))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: held connections and fds in flight both count."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the fd limit from %d to %d: %s", soft, hard, exc)
+
+
 def _die_with(master: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -89,41 +121,94 @@ def _die_with(master: int) -> None:
         sys.exit(0)
 
 
+class _Pair:
+    """One listener, its engine run from our loop (no thread), and its channel to the workers."""
+
+    def __init__(self, listener: FilteredListener, channel: socket.socket) -> None:
+        self.listener = listener
+        self.channel = channel
+        self.pending: deque[tuple[int, Address, ConnectionInfo]] = deque()
+        #: The channel refused for a reason writability will not signal (ETOOMANYREFS).
+        self.retry_soon = False
+        listener.setblocking(False)
+        channel.setblocking(False)
+
+    def pump(self) -> int:
+        """Run the engine until it is quiet, then hand everything ready over; returns connections handed."""
+        step = self.listener.engine.step
+        for _ in range(MAX_ROUNDS):
+            # The C core arms connections it peeked at accept time at the start of
+            # the next poll: always finish with a poll that found nothing.
+            if step(0) == 0:
+                break
+        return self.hand_over()
+
+    def hand_over(self) -> int:
+        """Ready connections into the channel until it is full (the rest wait here, in order)."""
+        handed = 0
+        self.retry_soon = False
+        while True:
+            if self.pending:
+                item = self.pending.popleft()
+            else:
+                try:
+                    item = self.listener.accept_fd()
+                except (BlockingIOError, TimeoutError):
+                    return handed
+            fd, addr, info = item
+            try:
+                send_connection(self.channel, fd, addr, info)
+            except (BlockingIOError, TimeoutError):
+                self.pending.appendleft(item)  # every worker is busy: keep it, in order
+                return handed
+            except OSError as exc:
+                if exc.errno == errno.ETOOMANYREFS:  # too many fds in flight for our RLIMIT_NOFILE
+                    self.pending.appendleft(item)
+                    self.retry_soon = True
+                    return handed
+                os.close(fd)
+                raise
+            handed += 1
+            os.close(fd)  # our copy only: the workers' copy is in flight
+
+    def next_timeout(self) -> float | None:
+        return self.listener.engine.core.next_timeout()
+
+
 class _Feeder:
-    def __init__(self, pairs: list[tuple[FilteredListener, socket.socket]]) -> None:
+    def __init__(self, pairs: list[_Pair]) -> None:
         self.pairs = pairs
         self.handed = 0
         self.lost = 0
 
-    def hand_over(self, listener: FilteredListener, channel: socket.socket) -> None:
-        """Everything ready on ``listener`` into ``channel`` (blocks while the channel is full)."""
-        while True:
-            try:
-                conn, addr, info = listener.accept_with_info()
-            except (BlockingIOError, TimeoutError):
-                return
-            try:
-                send_connection(channel, conn, addr, info)
-                self.handed += 1
-            except OSError as exc:
-                self.lost += 1
-                log.error("could not hand a connection from %s to the workers: %s", addr, exc)
-                if isinstance(exc, (BrokenPipeError, ConnectionError, TimeoutError)):
-                    raise
-            finally:
-                conn.close()  # our copy only: the workers' copy is in flight
+    def pump(self, pair: _Pair) -> None:
+        try:
+            self.handed += pair.pump()
+        except OSError as exc:
+            self.lost += 1
+            log.error("could not hand a connection to the workers: %s", exc)
+            if isinstance(exc, (BrokenPipeError, ConnectionError)):
+                raise
+
+    def timeout(self) -> float:
+        due = [t for t in (p.next_timeout() for p in self.pairs) if t is not None]
+        if any(p.retry_soon for p in self.pairs):
+            due.append(RETRY_INTERVAL)
+        return min([1.0, *due])
 
     def release(self) -> None:
         """Stop filtering and hand every held connection over as it is."""
-        for listener, channel in self.pairs:
-            listener.release_held("surface")
-            channel.settimeout(HANDOVER_TIMEOUT)
+        for pair in self.pairs:
+            pair.listener.release_held("surface")
+            pair.channel.settimeout(HANDOVER_TIMEOUT)
             try:
-                self.hand_over(listener, channel)
-            except OSError:
-                pass  # counted and logged; nobody is left to serve them
-        for listener, _ in self.pairs:
-            listener.close()
+                self.handed += pair.hand_over()
+            except OSError as exc:
+                log.error("could not hand connections over at shutdown: %s", exc)
+            self.lost += len(pair.pending)
+            while pair.pending:
+                os.close(pair.pending.popleft()[0])
+            pair.listener.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,14 +218,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] acceptfilter: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S %z")
     _die_with(args.master)
+    _raise_fd_limit()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the arbiter reloads; a hang-up of the terminal is its business
     settings = FeederSettings(tuple(args.filter), args.timeout, args.on_timeout, args.max_held, args.core)
     status = os.fdopen(args.status_fd, "w", closefd=True)
-    pairs: list[tuple[FilteredListener, socket.socket]] = []
+    pairs: list[_Pair] = []
     try:
-        for pair in args.pair:
-            listen_fd, channel_fd = (int(x) for x in pair.split(":"))
-            pairs.append((settings.wrap(socket.socket(fileno=listen_fd)), socket.socket(fileno=channel_fd)))
+        for spec in args.pair:
+            listen_fd, channel_fd = (int(x) for x in spec.split(":"))
+            pairs.append(_Pair(settings.wrap(socket.socket(fileno=listen_fd)), socket.socket(fileno=channel_fd)))
     except (AcceptFilterError, ValueError, OSError) as exc:
         status.write(f"E{exc}")
         status.close()
@@ -154,20 +240,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     selector = selectors.DefaultSelector()
     selector.register(wake_r, selectors.EVENT_READ, None)
-    for listener, channel in pairs:
-        listener.setblocking(False)
-        selector.register(listener, selectors.EVENT_READ, (listener, channel))
+    for pair in pairs:
+        selector.register(pair.listener.engine.core.fileno(), selectors.EVENT_READ, pair)
     log.info("filtering %s with %s for gunicorn's workers",
-             ", ".join(str(lst.getsockname()) for lst, _ in pairs), " -> ".join(settings.filters))
+             ", ".join(str(p.listener.getsockname()) for p in pairs), " -> ".join(settings.filters))
     status.write("R")
     status.close()
+    waiting_to_send: set[int] = set()
     try:
         while not stopping:
-            for key, _ in selector.select(1.0):
+            for key, _ in selector.select(feeder.timeout()):
                 if key.data is None:
                     wake_r.recv(4096)
-                    continue
-                feeder.hand_over(*key.data)
+            for pair in pairs:  # cheap when idle; deadlines and listen-queue arrivals need it anyway
+                feeder.pump(pair)
+                fd = pair.channel.fileno()
+                if pair.pending and fd not in waiting_to_send:
+                    selector.register(fd, selectors.EVENT_WRITE, pair)
+                    waiting_to_send.add(fd)
+                elif not pair.pending and fd in waiting_to_send:
+                    selector.unregister(fd)
+                    waiting_to_send.discard(fd)
             if os.getppid() != args.master:
                 log.info("the arbiter is gone; stopping")
                 break
@@ -175,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("the workers' end of the hand-off is closed; stopping")
     finally:
         feeder.release()
-        stats = [lst.stats() for lst, _ in pairs]
+        stats = [p.listener.stats() for p in pairs]
         log.info("stopped: %d connections handed to workers, %d lost; accepted %d, rejected %d, timed out %d",
                  feeder.handed, feeder.lost, sum(s.get("accepted", 0) for s in stats),
                  sum(s.get("rejected", 0) for s in stats), sum(s.get("timed_out", 0) for s in stats))

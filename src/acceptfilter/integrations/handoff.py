@@ -37,6 +37,11 @@ MAX_MESSAGE = 64 * 1024
 #: Kernel buffer of the pair: how many ready connections may wait for a worker
 #: before the filtering side stops handing over (roughly 1 KiB each).
 CHANNEL_BUFFER = 4 * 1024 * 1024
+# Plain ints: combining socket's IntFlag members costs microseconds per call.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_TRUNCATED = int(socket.MSG_CTRUNC) | int(socket.MSG_TRUNC)
+_ANCILLARY = socket.CMSG_SPACE(4 * 4)  # room for a few: extras are detected and closed
 
 
 def make_channel() -> tuple[socket.socket, socket.socket]:
@@ -51,18 +56,19 @@ def make_channel() -> tuple[socket.socket, socket.socket]:
     return send, recv
 
 
-def send_connection(channel: socket.socket, conn: socket.socket, addr: Address, info: ConnectionInfo) -> None:
-    """Queue one ready connection for whichever worker accepts next.
+def send_connection(channel: socket.socket, conn: socket.socket | int, addr: Address, info: ConnectionInfo) -> None:
+    """Queue one ready connection (a socket or a bare fd) for whichever worker accepts next.
 
-    Blocks while the channel is full (every worker busy and the buffer used
-    up): back-pressure, like a full accept queue. The caller still owns
-    ``conn`` and closes its copy afterwards.
+    A blocking channel blocks while it is full (every worker busy, the buffer
+    used up): back-pressure, like a full accept queue; a non-blocking one
+    raises BlockingIOError. The caller still owns ``conn`` and closes its
+    copy afterwards.
     """
     payload = pickle.dumps((addr, info.route, dict(info.info), info.reason, info.held_for, info.consumed, info.peer),
                            protocol=pickle.HIGHEST_PROTOCOL)
     if len(payload) > MAX_MESSAGE:
         raise ValueError(f"connection metadata too large to hand over ({len(payload)} bytes)")
-    fds = array.array("i", [conn.fileno()])
+    fds = array.array("i", [conn if isinstance(conn, int) else conn.fileno()])
     channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
@@ -98,17 +104,19 @@ class HandoffListener:
         self._channel = channel
         self._listener = listener
         self._blocking = False
+        # What the connections are (known, so socket() need not ask the kernel three times each).
+        self._kind = (getattr(listener, "family", -1), getattr(listener, "type", -1), getattr(listener, "proto", -1))
 
     def accept(self) -> tuple[socket.socket, Address]:
         conn, addr, _ = self.accept_with_info()
         return conn, addr
 
     def accept_with_info(self) -> tuple[socket.socket, Address, ConnectionInfo]:
-        flags = socket.MSG_CMSG_CLOEXEC | (0 if self._blocking else socket.MSG_DONTWAIT)
+        flags = _RECV_FLAGS if self._blocking else _RECV_FLAGS | _DONTWAIT
         while True:
-            payload, ancdata, msg_flags, _ = self._channel.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * 4), flags)
+            payload, ancdata, msg_flags, _ = self._channel.recvmsg(MAX_MESSAGE, _ANCILLARY, flags)
             fds = _received_fds(ancdata)
-            if len(fds) == 1 and payload and not msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            if len(fds) == 1 and payload and not msg_flags & _TRUNCATED:
                 break
             for fd in fds:  # never leak what arrived with a malformed message
                 socket.close(fd)
@@ -116,7 +124,11 @@ class HandoffListener:
                 # Every sending end is gone: the filtering side has stopped.
                 raise OSError(errno.ECONNABORTED, "acceptfilter hand-off channel closed (the filter process is gone)")
             log.error("dropped a malformed hand-off message (%d descriptors, flags %#x)", len(fds), msg_flags)
-        conn = socket.socket(fileno=fds[0])
+        try:
+            conn = socket.socket(*self._kind, fileno=fds[0])
+        except OSError:
+            socket.close(fds[0])
+            raise
         addr, info = _unpack(payload)
         _remember(conn, info)
         return conn, addr, info

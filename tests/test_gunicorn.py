@@ -334,6 +334,32 @@ def test_the_filter_process_logs_where_gunicorn_logs(tmp_path: Path) -> None:
     assert "acceptfilter: stopped:" in errorlog.read_text()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_the_filter_process_drops_privileges_like_the_workers(start_gunicorn) -> None:
+    import pwd
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    home = Path(tempfile.mkdtemp(prefix="af-gunicorn-"))  # readable by nobody, unlike pytest's tmp_path
+    home.chmod(0o755)
+    try:
+        server = Gunicorn(home, ["-w", "1", "-k", "sync", "--user", str(nobody.pw_uid), "--group", str(nobody.pw_gid)],
+                          {"ACCEPTFILTER_FILTER": "httpready"})
+        (home / "app.py").chmod(0o644)
+        try:
+            server.wait_started(1)
+            status = Path(f"/proc/{server.feeder_pids()[0]}/status").read_text()
+            uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M)
+            assert uids is not None and {int(uids.group(1)), int(uids.group(2))} == {nobody.pw_uid}
+            assert curl(server.port)["reason"] == "ready"
+        finally:
+            server.stop()
+    finally:
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # -- metadata ----------------------------------------------------------------
 def test_proxy_header_gives_the_app_the_real_client_address(start_gunicorn) -> None:
     server = start_gunicorn("-k", "sync", env={"ACCEPTFILTER_FILTER": "proxy:trusted=127.0.0.0/8 httpready"})

@@ -117,6 +117,7 @@ class _Supervisor:
     def __init__(self, server: Any, listeners: list[Any], config: FeederSettings) -> None:
         self.log = getattr(server, "log", _fallback_log)
         self.loglevel = str(getattr(server.cfg, "loglevel", "info")).lower()
+        self.owner_ids = (getattr(server.cfg, "uid", os.getuid()), getattr(server.cfg, "gid", os.getgid()))
         errorlog = getattr(server.cfg, "errorlog", "-")
         self.errorlog = errorlog if isinstance(errorlog, str) and errorlog else "-"
         self.listeners = list(listeners)
@@ -178,6 +179,9 @@ class _Supervisor:
         pairs = [f"{lst.fileno()}:{send.fileno()}" for lst, (send, _) in zip(self.listeners, self.channels, strict=True)]
         cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn_feeder", "--master", str(os.getpid()),
                "--status-fd", str(status_w), "--log-level", self.loglevel, "--error-log", self.errorlog, *config.argv()]
+        uid, gid = self.owner_ids
+        if (uid, gid) != (os.getuid(), os.getgid()):
+            cmd += ["--uid", str(uid), "--gid", str(gid)]
         for pair in pairs:
             cmd += ["--pair", pair]
         pass_fds = [*self.fds, *(send.fileno() for send, _ in self.channels), status_w]

@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--core", default="c")
     p.add_argument("--log-level", default="info")
     p.add_argument("--error-log", default="-", metavar="PATH", help="gunicorn's --error-logfile ('-': stderr)")
+    p.add_argument("--uid", type=int, default=None, help="switch to this user once the sockets are wrapped")
+    p.add_argument("--gid", type=int, default=None, help="and this group")
     return p
 
 
@@ -109,6 +111,15 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as exc:
             log.warning("could not raise the fd limit from %d to %d: %s", soft, hard, exc)
+
+
+def _drop_privileges(uid: int | None, gid: int | None) -> None:
+    """Parse untrusted bytes as gunicorn's workers do: as ``--user``/``--group``, not as root."""
+    if gid is not None and gid != os.getgid():
+        os.setgroups([])
+        os.setgid(gid)
+    if uid is not None and uid != os.getuid():
+        os.setuid(uid)
 
 
 def _die_with(master: int) -> None:
@@ -229,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pairs.append(_Pair(settings.wrap(socket.socket(fileno=listen_fd)), socket.socket(fileno=channel_fd)))
     except (AcceptFilterError, ValueError, OSError) as exc:
         status.write(f"E{exc}")
+        status.close()
+        return 2
+    try:
+        _drop_privileges(args.uid, args.gid)
+    except OSError as exc:
+        status.write(f"Ecannot switch to uid {args.uid} gid {args.gid}: {exc}")
         status.close()
         return 2
     feeder = _Feeder(pairs)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,6 +361,74 @@ def test_the_filter_process_drops_privileges_like_the_workers(start_gunicorn) ->
         import shutil
 
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: l\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def _abuse(port: int, stop: threading.Event, rng: random.Random) -> None:
+    """Garbage, resets, connect-and-close, oversized heads and slowloris, round and round."""
+    slow: list[socket.socket] = []
+    while not stop.is_set():
+        kind = rng.randrange(5)
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            continue
+        if kind == 0:
+            s.sendall(rng.randbytes(rng.randrange(1, 300)))
+            s.close()
+        elif kind == 1:
+            s.sendall(b"GET / HT")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        elif kind == 2:
+            s.close()
+        elif kind == 3:
+            s.sendall(b"GET /" + b"a" * 70_000)  # larger than httpready's max_bytes
+            s.close()
+        else:
+            s.sendall(b"GET /slow")  # never finished: closed by the deadline
+            slow.append(s)
+        time.sleep(0.002)
+    for s in slow:
+        s.close()
+
+
+def test_hostile_clients_beside_legit_ones_lose_nothing_and_leak_nothing(start_gunicorn) -> None:
+    server = start_gunicorn("-k", "sync", workers=3,
+                            env={"ACCEPTFILTER_TIMEOUT": "1", "ACCEPTFILTER_ON_TIMEOUT": "close"})
+    feeder = server.feeder_pids()[0]
+    baseline = len(os.listdir(f"/proc/{feeder}/fd"))
+    idle = open_conns(server.port, 100)
+    stop = threading.Event()
+    abusers = [threading.Thread(target=_abuse, args=(server.port, stop, random.Random(seed))) for seed in (1, 2)]
+    for t in abusers:
+        t.start()
+    failures: list[str] = []
+    served = 0
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            reply = _get(server.port, f"/legit{served}")
+            if not reply.startswith(b"HTTP/1.1 200") or f"/legit{served}".encode() not in reply:
+                failures.append(reply[:100].decode(errors="replace"))
+            served += 1
+    finally:
+        stop.set()
+        for t in abusers:
+            t.join()
+        close_all(idle)
+    assert not failures and served > 50, (served, failures[:3])
+    # Every held, rejected and timed-out connection was closed: the filter process's fds are back.
+    wait_for(lambda: len(os.listdir(f"/proc/{feeder}/fd")) <= baseline, timeout=15)
+    assert curl(server.port)["reason"] == "ready"
 
 
 # -- metadata ----------------------------------------------------------------

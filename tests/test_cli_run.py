@@ -17,11 +17,15 @@ CURL = shutil.which("curl")
 pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed")
 
 APP = '''
+from acceptfilter.integrations.asgi import scope_info
+
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
-    await send({"type": "http.response.body", "body": b"hello"})
+    info = scope_info(scope)  # what httpready learnt from this connection's first request head
+    body = f"hello {info['method']} {info['target']} {scope['path']};".encode() if info else b"hello, no info;"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
 '''
 
 
@@ -49,9 +53,11 @@ def test_run_wraps_an_unchanged_server(tmp_path: Path, server: list[str], settle
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
         # uvicorn: limit-concurrency 3 would answer 503; hypercorn: keep-alive 1 s would close them.
         time.sleep(settle)
-        out = subprocess.run([CURL or "curl", "-sS", "--max-time", "5", "-w", " %{http_code}", f"http://127.0.0.1:{port}/"],
+        # Two requests on one kept-alive connection: the info is the connection's (its first head).
+        out = subprocess.run([CURL or "curl", "-sS", "--max-time", "5", "-w", " %{http_code}\n",
+                              f"http://127.0.0.1:{port}/a", f"http://127.0.0.1:{port}/b"],
                              capture_output=True, text=True, timeout=10)
-        assert out.stdout == "hello 200", out.stderr
+        assert out.stdout == "hello GET /a /a; 200\nhello GET /a /b; 200\n", out.stderr
         for s in idle:
             s.settimeout(0.01)
             with pytest.raises(TimeoutError):  # still held open, never seen by the server

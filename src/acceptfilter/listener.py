@@ -61,6 +61,29 @@ def _remember(sock: socket.socket, info: ConnectionInfo) -> None:
         _info_by_socket[sock] = info
 
 
+#: Surfaced sockets by their TCP peer (host, port), for servers that tell the
+#: application only the peer address (ASGI's ``scope["client"]``). Weak: an
+#: entry lives as long as the server keeps the socket object (its transport).
+_socket_by_peer: weakref.WeakValueDictionary[tuple[str, int], socket.socket] = weakref.WeakValueDictionary()
+
+
+def connection_info_by_peer(host: str, port: int) -> ConnectionInfo | None:
+    """What the filters learnt about the open connection from TCP peer ``(host, port)``.
+
+    Only for listeners whose peers are indexed (the uvicorn and Hypercorn
+    integrations turn it on); None when unknown or already closed.
+    """
+    with _info_lock:
+        sock = _socket_by_peer.get((host, int(port)))
+        return None if sock is None else _info_by_socket.get(sock)
+
+
+def _index_peer(sock: socket.socket, addr: Address) -> None:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        with _info_lock:
+            _socket_by_peer[(str(addr[0]), int(addr[1]))] = sock
+
+
 def _closed_error() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
@@ -207,6 +230,8 @@ class _Hub:
         self._lock = threading.Lock()
         self._open = set(self.queues)
         self.closed = False
+        #: Remember surfaced sockets by TCP peer (see connection_info_by_peer).
+        self.index_peers = False
         self.driver: Driver | None = None
         if driver == "thread":
             thread_driver = ThreadDriver(self.engine)
@@ -320,6 +345,8 @@ class FilteredListener:
         if socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)  # what socket.accept() does
         _remember(sock, info)
+        if self._hub.index_peers:
+            _index_peer(sock, addr)
         # A PROXY protocol header names the real client: it wins over the
         # balancer's address, which stays in ``info.peer``.
         proxied = info.info.get("client_address")

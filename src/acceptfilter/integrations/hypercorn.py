@@ -23,6 +23,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.utils import wrap_app
 
 from ..listener import FilteredListener, FilterSpecs, wrap
+from .asgi import ConnectionInfoMiddleware, index_peers, is_asgi3
 
 __all__ = ["serve"]
 
@@ -41,6 +42,11 @@ async def serve(
     """Serve an ASGI (or WSGI) ``app`` on ``sock`` behind ``filter`` (``policy``: see ``wrap``)."""
     asyncio.get_running_loop()  # the asyncio driver needs it
     listener = wrap(sock, filter, core=core, driver="asyncio", **policy)
+    index_peers(listener)
+    if isinstance(app, ASGIWrapper):  # already loaded by Hypercorn (acceptfilter run)
+        app = ASGIWrapper(ConnectionInfoMiddleware(app.app))
+    elif is_asgi3(app):
+        app = ConnectionInfoMiddleware(app)
     if started is not None:
         started(listener)
     try:

@@ -8,6 +8,9 @@ inside the loop (``driver="asyncio"``: no thread). On uvloop the loop must be
 
     from acceptfilter.integrations.uvicorn import run
     run(app, "0.0.0.0", 8000, filter="httpready", timeout=10)
+
+An ASGI 3 application reads what the filters learnt with
+``acceptfilter.integrations.asgi.scope_info(scope)`` (see :mod:`.asgi`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import uvicorn
 
 from ..listener import FilteredListener, FilterSpecs, wrap
+from .asgi import ConnectionInfoMiddleware, index_peers, is_asgi3
 from .asyncio import _is_selector_loop
 
 __all__ = ["loop_factory", "run", "serve"]
@@ -76,6 +80,8 @@ async def serve(
         )
     raw = sock or socket.create_server((host, port), backlog=config.get("backlog", 2048))
     listener = wrap(raw, filter, core=core, driver="asyncio", **(policy or {}))
+    app = _with_info(app, config)
+    index_peers(listener)
     server = uvicorn.Server(uvicorn.Config(app, **config))  # Config() sets up uvicorn's logging
     bound_host, bound_port = listener.getsockname()[:2]
     # uvicorn logs its address only for sockets it bound itself.
@@ -91,6 +97,22 @@ async def serve(
         await server.serve(sockets=[listener])  # type: ignore[list-item]
     finally:
         listener.close()
+
+
+def _with_info(app: Any, config: dict[str, Any]) -> Any:
+    """The app wrapped so ``scope_info(scope)`` works, when it is an ASGI 3 app we can see."""
+    if config.get("interface", "auto") not in ("auto", "asgi3") or config.get("factory"):
+        return app
+    if isinstance(app, str):
+        from uvicorn.importer import ImportFromStringError, import_from_string
+
+        try:
+            loaded = import_from_string(app)
+        except ImportFromStringError:
+            return app  # uvicorn reports it, in its words
+    else:
+        loaded = app
+    return ConnectionInfoMiddleware(loaded) if is_asgi3(loaded) else app
 
 
 def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, loop: str = "auto", **kwargs: Any) -> None:

@@ -326,14 +326,15 @@ def test_the_filter_process_logs_where_gunicorn_logs(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text(APP)
     errorlog = tmp_path / "error.log"
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:acceptfilter.gunicorn", "--no-control-socket",
-                             "-b", "127.0.0.1:0", "--chdir", str(tmp_path), "--error-logfile", str(errorlog), "app:app"],
+                             "-b", "127.0.0.1:0", "--chdir", str(tmp_path), "--error-logfile", str(errorlog),
+                             "--graceful-timeout", "3", "app:app"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: errorlog.exists() and "for gunicorn's workers" in errorlog.read_text(), timeout=20)
         assert re.search(r"\[\d+\] \[INFO\] acceptfilter: filtering \('127\.0\.0\.1', \d+\) with httpready", errorlog.read_text())
     finally:
         proc.terminate()
-        proc.wait(15)
+        proc.wait(30)
     assert "acceptfilter: stopped:" in errorlog.read_text()
 
 

@@ -44,7 +44,7 @@ async def serve(
     listener = wrap(sock, filter, core=core, driver="asyncio", **policy)
     index_peers(listener)
     if isinstance(app, ASGIWrapper):  # already loaded by Hypercorn (acceptfilter run)
-        app = ASGIWrapper(ConnectionInfoMiddleware(app.app))
+        app = ASGIWrapper(ConnectionInfoMiddleware(app.app))  # type: ignore[arg-type]
     elif is_asgi3(app):
         app = ConnectionInfoMiddleware(app)
     if started is not None:

@@ -172,19 +172,19 @@ class _HttpSession:
             return self._non_http("malformed request line")
         self._line_end = nl
         self._scanned = nl
-        self._line = match.group(1, 2, 3)
+        self._line = (match.group(1), match.group(2), match.group(3))
         if match.group(3) is None:  # HTTP/0.9: the line is the whole request
             return Decision.accept(self._line_info(data), reason="HTTP/0.9 request line")
         return None
 
     def _line_info(self, data: bytes) -> dict[str, Any]:
         if self._line is not None:
-            method, target, version = self._line
+            raw_method, raw_target, raw_version = self._line
             return {
-                "protocol": "http/1" if version else "http/0.9",
-                "method": method.decode("latin-1"),
-                "target": target.decode("latin-1"),
-                "version": version.decode("latin-1") if version else "HTTP/0.9",
+                "protocol": "http/1" if raw_version else "http/0.9",
+                "method": raw_method.decode("latin-1"),
+                "target": raw_target.decode("latin-1"),
+                "version": raw_version.decode("latin-1") if raw_version else "HTTP/0.9",
             }
         start = max(self._start, 0)
         nl = self._line_end if self._line_end >= 0 else data.find(b"\n", start)

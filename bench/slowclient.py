@@ -30,54 +30,76 @@ from bench.common import ROOT, free_port, have_wrk, median, raise_nofile, run_wr
 
 SETUPS = ["no-attack", "attack-unprotected", "attack-acceptfilter", "attack-nginx", "no-attack-nginx"]
 FD_LIMIT = 65536
+#: The protected set-up: hold until a whole request head is there; close what is not after 5 s
+#: (the default on_timeout=surface would hand idle and slowloris clients to the workers).
+PROTECTED_ENV = {"ACCEPTFILTER_FILTER": "httpready", "ACCEPTFILTER_TIMEOUT": "5",
+                 "ACCEPTFILTER_ON_TIMEOUT": "close", "ACCEPTFILTER_MAX_HELD": "10000"}
 IP_BIND_ADDRESS_NO_PORT = 24
 
 
 # -- the attack ------------------------------------------------------------------------------
+def _open(port: int, i: int) -> socket.socket | None:
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    s.bind((f"127.0.0.{2 + i // 20000}", 0))
+    s.setblocking(False)
+    if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+        s.close()
+        return None
+    return s
+
+
+SLOW_START = b"GET / HTTP/1.1\r\nHost: x\r\n"
+
+
 def attack(port: int, idle: int, slowloris: int, seconds: float, interval: float) -> None:
     """Hold ``idle`` silent connections and ``slowloris`` ones trickling a header byte every
-    ``interval`` s; print one JSON line once they are open; stop after ``seconds`` or at stdin EOF."""
+    ``interval`` s, reopening any the server closes (as slowloris tools do); print one JSON line
+    once they are open and another at the end; stop after ``seconds`` or at stdin EOF."""
     raise_nofile(idle + slowloris + 1000)
     stop_at = time.monotonic() + seconds
-    socks: list[socket.socket] = []
-    slow: list[socket.socket] = []
-    failed = 0
-    for i in range(idle + slowloris):
-        s = socket.socket()
-        s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        s.bind((f"127.0.0.{2 + i // 20000}", 0))
-        s.setblocking(False)
-        if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
-            failed += 1
-            s.close()
-            continue
-        socks.append(s)
-        if i >= idle:
-            slow.append(s)
+    total = idle + slowloris
+    socks: list[socket.socket | None] = []
+    for i in range(total):
+        socks.append(_open(port, i))
         if i % 500 == 499:
             time.sleep(0.01)
     time.sleep(0.2)
-    sent = [0] * len(slow)
-    for k, s in enumerate(slow):
-        try:
-            sent[k] = s.send(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        except OSError:
-            pass
-    print(json.dumps({"opened": len(socks), "failed": failed}), flush=True)
-    n = 0
+    started = [False] * total  # slowloris: the request line was sent
+    print(json.dumps({"opened": sum(s is not None for s in socks), "failed": sum(s is None for s in socks)}),
+          flush=True)
+    reopened = ticks = 0
     while time.monotonic() < stop_at:
+        ticks += 1
+        byte = b"X-abcdefgh: y\r\n"[ticks % 14 : ticks % 14 + 1]
+        poller = select.poll()
+        for s in socks:
+            if s is not None:
+                poller.register(s, select.POLLIN)
+        gone = {fd for fd, _ in poller.poll(0)}  # readable: the server closed it (or answered)
+        for i in range(total):
+            s = socks[i]
+            if s is not None and s.fileno() in gone:
+                s.close()
+                s = None
+            if s is None:
+                s = socks[i] = _open(port, i)
+                started[i] = False
+                reopened += s is not None
+                continue
+            if i >= idle:
+                try:
+                    s.send(byte if started[i] else SLOW_START)  # one header byte; the head never ends
+                    started[i] = True
+                except OSError:
+                    pass
         r, _, _ = select.select([sys.stdin], [], [], interval)
         if r and not sys.stdin.readline():
             break
-        n += 1
-        byte = b"X-%d: y\r\n"[n % 8 : n % 8 + 1] if n % 8 else b"X"
-        for s in slow:
-            try:
-                s.send(byte)  # one header byte; the head never ends
-            except OSError:
-                pass
+    print(json.dumps({"reopened": reopened}), flush=True)
     for s in socks:
-        s.close()
+        if s is not None:
+            s.close()
 
 
 # -- the servers -------------------------------------------------------------------------------
@@ -110,7 +132,7 @@ def start_gunicorn(port: int, protected: bool, logdir: Path) -> subprocess.Popen
     if protected:
         # The documented integration: ACCEPTFILTER_FILTER=httpready gunicorn -c python:acceptfilter.gunicorn ...
         argv[3:3] = ["-c", "python:acceptfilter.gunicorn"]
-        env["ACCEPTFILTER_FILTER"] = "httpready"
+        env.update(PROTECTED_ENV)
     log = open(logdir / f"gunicorn-{port}.log", "wb")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_nofile)
 
@@ -186,7 +208,7 @@ def measure(setup: str, *, seconds: float, idle: int, slowloris: int, connection
                                    cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
             def end_attack() -> None:
-                if att.stdin is not None:
+                if att.stdin is not None and not att.stdin.closed:
                     att.stdin.close()
                 try:
                     att.wait(20)
@@ -199,6 +221,11 @@ def measure(setup: str, *, seconds: float, idle: int, slowloris: int, connection
             res["attack"] = json.loads(att.stdout.readline() or "{}") if r else {"error": "attack did not start"}
             time.sleep(2.0)  # let the attack settle in (slowloris bytes start trickling)
         res.update(run_wrk(f"http://127.0.0.1:{port}/", seconds=seconds, connections=connections, threads=2))
+        if "attack" in res and att.stdin is not None and att.stdout is not None:
+            att.stdin.close()  # the attack ends; its last line says how many connections it had to reopen
+            r, _, _ = select.select([att.stdout], [], [], 30)
+            if r:
+                res["attack"].update(json.loads(att.stdout.readline() or "{}"))
         return res
 
 
@@ -216,7 +243,9 @@ def run(*, quick: bool, rounds: int | None = None, seconds: float | None = None,
                            "config": {"rounds": rounds, "seconds_per_sample": seconds, "wrk_connections": connections,
                                       "gunicorn": "sync, 4 workers, --backlog 4096, trivial WSGI app",
                                       "attack": f"{idle} idle + {slowloris} slowloris connections (one header byte every 2 s)",
-                                      "nginx": "Debian package, 1 worker, proxy_pass to the same gunicorn"}}
+                                      "nginx": "Debian package, 1 worker, proxy_pass to the same gunicorn",
+                                      "acceptfilter": " ".join(f"{k}={v}" for k, v in PROTECTED_ENV.items())
+                                      + " gunicorn -c python:acceptfilter.gunicorn ..."}}
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
     if not have_wrk() or importlib.util.find_spec("gunicorn") is None:
         out["unavailable"] = "needs wrk and gunicorn (./scripts/bench.sh installs them)"

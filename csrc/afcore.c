@@ -146,7 +146,36 @@ static void emit(af_core *c, int fd, int kind, int err) {
  * or 0 when nothing changed. */
 static int peek(af_core *c, int fd, int hup, int *err) {
     conn *k = &c->conns[fd];
-    for (;;) {
+    int more = 1;
+    if (k->bufsize == 0) {
+        /* No buffer until the first byte arrives: peek into the stack, so an
+         * idle held connection (EAGAIN here) costs no heap at all. */
+        char first[FIRST_BUF];
+        uint32_t cap = FIRST_BUF < c->max_bytes ? FIRST_BUF : c->max_bytes;
+        ssize_t n;
+        do {
+            n = recv(fd, first, cap, MSG_PEEK | MSG_DONTWAIT);
+            c->stats.peeks++;
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) { *err = errno; return AF_EV_ERROR; }
+            more = 0;
+        } else if (n == 0) {
+            k->eof = 1;
+            more = 0;
+        } else {
+            char *b = malloc(cap);
+            if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+            memcpy(b, first, (size_t)n);
+            c->stats.buffered += cap;
+            c->stats.bytes_peeked += (uint32_t)n;
+            k->buf = b;
+            k->bufsize = cap;
+            k->len = (uint32_t)n;
+            more = (uint32_t)n == cap && cap < c->max_bytes; /* filled: grow and peek again */
+        }
+    }
+    while (more) {
         if (k->bufsize == 0 || (k->len == k->bufsize && k->bufsize < c->max_bytes)) {
             uint32_t want = k->bufsize ? k->bufsize * 2 : FIRST_BUF;
             if (want > c->max_bytes) want = c->max_bytes;

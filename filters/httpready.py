@@ -38,7 +38,7 @@ from acceptfilter.filter import DEFAULT_MAX_BYTES, WAIT, Decision, Filter
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # RFC 9110 token characters (a method is a token).
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
 _MAX_METHOD = 32
 # The request line once its end is known: method SP target [SP HTTP/x.y].
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+)(?: (HTTP/[0-9]\.[0-9]))?\r?$")
@@ -84,7 +84,7 @@ class HttpReady(Filter):
 class _HttpSession:
     """Per-connection scan state; every byte is looked at a bounded number of times."""
 
-    __slots__ = ("_decided", "_filter", "_line_end", "_need", "_pending", "_scanned", "_start")
+    __slots__ = ("_decided", "_filter", "_line", "_line_end", "_need", "_pending", "_scanned", "_start")
 
     def __init__(self, flt: HttpReady) -> None:
         self._filter = flt
@@ -94,6 +94,7 @@ class _HttpSession:
         self._decided: Decision | None = None
         self._need = -1  # with body=N: bytes needed for head + body, once the head is complete
         self._pending: Decision | None = None  # the ACCEPT to give once the body is there
+        self._line: tuple[bytes, bytes, bytes | None] | None = None  # the request line's parts, once matched
 
     def check(self, data: bytes, final: bool) -> Decision:
         if self._decided is not None:
@@ -127,7 +128,7 @@ class _HttpSession:
     def _scan(self, data: bytes) -> Decision:
         if self._start < 0:
             start = 0
-            while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
+            while data.startswith((b"\r\n", b"\n"), start):
                 start += 2 if data[start] == 0x0D else 1
             if start >= len(data) or data[start:] == b"\r":
                 return WAIT
@@ -154,10 +155,8 @@ class _HttpSession:
                 return WAIT
             return Decision.accept({"protocol": "h2", "method": "PRI", "target": "*", "version": "HTTP/2.0"})
         # The method must be a token followed by a space.
-        i = start
         limit = min(len(data), start + _MAX_METHOD + 1)
-        while i < limit and data[i] in _TCHAR:
-            i += 1
+        i = _TOKEN.match(data, start, limit).end()  # type: ignore[union-attr]  # `*` always matches
         if i == limit:
             return WAIT if i == len(data) and i - start <= _MAX_METHOD else self._non_http("method too long")
         if data[i] != 0x20 or i == start:
@@ -173,11 +172,20 @@ class _HttpSession:
             return self._non_http("malformed request line")
         self._line_end = nl
         self._scanned = nl
+        self._line = (match.group(1), match.group(2), match.group(3))
         if match.group(3) is None:  # HTTP/0.9: the line is the whole request
             return Decision.accept(self._line_info(data), reason="HTTP/0.9 request line")
         return None
 
     def _line_info(self, data: bytes) -> dict[str, Any]:
+        if self._line is not None:
+            raw_method, raw_target, raw_version = self._line
+            return {
+                "protocol": "http/1" if raw_version else "http/0.9",
+                "method": raw_method.decode("latin-1"),
+                "target": raw_target.decode("latin-1"),
+                "version": raw_version.decode("latin-1") if raw_version else "HTTP/0.9",
+            }
         start = max(self._start, 0)
         nl = self._line_end if self._line_end >= 0 else data.find(b"\n", start)
         line = data[start : nl if nl >= 0 else len(data)]
@@ -220,17 +228,9 @@ class _HttpSession:
 
 
 def _find_head_end(data: bytes, pos: int) -> int:
-    """Offset just past the first empty line at or after ``pos``, or -1."""
-    while True:
-        nl = data.find(b"\n", pos)
-        if nl < 0 or nl + 1 >= len(data):
-            return -1
-        nxt = data[nl + 1]
-        if nxt == 0x0A:
-            return nl + 2
-        if nxt == 0x0D:
-            if nl + 2 >= len(data):
-                return -1
-            if data[nl + 2] == 0x0A:
-                return nl + 3
-        pos = nl + 1
+    """Offset just past the first empty line (``\\n\\n`` or ``\\n\\r\\n``) at or after ``pos``, or -1."""
+    lf = data.find(b"\n\n", pos)
+    crlf = data.find(b"\n\r\n", pos, lf + 1 if lf >= 0 else len(data))
+    if crlf >= 0:
+        return crlf + 3
+    return lf + 2 if lf >= 0 else -1

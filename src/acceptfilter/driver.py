@@ -3,6 +3,15 @@
 The C core's ``af_poll`` releases the GIL while it waits, accepts and peeks,
 so the thread costs the application's threads nothing while connections sit
 idle. (The asyncio driver, with no thread, is in ``integrations/asyncio.py``.)
+
+An application thread blocked in ``FilteredListener.accept()`` steps the engine
+itself (:meth:`ThreadDriver.step_inline`): the connection it is waiting for is
+then accepted, peeked, decided and surfaced in the thread that will serve it,
+with no hand-off between two threads (two wake-ups and two GIL transfers per
+connection). The background thread stands down while an application thread
+does this and takes over again once no thread has stepped inline for
+:data:`INLINE_GRACE` seconds, so deadlines, evictions and servers that wait on
+``fileno()`` with a selector are served as before.
 """
 
 from __future__ import annotations
@@ -10,20 +19,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from .engine import Engine
 
-__all__ = ["ThreadDriver"]
+__all__ = ["INLINE_GRACE", "ThreadDriver"]
 
 log = logging.getLogger("acceptfilter")
 
+#: Seconds the background thread waits after the last inline step before it
+#: drives the engine again (while the application serves a connection).
+INLINE_GRACE = 0.05
+
 
 class ThreadDriver:
-    """Calls ``engine.step()`` in a daemon thread until :meth:`stop`."""
+    """Calls ``engine.step()`` in a daemon thread until :meth:`stop`; see the module docstring."""
 
     def __init__(self, engine: Engine, *, name: str = "acceptfilter-engine") -> None:
         self.engine = engine
         self._stopping = False
+        self._step_lock = threading.Lock()  # one engine step at a time, in whichever thread
+        self._cond = threading.Condition(threading.Lock())
+        self._inline = 0  # application threads stepping (or about to step) inline
+        self._last_inline = -INLINE_GRACE
+        self._polling = False  # the background thread is in (or entering) a step
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -31,22 +50,71 @@ class ThreadDriver:
 
     def _run(self) -> None:
         step = self.engine.step
-        while not self._stopping:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._stopping:
+                    idle = time.monotonic() - self._last_inline
+                    if self._inline == 0 and idle >= INLINE_GRACE:
+                        break
+                    cond.wait(INLINE_GRACE if self._inline else INLINE_GRACE - idle)
+                if self._stopping:
+                    return
+                self._polling = True
             try:
-                step(None)
+                with self._step_lock:
+                    if not self._stopping and self._inline == 0:
+                        step(None)
             except Exception:
                 # Never die silently and never spin: log, pause, carry on.
                 log.exception("acceptfilter: engine step failed; retrying in 50 ms")
                 time.sleep(0.05)
+            finally:
+                with cond:
+                    self._polling = False
+
+    def step_inline(self, timeout: float | None, queued: Callable[[], int] | None = None) -> bool:
+        """Step the engine in the calling thread, waiting at most ``timeout`` seconds (None: until
+        something happens), unless ``queued()`` says a connection is already waiting (another
+        thread's step surfaced it). Returns False once the driver is stopping (do not retry)."""
+        with self._cond:
+            if self._stopping:
+                return False
+            self._inline += 1
+            if self._polling:
+                self.engine.core.wake()  # get the background thread out of its wait
+        try:
+            if not self._step_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                return True
+            try:
+                if self._stopping:
+                    return False
+                if queued is None or not queued():
+                    self.engine.step(timeout)
+            finally:
+                self._step_lock.release()
+        finally:
+            with self._cond:
+                self._inline -= 1
+                self._last_inline = time.monotonic()
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread (it finishes the batch it is handling). Idempotent."""
-        self._stopping = True
+        """Stop the thread (it finishes the batch it is handling) and any inline step. Idempotent."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         self.engine.core.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("acceptfilter: the engine thread did not stop within %.0f s", timeout)
+        # An application thread may be stepping inline: wait for its step to end
+        # (the wake above ends its wait); after this nobody steps again.
+        if self._step_lock.acquire(timeout=timeout):
+            self._step_lock.release()
+        else:
+            log.error("acceptfilter: an inline engine step did not end within %.0f s", timeout)
 
     @property
     def alive(self) -> bool:

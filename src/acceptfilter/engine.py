@@ -172,6 +172,12 @@ class Engine:
         for action in (policy.on_timeout, policy.on_error):
             if action is not None and action.route is not None and action.route not in self._names:
                 raise ValueError(f"policy names route {action.route!r}, which is not one of {sorted(self._names)}")
+        #: One route with one filter that needs no peer address, no default
+        #: route: a connection's first DATA event takes a short path (_first_data).
+        only = routes[0] if len(routes) == 1 and default_route is None else None
+        self._single: tuple[str, Filter] | None = None
+        if only is not None and len(only.chain) == 1 and not only.chain[0].needs_peer:
+            self._single = (only.name, only.chain[0])
         self._states: dict[int, list[_Progress | None]] = {}
         self._counters = _Counters()
         self._warn = _RateLimit(WARN_INTERVAL)
@@ -240,6 +246,8 @@ class Engine:
             return
         final = kind != DATA
         try:
+            if not final and self._single is not None and fd not in self._states and self._first_data(fd, data, age, out):
+                return
             route, decision, progress = self._decide(fd, data, final)
         except _FilterError:
             states = self._states.pop(fd, None)
@@ -286,6 +294,27 @@ class Engine:
             self._close(fd, reset=action.kind == "reset", outcome="dropped")
 
     # -- deciding --------------------------------------------------------
+    def _first_data(self, fd: int, data: bytes, age: float, out: dict[str, list[Surfaced]]) -> bool:
+        """The short path for a connection's first DATA event on a one-filter listener.
+
+        True when handled: surfaced (an ordinary ACCEPT), or held (WAIT below the
+        cap) with its session kept. Anything else goes the general way with the
+        session kept, so the filter sees the same bytes again (a re-peek, which
+        the filter contract allows) and decides as it would have.
+        """
+        assert self._single is not None
+        name, flt = self._single
+        session = self._guard(flt, flt.session)
+        decision = self._check(flt, session, data, False)
+        verdict = decision.verdict
+        if verdict is Verdict.ACCEPT and decision.route is None and 0 <= decision.consume <= len(data):
+            self._surface(fd, name, decision.consume, decision.info, "ready", age, out)
+            return True
+        progress = _Progress(1, fd)
+        progress.sessions[0] = session
+        self._states[fd] = [progress]
+        return verdict is Verdict.WAIT and len(data) < flt.max_bytes
+
     def _decide(self, fd: int, data: bytes, final: bool) -> tuple[str | None, Decision | None, _Progress | None]:
         """Run the routes in order; first match wins once every earlier route has rejected.
 

@@ -233,10 +233,16 @@ class _Hub:
         #: Remember surfaced sockets by TCP peer (see connection_info_by_peer).
         self.index_peers = False
         self.driver: Driver | None = None
+        #: Set when accept() may step the engine in the calling thread: a thread
+        #: driver and one route (with several, one route's acceptor must not sit
+        #: in a wait while another route's connection is queued).
+        self.inline: ThreadDriver | None = None
         if driver == "thread":
             thread_driver = ThreadDriver(self.engine)
             thread_driver.start()
             self.driver = thread_driver
+            if len(self.queues) == 1:
+                self.inline = thread_driver
         elif driver == "asyncio":
             from .integrations.asyncio import AsyncioDriver
 
@@ -322,6 +328,9 @@ class FilteredListener:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")
+            inline = self._hub.inline
+            if inline is not None and inline.step_inline(remaining, self._queue.__len__):
+                continue  # the step may have surfaced a connection (or timed out)
             self._queue.wait(remaining)
 
     def accept_fd(self) -> tuple[int, Address, ConnectionInfo]:

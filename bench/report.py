@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Turn bench/results/*.json into the README's Performance block and one PNG plot.
+
+    python bench/report.py            # rewrite the block between the markers in README.md, and the plot
+    python bench/report.py --check    # exit 1 if README's block differs from what the JSON renders
+
+Only the text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is generated;
+the plot is bench/results/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+PLOT = RESULTS / "bench.png"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+NAMES = ("overhead", "slowclient", "scale", "surface")
+
+MODE_LABELS = {
+    "plain": "plain `accept()`",
+    "defer": "kernel `TCP_DEFER_ACCEPT`",
+    "dataready-c": "`dataready`, C core",
+    "httpready-c": "`httpready`, C core",
+    "dataready-python": "`dataready`, Python core",
+    "httpready-python": "`httpready`, Python core",
+}
+SETUP_LABELS = {
+    "no-attack": "no attack",
+    "attack-unprotected": "attack, no protection",
+    "attack-acceptfilter": "attack, acceptfilter `httpready`",
+    "attack-nginx": "attack, nginx in front",
+    "no-attack-nginx": "no attack, nginx in front",
+}
+
+
+def load(directory: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in NAMES:
+        path = directory / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def _n(x: Any, fmt: str = "{:,.0f}") -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return fmt.format(x)
+
+
+def _machine(results: dict[str, dict[str, Any]]) -> str:
+    for data in results.values():
+        m = data.get("machine")
+        if m:
+            kinds = sorted({"quick" if d.get("quick") else "full" for d in results.values()})
+            dates = sorted({d.get("date", "?") for d in results.values()})
+            return (f"Machine: {m['cores']} cores ({m['cpu_model']}), Linux {m['kernel']}, Python {m['python']}, "
+                    f"acceptfilter {m['acceptfilter']}, wrk {m['wrk'] or '-'}, nginx {m['nginx'] or '-'}, "
+                    f"gunicorn {m['gunicorn'] or '-'}; {'/'.join(kinds)} run, {', '.join(dates)}.")
+    return "Machine: no results yet."
+
+
+def _overhead(d: dict[str, Any]) -> list[str]:
+    c = d["config"]
+    lines = [f"**Overhead** — {c['server']}; {c['request']}; {c['client']} with {c['connections']} connections, "
+             f"{c['rounds']} rounds x {c['seconds_per_sample']:g} s per mode, alternating; medians.", "",
+             "| mode | conn/s | x plain | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
+    for mode, r in d["results"].items():
+        lines.append(f"| {MODE_LABELS.get(mode, mode)} | {_n(r['conn_per_s'])} | {_n(r['ratio_to_plain'], '{:.2f}')} "
+                     f"| {_n(r['p99_ms'], '{:.2f}')} | {r['errors']} |")
+    return lines
+
+
+def _slowclient(d: dict[str, Any]) -> list[str]:
+    c = d["config"]
+    if "unavailable" in d:
+        return [f"**Slow-client immunity** — not run: {d['unavailable']}."]
+    lines = [f"**Slow-client immunity** — gunicorn {c['gunicorn']}; attack: {c['attack']}; wrk "
+             f"(Connection: close, {c['wrk_connections']} connections), {c['rounds']} round(s) x "
+             f"{c['seconds_per_sample']:g} s per set-up; medians. nginx: {c['nginx']}.", "",
+             "| set-up | legit req/s | p50 ms | p99 ms | errors (timeouts, non-2xx) |", "|---|---:|---:|---:|---:|"]
+    for setup, r in d["results"].items():
+        label = SETUP_LABELS.get(setup, setup)
+        if "unavailable" in r:
+            lines.append(f"| {label} | unavailable: {r['unavailable']} | | | |")
+            continue
+        stalled = " (no request completed)" if r.get("stalled_samples") else ""
+        lines.append(f"| {label} | {_n(r['rps'])}{stalled} | {_n(r['p50_ms'], '{:.1f}')} | {_n(r['p99_ms'], '{:.1f}')} "
+                     f"| {r['errors']} ({r['timeouts']}, {r['non_2xx']}) |")
+    return lines
+
+
+def _scale(d: dict[str, Any]) -> list[str]:
+    c = d["config"]
+    lines = [f"**Scale** — idle connections held by `{c['filter']}` ({c['sources']}); CPU over "
+             f"{c['idle_seconds']:g} s idle; legit latency over {c['legit_requests']} sequential requests.", "",
+             "| held | core | bytes / held conn (RSS) | idle CPU % of a core | legit p99 ms, none held → held |",
+             "|---:|---|---:|---:|---:|"]
+    for r in d["results"]:
+        core = r["mode"].rsplit("-", 1)[1]
+        held = f"{r.get('held', 0):,}" + ("" if r.get("held", 0) >= r["connections"] else f" of {r['connections']:,}")
+        lines.append(f"| {held} | {core} | {_n(r.get('bytes_per_held_connection'))} "
+                     f"| {_n(r.get('idle_cpu_percent_of_core'), '{:.2f}')} "
+                     f"| {_n(r.get('legit_p99_ms_none_held'), '{:.2f}')} → {_n(r.get('legit_p99_ms_held'), '{:.2f}')} |")
+        if r.get("note"):
+            lines.append(f"| | | {r['note']} | | |")
+    return lines
+
+
+def _surface(d: dict[str, Any]) -> list[str]:
+    c = d["config"]
+    lines = [f"**Time to surface** — {c['rounds']} rounds x {c['requests_per_round']} requests at "
+             f"{c['rate_per_s']:g}/s, one connection each; from the client's last byte ({c['clock']}).", "",
+             "| mode | accept() p50 µs | accept() p99 µs | head read p50 µs | head read p99 µs |",
+             "|---|---:|---:|---:|---:|"]
+    for mode, r in d["results"].items():
+        lines.append(f"| {MODE_LABELS.get(mode, mode)} | {_n(r['accept_p50_us'])} | {_n(r['accept_p99_us'])} "
+                     f"| {_n(r['read_p50_us'])} | {_n(r['read_p99_us'])} |")
+    return lines
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    out = [START, "<!-- generated by `python bench/report.py` from bench/results/*.json: do not edit by hand -->", "",
+           _machine(results), ""]
+    if results:
+        out += [f"![benchmark plot](bench/results/{PLOT.name})", ""]
+    for name, fn in (("overhead", _overhead), ("slowclient", _slowclient), ("scale", _scale), ("surface", _surface)):
+        if name in results:
+            out += [*fn(results[name]), ""]
+        else:
+            out += [f"**{name}** — no results yet.", ""]
+    out.append(END)
+    return "\n".join(out)
+
+
+def splice(readme: str, block: str) -> str:
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {START} ... {END} markers")
+    head, rest = readme.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    return head + block + tail
+
+
+def current_block(readme: str) -> str:
+    if START not in readme or END not in readme:
+        return ""
+    return START + readme.split(START, 1)[1].split(END, 1)[0] + END
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path = PLOT) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ov = results.get("overhead", {}).get("results", {})
+    if ov:
+        names = list(ov)
+        axes[0].barh(names, [ov[m]["conn_per_s"] for m in names], color=["#888" if "-" not in m else
+                     ("#1f77b4" if m.endswith("-c") else "#ff7f0e") for m in names])
+        axes[0].invert_yaxis()
+        axes[0].set_xlabel("connections/s (median), higher is better")
+        axes[0].set_title("Overhead: connection per request")
+    sc = results.get("slowclient", {}).get("results", {})
+    if sc:
+        names = [s for s in sc if "rps" in sc[s]]
+        axes[1].barh([SETUP_LABELS.get(s, s).replace("`", "") for s in names], [sc[s]["rps"] for s in names],
+                     color=["#2ca02c" if "acceptfilter" in s else "#888" for s in names])
+        axes[1].invert_yaxis()
+        axes[1].set_xlabel("legit requests/s (median), gunicorn sync x4")
+        axes[1].set_title("Slow-client immunity (2,000 idle + 2,000 slowloris)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if README's block is not what the JSON renders")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    results = load(args.results)
+    block = render(results)
+    readme = args.readme.read_text()
+    if args.check:
+        if current_block(readme) != block:
+            print(f"{args.readme}: the benchmark block differs from what {args.results}/*.json renders; "
+                  "run `python bench/report.py`", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(splice(readme, block))
+    if not args.no_plot and results:
+        plot(results, args.results / PLOT.name)
+    print(f"wrote the block in {args.readme}" + ("" if args.no_plot or not results else f" and {PLOT}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

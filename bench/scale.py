@@ -1,0 +1,138 @@
+"""Scale: hold 10,000 and 50,000 idle connections on a FilteredListener.
+
+The client (its own process) opens N connections spread over several 127.0.0.x source
+addresses (IP_BIND_ADDRESS_NO_PORT, so each source has its own ephemeral port range) and
+leaves them idle. Measured on the server process: user-space memory per held connection
+(RSS delta / N, after they are held), CPU while they sit idle (utime + stime from
+/proc/PID/stat), and the p50/p99 latency of legit requests meanwhile vs. with none held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import ROOT, Child, proc_cpu_seconds, proc_rss_bytes, py_load, raise_nofile
+
+IP_BIND_ADDRESS_NO_PORT = 24
+PER_SOURCE = 20_000  # well under the ~28k ephemeral ports of one source address
+
+
+def client(port: int, count: int, hold: float) -> None:
+    """Open ``count`` idle connections, print HELD n, keep them until stdin closes or ``hold`` s pass."""
+    limit = raise_nofile(count + 1000)
+    socks: list[socket.socket] = []
+    failed = 0
+    for i in range(min(count, limit - 100)):
+        s = socket.socket()
+        s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        s.bind((f"127.0.0.{2 + i // PER_SOURCE}", 0))
+        s.setblocking(False)
+        rc = s.connect_ex(("127.0.0.1", port))
+        if rc not in (0, errno.EINPROGRESS):
+            failed += 1
+            s.close()
+            continue
+        socks.append(s)
+        if i % 1000 == 999:
+            time.sleep(0.02)  # let the server drain its accept queue
+    print(json.dumps({"held": len(socks), "failed": failed, "nofile": limit}), flush=True)
+    import select
+
+    select.select([sys.stdin], [], [], hold)
+    for s in socks:
+        s.close()
+
+
+def level(mode: str, n: int, *, idle_s: float, legit: int) -> dict[str, Any]:
+    hold = 600.0
+    res: dict[str, Any] = {"connections": n, "mode": mode}
+    with Child(["scale", "--mode", mode, "--hold-timeout", str(hold), "--max-held", str(n + 10_000),
+                "--nofile", str(n + 10_000)]) as server:
+        time.sleep(0.5)
+        base = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
+        rss0 = proc_rss_bytes(server.pid)
+        cl = subprocess.Popen([sys.executable, "-m", "bench.scale", "--client", "--port", str(server.port),
+                               "--count", str(n), "--hold", str(hold)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+        try:
+            assert cl.stdout is not None
+            opened = json.loads(cl.stdout.readline() or "{}")
+            res["client"] = opened
+            held = 0
+            stop_at = time.monotonic() + 60
+            while time.monotonic() < stop_at:
+                held = int(server.ask("stats")["held"])
+                if held >= opened.get("held", n):
+                    break
+                time.sleep(0.25)
+            res["held"] = held
+            if held < n:
+                res["note"] = (f"only {held} of {n} connections held (client opened {opened.get('held')}, "
+                               f"fd limit {opened.get('nofile')})")
+            time.sleep(1.0)
+            rss1 = proc_rss_bytes(server.pid)
+            cpu0, t0 = proc_cpu_seconds(server.pid), time.monotonic()
+            time.sleep(idle_s)
+            cpu1, t1 = proc_cpu_seconds(server.pid), time.monotonic()
+            during = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
+            res.update({
+                "rss_before_mib": round(rss0 / 2**20, 1),
+                "rss_held_mib": round(rss1 / 2**20, 1),
+                "bytes_per_held_connection": round((rss1 - rss0) / held, 1) if held else None,
+                "idle_seconds": idle_s,
+                "idle_cpu_percent_of_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
+                "legit_p50_ms_none_held": round(base["p50_ms"], 3),
+                "legit_p99_ms_none_held": round(base["p99_ms"], 3),
+                "legit_p50_ms_held": round(during["p50_ms"], 3),
+                "legit_p99_ms_held": round(during["p99_ms"], 3),
+                "legit_errors": base["errors"] + during["errors"],
+                "server_stats": server.ask("stats"),
+            })
+        finally:
+            if cl.stdin is not None:
+                cl.stdin.close()
+            try:
+                cl.wait(30)
+            except subprocess.TimeoutExpired:
+                cl.kill()
+    return res
+
+
+def run(*, quick: bool, levels: list[int] | None = None, cores: list[str] | None = None,
+        idle_s: float | None = None, legit: int | None = None) -> dict[str, Any]:
+    levels = levels or ([10_000] if quick else [10_000, 50_000])
+    cores = cores or (["c"] if quick else ["c", "python"])
+    idle_s = idle_s or (5.0 if quick else 10.0)
+    legit = legit or (300 if quick else 1000)
+    t0 = time.monotonic()
+    results = [level(f"httpready-{core}", n, idle_s=idle_s, legit=legit) for n in levels for core in cores]
+    c_rows = [r for r in results if r["mode"] == "httpready-c" and r.get("bytes_per_held_connection") is not None]
+    return {
+        "benchmark": "scale",
+        "config": {"levels": levels, "cores": cores, "idle_seconds": idle_s, "legit_requests": legit,
+                   "filter": "httpready", "sources": "127.0.0.2.. (20,000 connections per source address)"},
+        "results": results,
+        "goals": {
+            "c_bytes_per_conn_le_256": bool(c_rows) and all(r["bytes_per_held_connection"] <= 256 for r in c_rows),
+            "c_idle_cpu_le_1pct": bool(c_rows) and all(r["idle_cpu_percent_of_core"] <= 1.0 for r in c_rows),
+        },
+        "elapsed_s": round(time.monotonic() - t0, 1),
+    }
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--client", action="store_true")
+    p.add_argument("--port", type=int)
+    p.add_argument("--count", type=int, default=10_000)
+    p.add_argument("--hold", type=float, default=600.0)
+    a = p.parse_args()
+    if a.client:
+        client(a.port, a.count, a.hold)

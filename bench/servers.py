@@ -1,0 +1,158 @@
+"""The servers the benchmarks measure, each run in its own process: ``python -m bench.servers KIND ...``.
+
+Every server prints ``READY <port>`` once it listens. They are deliberately minimal
+(a single-threaded accept -> recv -> sendall -> close loop), so what differs between
+modes is how connections reach ``accept()``: plain, TCP_DEFER_ACCEPT, or a FilteredListener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from bench.common import RESPONSE, raise_nofile
+
+#: Overhead / surface modes: name -> (filter or None, core, kernel defer seconds)
+MODES: dict[str, tuple[str | None, str, int]] = {
+    "plain": (None, "", 0),
+    "defer": (None, "", 1),
+    "dataready-c": ("dataready", "c", 0),
+    "httpready-c": ("httpready", "c", 0),
+    "dataready-python": ("dataready", "python", 0),
+    "httpready-python": ("httpready", "python", 0),
+}
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+def make_listener(mode: str, host: str, port: int, backlog: int, **kw: Any) -> Any:
+    flt, core, defer = MODES[mode]
+    sock = listen(host, port, backlog)
+    if defer:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
+    if flt is None:
+        return sock
+    import acceptfilter
+
+    return acceptfilter.wrap(sock, flt, core=core, **kw)
+
+
+def ready(lsock: Any) -> None:
+    print(f"READY {lsock.getsockname()[1]}", flush=True)
+
+
+def serve_echo(args: argparse.Namespace) -> None:
+    """accept -> recv -> sendall -> close, forever (until SIGTERM)."""
+    lsock = make_listener(args.mode, args.host, args.port, args.backlog)
+    ready(lsock)
+    accept = lsock.accept
+    while True:
+        conn, _ = accept()
+        try:
+            conn.recv(65536)
+            conn.sendall(RESPONSE)
+        except OSError:
+            pass
+        conn.close()
+
+
+def serve_surface(args: argparse.Namespace) -> None:
+    """Record, per request, accept() time and head-read time minus the client's t0 (in the target)."""
+    lsock = make_listener(args.mode, args.host, args.port, args.backlog)
+    lsock.settimeout(1.0)
+    ready(lsock)
+    accept_ns: list[int] = []
+    read_ns: list[int] = []
+    stop_at = time.monotonic() + args.max_seconds
+    while len(accept_ns) < args.count and time.monotonic() < stop_at:
+        try:
+            conn, _ = lsock.accept()
+        except TimeoutError:
+            continue
+        t_acc = time.monotonic_ns()
+        conn.settimeout(5.0)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            t_read = time.monotonic_ns()
+            conn.sendall(RESPONSE)
+        except OSError:
+            conn.close()
+            continue
+        conn.close()
+        try:
+            t0 = int(data.split(b" ", 2)[1][1:])
+        except (IndexError, ValueError):
+            continue
+        accept_ns.append(t_acc - t0)
+        read_ns.append(t_read - t0)
+    print(json.dumps({"accept_ns": accept_ns, "read_ns": read_ns}), flush=True)
+
+
+def serve_scale(args: argparse.Namespace) -> None:
+    """A FilteredListener holding idle connections; a thread answers legit requests.
+
+    Commands on stdin, one JSON line back each: ``stats``. Exits at EOF.
+    """
+    raise_nofile(args.nofile)
+    lsock = make_listener(args.mode, args.host, args.port, args.backlog, timeout=args.hold_timeout,
+                          max_held=args.max_held, on_timeout="close")
+    ready(lsock)
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            try:
+                conn.recv(65536)
+                conn.sendall(RESPONSE)
+            except OSError:
+                pass
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "stats":
+            st = lsock.stats()
+            print(json.dumps({k: st[k] for k in ("accepted", "held", "surfaced", "buffered_bytes", "fd_exhaustion")}),
+                  flush=True)
+        else:
+            print(json.dumps({"error": f"unknown command {cmd!r}"}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.servers")
+    p.add_argument("kind", choices=["echo", "surface", "scale"])
+    p.add_argument("--mode", default="plain", choices=sorted(MODES))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--backlog", type=int, default=4096)
+    p.add_argument("--count", type=int, default=1000, help="surface: requests to record")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="surface: give up after this long")
+    p.add_argument("--hold-timeout", type=float, default=300.0, help="scale: the listener's deadline")
+    p.add_argument("--max-held", type=int, default=100_000, help="scale: the listener's max_held")
+    p.add_argument("--nofile", type=int, default=120_000, help="scale: RLIMIT_NOFILE to ask for")
+    args = p.parse_args(argv)
+    {"echo": serve_echo, "surface": serve_surface, "scale": serve_scale}[args.kind](args)
+
+
+if __name__ == "__main__":
+    main()

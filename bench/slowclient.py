@@ -1,0 +1,306 @@
+"""Slow-client immunity: gunicorn sync (4 workers) under idle + slowloris connections.
+
+Five set-ups, each measured with wrk (Connection: close, fixed duration, --latency):
+no attack; attack with no protection; attack with acceptfilter ``httpready`` (the
+gunicorn integration: ``ACCEPTFILTER_FILTER=httpready gunicorn -c python:acceptfilter.gunicorn``);
+attack with nginx (Debian package, a standard reverse-proxy config) in front of the same
+gunicorn; no attack with nginx in front. The attack (its own process) holds idle connections
+plus slowloris connections that send one header byte every few seconds and never finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib.util
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, free_port, have_wrk, median, raise_nofile, run_wrk
+
+SETUPS = ["no-attack", "attack-unprotected", "attack-acceptfilter", "attack-nginx", "no-attack-nginx"]
+FD_LIMIT = 65536
+#: The protected set-up: hold until a whole request head is there; close what is not after 5 s
+#: (the default on_timeout=surface would hand idle and slowloris clients to the workers).
+PROTECTED_ENV = {"ACCEPTFILTER_FILTER": "httpready", "ACCEPTFILTER_TIMEOUT": "5",
+                 "ACCEPTFILTER_ON_TIMEOUT": "close", "ACCEPTFILTER_MAX_HELD": "10000"}
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+# -- the attack ------------------------------------------------------------------------------
+def _open(port: int, i: int) -> socket.socket | None:
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    s.bind((f"127.0.0.{2 + i // 20000}", 0))
+    s.setblocking(False)
+    if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+        s.close()
+        return None
+    return s
+
+
+SLOW_START = b"GET / HTTP/1.1\r\nHost: x\r\n"
+
+
+def attack(port: int, idle: int, slowloris: int, seconds: float, interval: float) -> None:
+    """Hold ``idle`` silent connections and ``slowloris`` ones trickling a header byte every
+    ``interval`` s, reopening any the server closes (as slowloris tools do); print one JSON line
+    once they are open and another at the end; stop after ``seconds`` or at stdin EOF."""
+    raise_nofile(idle + slowloris + 1000)
+    stop_at = time.monotonic() + seconds
+    total = idle + slowloris
+    socks: list[socket.socket | None] = []
+    for i in range(total):
+        socks.append(_open(port, i))
+        if i % 500 == 499:
+            time.sleep(0.01)
+    time.sleep(0.2)
+    started = [False] * total  # slowloris: the request line was sent
+    print(json.dumps({"opened": sum(s is not None for s in socks), "failed": sum(s is None for s in socks)}),
+          flush=True)
+    reopened = ticks = 0
+    while time.monotonic() < stop_at:
+        ticks += 1
+        byte = b"X-abcdefgh: y\r\n"[ticks % 14 : ticks % 14 + 1]
+        poller = select.poll()
+        for s in socks:
+            if s is not None:
+                poller.register(s, select.POLLIN)
+        gone = {fd for fd, _ in poller.poll(0)}  # readable: the server closed it (or answered)
+        for i in range(total):
+            s = socks[i]
+            if s is not None and s.fileno() in gone:
+                s.close()
+                s = None
+            if s is None:
+                s = socks[i] = _open(port, i)
+                started[i] = False
+                reopened += s is not None
+                continue
+            if i >= idle:
+                try:
+                    s.send(byte if started[i] else SLOW_START)  # one header byte; the head never ends
+                    started[i] = True
+                except OSError:
+                    pass
+        r, _, _ = select.select([sys.stdin], [], [], interval)
+        if r and not sys.stdin.readline():
+            break
+    print(json.dumps({"reopened": reopened}), flush=True)
+    for s in socks:
+        if s is not None:
+            s.close()
+
+
+# -- the servers -------------------------------------------------------------------------------
+def _nofile() -> None:
+    raise_nofile(FD_LIMIT)
+
+
+def acceptfilter_gunicorn_available() -> bool:
+    try:
+        return importlib.util.find_spec("acceptfilter.gunicorn") is not None
+    except ImportError:
+        return False
+
+
+def wait_port(port: int, timeout: float = 20.0) -> bool:
+    stop_at = time.monotonic() + timeout
+    while time.monotonic() < stop_at:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def start_gunicorn(port: int, protected: bool, logdir: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "gunicorn", "-w", "4", "-k", "sync", "-b", f"127.0.0.1:{port}",
+            "--backlog", "4096", "--log-level", "warning", "bench.wsgiapp:app"]
+    env = dict(os.environ)
+    if protected:
+        # The documented integration: ACCEPTFILTER_FILTER=httpready gunicorn -c python:acceptfilter.gunicorn ...
+        argv[3:3] = ["-c", "python:acceptfilter.gunicorn"]
+        env.update(PROTECTED_ENV)
+    log = open(logdir / f"gunicorn-{port}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_nofile)
+
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream app {{ server 127.0.0.1:{upstream}; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://app;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(port: int, upstream: int, prefix: Path) -> subprocess.Popen[bytes]:
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, upstream=upstream, nofile=FD_LIMIT))
+    log = open(prefix / "nginx.out", "wb")  # noqa: SIM115
+    return subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_nofile)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# -- one measurement ---------------------------------------------------------------------------
+def measure(setup: str, *, seconds: float, idle: int, slowloris: int, connections: int) -> dict[str, Any]:
+    protected = setup == "attack-acceptfilter"
+    with tempfile.TemporaryDirectory(prefix="af-bench-") as tmp, ExitStack() as stack:
+        prefix = Path(tmp)
+        gport = free_port()
+        guni = start_gunicorn(gport, protected, prefix)
+        stack.callback(stop, guni)
+        if not wait_port(gport):
+            return {"error": "gunicorn did not start: " + (prefix / f"gunicorn-{gport}.log").read_text()[-500:]}
+        port = gport
+        if "nginx" in setup:
+            port = free_port()
+            ngx = start_nginx(port, gport, prefix)
+            stack.callback(stop, ngx)
+            if not wait_port(port):
+                return {"error": "nginx did not start: " + (prefix / "error.log").read_text()[-500:]}
+        res: dict[str, Any] = {}
+        if setup.startswith("attack"):
+            att = subprocess.Popen([sys.executable, "-m", "bench.slowclient", "--attack", "--port", str(port),
+                                    "--idle", str(idle), "--slowloris", str(slowloris),
+                                    "--seconds", str(seconds + 60)],
+                                   cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+            def end_attack() -> None:
+                if att.stdin is not None and not att.stdin.closed:
+                    att.stdin.close()
+                try:
+                    att.wait(20)
+                except subprocess.TimeoutExpired:
+                    att.kill()
+
+            stack.callback(end_attack)
+            assert att.stdout is not None
+            r, _, _ = select.select([att.stdout], [], [], 60)
+            res["attack"] = json.loads(att.stdout.readline() or "{}") if r else {"error": "attack did not start"}
+            time.sleep(2.0)  # let the attack settle in (slowloris bytes start trickling)
+        res.update(run_wrk(f"http://127.0.0.1:{port}/", seconds=seconds, connections=connections, threads=2))
+        if "attack" in res and att.stdin is not None and att.stdout is not None:
+            att.stdin.close()  # the attack ends; its last line says how many connections it had to reopen
+            r, _, _ = select.select([att.stdout], [], [], 30)
+            if r:
+                res["attack"].update(json.loads(att.stdout.readline() or "{}"))
+        return res
+
+
+def _median_or_none(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return median(vals) if vals else None
+
+
+def run(*, quick: bool, rounds: int | None = None, seconds: float | None = None,
+        idle: int = 2000, slowloris: int = 2000) -> dict[str, Any]:
+    rounds = rounds or (1 if quick else 3)
+    seconds = seconds or (5.0 if quick else 10.0)
+    connections = 16
+    out: dict[str, Any] = {"benchmark": "slowclient",
+                           "config": {"rounds": rounds, "seconds_per_sample": seconds, "wrk_connections": connections,
+                                      "gunicorn": "sync, 4 workers, --backlog 4096, trivial WSGI app",
+                                      "attack": f"{idle} idle + {slowloris} slowloris connections (one header byte every 2 s)",
+                                      "nginx": "Debian package, 1 worker, proxy_pass to the same gunicorn",
+                                      "acceptfilter": " ".join(f"{k}={v}" for k, v in PROTECTED_ENV.items())
+                                      + " gunicorn -c python:acceptfilter.gunicorn ..."}}
+    missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
+    if not have_wrk() or importlib.util.find_spec("gunicorn") is None:
+        out["unavailable"] = "needs wrk and gunicorn (./scripts/bench.sh installs them)"
+        return out
+    t0 = time.monotonic()
+    samples: dict[str, list[dict[str, Any]]] = {s: [] for s in SETUPS}
+    unavailable: dict[str, str] = {}
+    if not acceptfilter_gunicorn_available():
+        unavailable["attack-acceptfilter"] = "acceptfilter.gunicorn (the gunicorn integration) is not installed yet"
+    if "nginx" in missing:
+        unavailable["attack-nginx"] = unavailable["no-attack-nginx"] = "nginx is not installed"
+    for r in range(rounds):
+        for setup in SETUPS if r % 2 == 0 else SETUPS[::-1]:
+            if setup not in unavailable:
+                samples[setup].append(measure(setup, seconds=seconds, idle=idle, slowloris=slowloris,
+                                              connections=connections))
+    results: dict[str, Any] = {}
+    for setup in SETUPS:
+        ok = [s for s in samples[setup] if "rps" in s]
+        if setup in unavailable or not ok:
+            errs = [s.get("error", "") for s in samples[setup] if "error" in s]
+            results[setup] = {"unavailable": unavailable.get(setup) or "; ".join(errs) or "no sample"}
+            continue
+        results[setup] = {
+            "rps": median([s["rps"] for s in ok]),
+            "p50_ms": _median_or_none([s["p50_ms"] for s in ok]),
+            "p99_ms": _median_or_none([s["p99_ms"] for s in ok]),
+            "stalled_samples": sum(1 for s in ok if s.get("stalled")),
+            "errors": sum(int(s["errors"]) for s in ok),
+            "timeouts": sum(int(s["timeouts"]) for s in ok),
+            "non_2xx": sum(int(s["non_2xx"]) for s in ok),
+            "samples_rps": [round(s["rps"], 1) for s in ok],
+            "attack": [s.get("attack") for s in ok if "attack" in s],
+        }
+    base, prot, ngx = results["no-attack"], results["attack-acceptfilter"], results["attack-nginx"]
+    if "rps" in base and "rps" in prot:
+        prot["ratio_to_no_attack"] = prot["rps"] / base["rps"] if base["rps"] else float("nan")
+        out["goals"] = {
+            "protected_ge_0.9_no_attack_zero_errors": prot["ratio_to_no_attack"] >= 0.9 and prot["errors"] == 0,
+            "protected_ge_nginx_with_lower_p99": "rps" in ngx and prot["rps"] >= ngx["rps"]
+            and prot["p99_ms"] is not None and ngx["p99_ms"] is not None and prot["p99_ms"] < ngx["p99_ms"],
+        }
+    out["results"] = results
+    out["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--attack", action="store_true")
+    p.add_argument("--port", type=int)
+    p.add_argument("--idle", type=int, default=2000)
+    p.add_argument("--slowloris", type=int, default=2000)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--interval", type=float, default=2.0)
+    a = p.parse_args()
+    if a.attack:
+        attack(a.port, a.idle, a.slowloris, a.seconds, a.interval)

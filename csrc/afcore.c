@@ -379,6 +379,13 @@ int af_poll(af_core *c, int timeout_ms, af_event **events) {
         }
     }
     c->npending = 0;
+    /* af_adopt() may have gone past max_held: evict the oldest, as accepting does. */
+    if (c->max_held && c->stats.held > c->max_held) {
+        uint32_t over = c->stats.held - c->max_held;
+        c->now = now_us();
+        while (over-- && c->head != NIL && c->nevents + 2 <= c->max_events)
+            emit(c, c->head, AF_EV_EVICT, 0);
+    }
 
     int64_t now = c->now = now_us();
     if (c->paused && now >= c->resume_at) {
@@ -415,6 +422,41 @@ int af_poll(af_core *c, int timeout_ms, af_event **events) {
     while (c->head != NIL && deadline_of(c, &c->conns[c->head]) <= now && c->nevents < c->max_events)
         emit(c, c->head, AF_EV_TIMEOUT, 0);
     return (int)c->nevents;
+}
+
+static int remember_pending(af_core *c, int fd) {
+    if (c->npending == c->pending_cap) {
+        uint32_t cap = c->pending_cap ? c->pending_cap * 2 : 64;
+        int32_t *p = realloc(c->pending, cap * sizeof *p);
+        if (!p) return -ENOMEM;
+        c->pending = p;
+        c->pending_cap = cap;
+    }
+    c->pending[c->npending++] = fd;
+    return 0;
+}
+
+int af_adopt(af_core *c, int fd) {
+    if (fd < 0) return -EBADF;
+    if (owned(c, fd)) return -EEXIST;
+    union { struct sockaddr sa; struct sockaddr_in6 in6; struct sockaddr_storage ss; } addr;
+    socklen_t alen = sizeof addr;
+    if (getpeername(fd, &addr.sa, &alen) < 0) return -errno; /* a connected stream socket only */
+    int on = 1;
+    if (ioctl(fd, FIONBIO, &on) < 0) return -errno;
+    if (grow_table(c, fd) < 0) return -ENOMEM;
+    if (remember_pending(c, fd) < 0) return -ENOMEM; /* armed (and so peeked) by the next af_poll() */
+    conn *k = &c->conns[fd];
+    memset(k, 0, sizeof *k);
+    k->in_use = 1;
+    k->prev = k->next = NIL;
+    k->accepted_us = now_us();
+    k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
+    if (k->addrlen) memcpy(k->addr, &addr, k->addrlen);
+    c->stats.accepted++; /* counted as taken in, so the accounting still adds up */
+    c->stats.held++;
+    fifo_append(c, fd);
+    return 0;
 }
 
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
@@ -461,11 +503,17 @@ int af_close(af_core *c, int fd, int reset) {
     if (reset) {
         struct linger lg = {1, 0};
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    } else if (k->len > 0) {
-        /* Closing with unread data sends an RST; read what was peeked so a
-         * "close" is a clean FIN as promised. */
-        ssize_t r = recv(fd, k->buf, k->bufsize, MSG_DONTWAIT);
-        (void)r;
+    } else if (k->len > 0 || !k->eof) {
+        /* Closing with unread data sends an RST; read what is there (up to
+         * max_bytes: what was, or could have been, peeked) so a "close" is a
+         * clean FIN as promised, also for one never peeked at (adopted). */
+        char sink[4096];
+        uint32_t left = c->max_bytes;
+        while (left > 0) {
+            ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
+            if (r <= 0) break;
+            left -= (uint32_t)r;
+        }
     }
     k->armed = 0; /* close() removes it from the epoll set */
     forget(c, fd);

@@ -75,6 +75,11 @@ int64_t af_next_timeout_ms(const af_core *c);
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
 /* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). */
 int af_close(af_core *c, int fd, int reset);
+/* Hold a connection accepted elsewhere (another process handed it over), as if
+ * just accepted: its deadline starts now, the next af_poll() peeks at it. The
+ * core owns fd from then on. -EEXIST if already held; -ENOTCONN and friends
+ * if fd is not a connected socket (the caller still owns it then). */
+int af_adopt(af_core *c, int fd);
 /* Make a concurrent or future af_poll() return promptly. Thread-safe. */
 void af_wake(af_core *c);
 /* Stop taking new connections (the listen fd leaves the epoll set). */

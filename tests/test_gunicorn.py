@@ -282,14 +282,19 @@ def test_own_config_file_and_hup_with_new_settings_hands_held_connections_over(s
     try:
         time.sleep(0.3)
         assert curl(server.port)["info"]["method"] == "GET"
-        (tmp_path / "filter.txt").write_text("dataready")
+        before = set(server.worker_pids())
+        (tmp_path / "filter.txt").write_text("httpready:oversize=reject")
         server.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: len(server.feeder_pids()) == 2, timeout=15)
+        # Workers look first with the settings they started with: wait for the new ones.
+        wait_for(lambda: len(server.live_workers()) == 2 and not set(server.live_workers()) & before, timeout=15)
         assert "settings changed; handing over" in server.log()
-        answers = finish_and_read(held)  # surfaced by the old process at hand-over, served by workers
-        assert {a["reason"] for a in answers} == {"shutdown"}
-        after = curl(server.port)
-        assert after["reason"] == "ready" and after["info"] == {}  # dataready learns nothing
+        # Held by the old filter process, passed on undecided, held and filtered by the new one.
+        assert "10 held ones passed on" in server.log()
+        assert "filtering with httpready:oversize=reject in process" in server.log()
+        answers = finish_and_read(held)
+        assert {(a["reason"], a["info"]["target"]) for a in answers} == {("ready", "/held")}
+        assert curl(server.port)["reason"] == "ready"
         wait_for(lambda: not _alive(server.feeder_pids()[0]), timeout=10)
     finally:
         close_all(held)
@@ -301,7 +306,30 @@ def test_the_filter_process_is_restarted_when_it_dies(start_gunicorn) -> None:
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: len(server.feeder_pids()) == 2, timeout=15)
     assert "ended (signal 9)" in server.log() or "ended (exited)" in server.log()
-    assert curl(server.port)["reason"] == "ready"
+    held = open_conns(server.port, 5, HEAD)  # held by the new filter process
+    try:
+        time.sleep(0.3)
+        assert {a["reason"] for a in finish_and_read(held)} == {"ready"}
+    finally:
+        close_all(held)
+
+
+def test_complete_requests_skip_the_filter_process_and_survive_it_stalling(start_gunicorn) -> None:
+    """Workers look first: a complete request never waits for the filter process."""
+    server = start_gunicorn("-k", "sync", env={"ACCEPTFILTER_FILTER": "httpready"})
+    feeder = server.feeder_pids()[0]
+    os.kill(feeder, signal.SIGSTOP)
+    try:
+        held = open_conns(server.port, 5, HEAD)  # queued for the stopped filter process, not lost
+        answers = [curl(server.port, f"/direct{i}", max_time=5) for i in range(5)]
+        assert [(a["reason"], a["info"]["target"]) for a in answers] == [("ready", f"/direct{i}") for i in range(5)]
+    finally:
+        os.kill(feeder, signal.SIGCONT)
+    try:
+        time.sleep(0.3)
+        assert {a["path"] for a in finish_and_read(held)} == {"/held"}
+    finally:
+        close_all(held)
 
 
 def test_acceptfilter_run_starts_gunicorn_behind_the_filter(start_gunicorn) -> None:

@@ -34,6 +34,7 @@ int64_t af_next_timeout_ms(const af_core *c);
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
 int af_close(af_core *c, int fd, int reset);
 void af_wake(af_core *c);
+int af_adopt(af_core *c, int fd);
 int af_stop_accepting(af_core *c);
 int af_drain(af_core *c, af_event **events);
 void af_get_stats(const af_core *c, af_stats *out);

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .filter import Checker, Decision, Filter, Verdict
 from .iocore import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, SHUTDOWN, TIMEOUT, Address, Event, IOCore
@@ -136,6 +136,7 @@ class _Counters:
     timed_out: int = 0
     evicted: int = 0
     shutdown: int = 0
+    detached: int = 0
     filter_errors: int = 0
     unclaimed: int = 0
     by_route: Counter[str] = field(default_factory=Counter)
@@ -143,6 +144,13 @@ class _Counters:
     errors_by_filter: Counter[str] = field(default_factory=Counter)
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
+
+
+class _NoCore:
+    """The core of an engine that only decides (:meth:`Engine.first_look`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"this engine only decides (Engine.first_look); it has no core for {name!r}")
 
 
 class Engine:
@@ -187,6 +195,34 @@ class Engine:
         self._shutdown_action = Action("close")
         self._lock = threading.Lock()
 
+    @classmethod
+    def decider(cls, routes: tuple[Route, ...], policy: Policy, *, default_route: str | None = None) -> Engine:
+        """An engine with no core, for :meth:`first_look` only (a worker's fast path)."""
+        return cls(cast(IOCore, _NoCore()), routes, policy, lambda route, items: None, default_route=default_route)
+
+    def first_look(self, fd: int, data: bytes) -> tuple[Verdict, str, int, dict[str, Any]] | None:
+        """Decide on the bytes a connection sent before anyone held it.
+
+        ``fd`` is the connected socket (for filters that need the peer).
+        Returns ``(ACCEPT, route, consume, info)``, ``(REJECT, "", 0, {"reason": ...})``
+        or None when the filters want more bytes or one of them raised: the
+        connection then goes to whoever holds connections, which decides
+        with the same filters and applies the policies.
+        """
+        try:
+            route, decision, progress = self._decide(fd, data, False)
+        except _FilterError:
+            return None
+        finally:
+            self._states.pop(fd, None)
+        if decision is None:
+            return None
+        if decision.verdict is Verdict.ACCEPT and route is not None and progress is not None:
+            return Verdict.ACCEPT, route, progress.offset, dict(progress.info)
+        if self.default_route is not None:
+            return Verdict.ACCEPT, self.default_route, 0, {}
+        return Verdict.REJECT, "", 0, {"reason": decision.reason}
+
     # -- driving ---------------------------------------------------------
     def step(self, timeout: float | None) -> int:
         """One poll of the core and everything that follows; returns the event count."""
@@ -225,6 +261,27 @@ class Engine:
                 self._close(fd, reset=False, outcome="failed")
         for route, items in out.items():
             self._sink(route, items)
+
+    def detach_all(self) -> list[int]:
+        """Stop accepting and give up every held connection undecided, for another holder to adopt.
+
+        Returns the descriptors (blocking again, nothing consumed: the new
+        holder's filters see every byte); they are the caller's to close.
+        """
+        self.core.stop_accepting()
+        fds: list[int] = []
+        with self._lock:
+            while events := self.core.drain():
+                for fd, *_ in events:
+                    self._states.pop(fd, None)
+                    try:
+                        self.core.release(fd, 0)
+                    except OSError:
+                        self._close(fd, reset=False, outcome="failed")
+                        continue
+                    self._counters.detached += 1
+                    fds.append(fd)
+        return fds
 
     def shutdown(self, action: Action) -> None:
         """Stop accepting and resolve every held connection with ``action``."""
@@ -486,6 +543,7 @@ class Engine:
             "timed_out": c.timed_out,
             "evicted": c.evicted,
             "shutdown": c.shutdown,
+            "detached": c.detached,
             "filter_errors": c.filter_errors,
             "unclaimed": c.unclaimed,
             "waiting_with_data": len(self._states),

@@ -66,6 +66,9 @@ class IOCore(Protocol):
     def wake(self) -> None:
         """Make a concurrent or the next :meth:`poll` return promptly. Thread-safe."""
 
+    def adopt(self, fd: int) -> None:
+        """Hold a connection accepted elsewhere, as if just accepted (the core owns ``fd`` after)."""
+
     def stop_accepting(self) -> None:
         """Stop taking connections from the listen socket."""
 
@@ -160,6 +163,9 @@ class CCore:
     def wake(self) -> None:
         if self._core is not None:
             self._lib.af_wake(self._core)
+
+    def adopt(self, fd: int) -> None:
+        _check(self._lib.af_adopt(self._core, fd), "adopt")
 
     def stop_accepting(self) -> None:
         _check(self._lib.af_stop_accepting(self._core), "stop accepting")

@@ -283,6 +283,24 @@ class _Hub:
             driver.stop()
         self.engine.shutdown(action)
 
+    def detach_held(self) -> list[int]:
+        with self._lock:
+            if self.closed:
+                return []
+            driver, self.driver = self.driver, None
+        if driver is not None:
+            driver.stop()
+        return self.engine.detach_all()
+
+    def adopt(self, fd: int) -> None:
+        with self._lock:
+            if self.closed:
+                raise _closed_error()
+            if isinstance(self.driver, ThreadDriver):
+                raise ValueError("adopt() needs the thread that runs the engine: use driver='none' or 'asyncio'")
+            self.core.adopt(fd)
+        self.core.wake()
+
     def close(self) -> None:
         with self._lock:
             if self.closed:
@@ -418,6 +436,16 @@ class FilteredListener:
         self.close()
 
     # -- acceptfilter's own ---------------------------------------------
+    def adopt(self, fd: int) -> None:
+        """Hold a connection accepted elsewhere (say, handed over by another process).
+
+        The engine owns ``fd`` from then on and filters it like one it
+        accepted itself; its deadline starts now. Call it from the thread
+        that runs the engine (``driver="none"`` or ``"asyncio"``). Raises
+        OSError, leaving ``fd`` yours, if it is not a connected socket.
+        """
+        self._hub.adopt(fd)
+
     def release_held(self, held: str = "surface") -> None:
         """Stop filtering: take no new connections and resolve every held one now.
 
@@ -427,6 +455,14 @@ class FilteredListener:
         :meth:`close` afterwards closes whatever nobody accepted.
         """
         self._hub.release_held(parse_action(held, "held"))
+
+    def detach_held(self) -> list[int]:
+        """Stop filtering and give up every held connection undecided: their fds, yours.
+
+        For a hand-over to another holder (:meth:`adopt` there) that filters
+        them afresh: nothing was consumed. Counted as ``detached``.
+        """
+        return self._hub.detach_held()
 
     @property
     def route(self) -> str:

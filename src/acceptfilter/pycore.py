@@ -262,9 +262,10 @@ class PyCore:
         try:
             if reset:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif conn.data:
-                # Closing with unread data sends an RST; read the peeked bytes so "close" is a FIN.
-                conn.sock.recv(len(conn.data))
+            elif conn.data or not conn.eof:
+                # Closing with unread data sends an RST; read what is there (up to max_bytes,
+                # peeked or not: an adopted one may not be) so "close" is a FIN.
+                conn.sock.recv(self._max_bytes, socket.MSG_DONTWAIT)
         except OSError:
             pass
         conn.sock.close()
@@ -274,6 +275,24 @@ class PyCore:
             os.eventfd_write(self._wakefd, 1)
         except OSError:
             pass
+
+    def adopt(self, fd: int) -> None:
+        if fd in self._owned:
+            raise OSError(errno.EEXIST, "adopt: already held")
+        sock = socket.socket(fileno=fd)  # checks it is a socket
+        try:
+            addr = sock.getpeername()  # and a connected one
+        except OSError:
+            sock.detach()  # still the caller's
+            raise
+        sock.setblocking(False)
+        self._stats["accepted"] += 1  # taken in, so the accounting still adds up
+        conn = _Conn(sock, addr, time.monotonic())
+        self._owned[fd] = conn
+        self._fifo[fd] = conn
+        self._pending.append(fd)  # armed, and so peeked, by the next poll()
+        if self._max_held and len(self._owned) > self._max_held:
+            self._emit(next(iter(self._fifo)), EVICT)
 
     def stop_accepting(self) -> None:
         if self._listening:

@@ -8,24 +8,33 @@ or, with a config file of your own, one line in it::
 
     import acceptfilter.gunicorn; acceptfilter.gunicorn.install(globals(), filter="httpready", timeout=10)
 
-How it works: the arbiter starts one filter process (:mod:`.gunicorn_feeder`)
-that accepts on gunicorn's listen sockets, holds connections until the filter
-is satisfied and hands ready ones, descriptor and metadata, into one
-``SOCK_SEQPACKET`` channel per listener (:mod:`.handoff`). Each worker's
-listen socket is replaced by the receiving end of that channel, which every
-worker shares: an idle worker takes the next ready connection, a busy one
-leaves it to the others, exactly as with the kernel's accept queue. Held and
-ready connections live outside the workers, so killing a worker, recycling it
-(``max_requests``) or reloading (HUP) loses none of them; if the filter
-process dies the arbiter restarts it, and a HUP that changes the settings
-starts a new one before the old one hands its held connections over.
+How it works: workers look first, one filter process holds the rest.
+Each worker's listen socket is replaced by a :class:`.handoff.FirstLookListener`:
+the worker accepts from the real listen socket as before, peeks, and runs the
+filters on what is there; a connection whose request is complete (the
+common case, helped by ``TCP_DEFER_ACCEPT``) is served at once, with no
+other process involved. A connection that has sent too little is passed
+(``SCM_RIGHTS``) to the one filter process the arbiter starts
+(:mod:`.gunicorn_feeder`), which holds it until the filters are satisfied or
+a policy applies, and then hands it, with what the filters learnt, into one
+``SOCK_SEQPACKET`` channel per listener that every worker reads: an idle
+worker takes the next ready connection, a busy one leaves it to the others,
+as with the kernel's accept queue. Held and ready connections live outside
+the workers, so killing a worker, recycling it (``max_requests``) or
+reloading (HUP) loses none of them; if the filter process dies the arbiter
+restarts it (workers keep serving complete requests meanwhile), and a HUP
+that changes the settings starts a new one before the old one hands its held
+connections over.
 
 Settings, from the environment (which wins) or :func:`install`:
 ``ACCEPTFILTER_FILTER`` (a spec, or a chain of specs separated by spaces;
 default ``httpready``), ``ACCEPTFILTER_TIMEOUT`` (seconds),
 ``ACCEPTFILTER_ON_TIMEOUT`` (``surface``, ``close``, ``reset``),
 ``ACCEPTFILTER_MAX_HELD`` (default: the filter process's fd limit, raised to
-its hard limit, less 256) and ``ACCEPTFILTER_CORE`` (``c`` or ``python``).
+its hard limit, less 256), ``ACCEPTFILTER_CORE`` (``c`` or ``python``) and
+``ACCEPTFILTER_DEFER_ACCEPT`` (``TCP_DEFER_ACCEPT`` seconds on the listen
+sockets, default 1, 0 for off: workers then rarely accept a connection whose
+request has not arrived yet).
 An application reads what the filters learnt with
 ``acceptfilter.connection_info(environ["gunicorn.socket"])`` (or
 :func:`connection_info` here).
@@ -37,6 +46,7 @@ import functools
 import logging
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -44,13 +54,14 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
+from ..engine import Engine
 from ..errors import AcceptFilterError
 from ..listener import ConnectionInfo
 from ..listener import connection_info as _connection_info
-from ..policy import Policy
+from ..policy import Policy, Route
 from ..registry import load_chain
 from .gunicorn_feeder import FeederSettings
-from .handoff import HandoffListener, make_channel
+from .handoff import FirstLookListener, make_channel
 
 __all__ = ["connection_info", "install", "on_exit", "on_reload", "on_starting", "post_fork", "settings", "when_ready"]
 
@@ -68,6 +79,7 @@ _ENV = {
     "on_timeout": "ACCEPTFILTER_ON_TIMEOUT",
     "max_held": "ACCEPTFILTER_MAX_HELD",
     "core": "ACCEPTFILTER_CORE",
+    "defer_accept": "ACCEPTFILTER_DEFER_ACCEPT",
 }
 _installed: dict[str, Any] = {}
 
@@ -96,13 +108,19 @@ def settings(env: Mapping[str, str] | None = None, **defaults: Any) -> FeederSet
         raise AcceptFilterError(f"{_ENV['timeout']} must be more than 0 seconds, not {timeout:g}")
     if max_held is not None and max_held < 1:
         raise AcceptFilterError(f"{_ENV['max_held']} must be at least 1, not {max_held}")
+    try:
+        defer_accept = int(merged.get("defer_accept", 1))
+    except ValueError:
+        raise AcceptFilterError(f"{_ENV['defer_accept']} must be whole seconds (0: off)") from None
+    if defer_accept < 0:
+        raise AcceptFilterError(f"{_ENV['defer_accept']} must be whole seconds (0: off), not {defer_accept}")
     core = str(merged.get("core", "c"))
     if core not in ("c", "python"):
         raise AcceptFilterError(f"{_ENV['core']} must be 'c' or 'python', not {core!r}")
     on_timeout = str(merged.get("on_timeout", "surface"))
     load_chain(list(filters))  # unknown names and malformed specs fail here, in the arbiter
     Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held)
-    return FeederSettings(filters, timeout, on_timeout, max_held, core)
+    return FeederSettings(filters, timeout, on_timeout, max_held, core, defer_accept)
 
 
 def connection_info(environ: Mapping[str, Any]) -> ConnectionInfo | None:
@@ -123,7 +141,10 @@ class _Supervisor:
         self.listeners = list(listeners)
         self.fds = tuple(lst.fileno() for lst in self.listeners)
         self.config = config
+        #: Per listener: ready connections to the workers, and the ones a worker
+        #: found incomplete to the filter process (each a (send, receive) pair).
         self.channels = [make_channel() for _ in self.listeners]
+        self.offloads = [make_channel() for _ in self.listeners]
         self.owner = os.getpid()
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -133,12 +154,21 @@ class _Supervisor:
 
     # -- arbiter ---------------------------------------------------------
     def start(self) -> None:
+        self.defer_accept(self.config)
         self.proc = self._spawn(self.config)
         self._thread.start()
+
+    def defer_accept(self, config: FeederSettings) -> None:
+        """Let the kernel keep a connection from accept() until it has sent something (TCP only)."""
+        for lst in self.listeners:
+            sock = getattr(lst, "sock", lst)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, config.defer_accept)
 
     def replace(self, config: FeederSettings) -> None:
         """New settings: start a new filter process, then let the old one hand over."""
         new = self._spawn(config)
+        self.defer_accept(config)
         with self._lock:
             old, self.proc, self.config = self.proc, new, config
         os.write(self._wake_w, b"r")
@@ -155,28 +185,35 @@ class _Supervisor:
             self._terminate(proc)
         if self._thread.is_alive():
             self._thread.join(STOP_TIMEOUT)
-        for send, recv in self.channels:
+        for send, recv in (*self.channels, *self.offloads):
             send.close()
             recv.close()
 
     # -- worker (after fork) ---------------------------------------------
     def worker_sockets(self, sockets: list[Any]) -> list[Any]:
-        """The worker's listen sockets, each replaced by its channel's receiving end."""
-        by_fd = {lst.fileno(): (lst, recv) for lst, (_, recv) in zip(self.listeners, self.channels, strict=True)}
+        """The worker's listen sockets, each replaced by a :class:`FirstLookListener`."""
+        route = Route("default", load_chain(list(self.config.filters)))
+        decider = Engine.decider((route,), Policy.build(timeout=self.config.timeout, on_timeout=self.config.on_timeout,
+                                                        max_held=self.config.max_held))
+        by_fd = {lst.fileno(): i for i, lst in enumerate(self.listeners)}
         replaced = []
         for sock in sockets:
             if sock.fileno() not in by_fd:
                 raise AcceptFilterError(f"gunicorn listener {sock} is not filtered (was it added without a restart?)")
-            lst, recv = by_fd[sock.fileno()]
-            replaced.append(HandoffListener(recv, lst))
-        for send, _ in self.channels:
-            send.close()  # a worker only receives
+            i = by_fd[sock.fileno()]
+            lst, ready, offload = self.listeners[i], self.channels[i][1], self.offloads[i][0]
+            replaced.append(FirstLookListener(ready, lst, listen=lst.sock, offload=offload, decider=decider,
+                                              max_bytes=route.max_bytes))
+        for (send, _), (_, recv) in zip(self.channels, self.offloads, strict=True):
+            send.close()  # a worker receives ready connections and sends incomplete ones
+            recv.close()
         return replaced
 
     # -- the filter process ----------------------------------------------
     def _spawn(self, config: FeederSettings) -> subprocess.Popen[bytes]:
         status_r, status_w = os.pipe()
-        pairs = [f"{lst.fileno()}:{send.fileno()}" for lst, (send, _) in zip(self.listeners, self.channels, strict=True)]
+        pairs = [f"{lst.fileno()}:{send.fileno()}:{hold_recv.fileno()}:{hold_send.fileno()}"
+                 for lst, (send, _), (hold_send, hold_recv) in zip(self.listeners, self.channels, self.offloads, strict=True)]
         cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn_feeder", "--master", str(os.getpid()),
                "--status-fd", str(status_w), "--log-level", self.loglevel, "--error-log", self.errorlog, *config.argv()]
         uid, gid = self.owner_ids
@@ -184,7 +221,8 @@ class _Supervisor:
             cmd += ["--uid", str(uid), "--gid", str(gid)]
         for pair in pairs:
             cmd += ["--pair", pair]
-        pass_fds = [*self.fds, *(send.fileno() for send, _ in self.channels), status_w]
+        pass_fds = [*self.fds, *(send.fileno() for send, _ in self.channels),
+                    *(end.fileno() for pair in self.offloads for end in pair), status_w]
         try:
             proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
         finally:

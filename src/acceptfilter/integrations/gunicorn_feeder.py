@@ -9,14 +9,16 @@ end it. This process is started with ``exec``, inherits only the listen
 sockets and the sending ends of the hand-off channels, filters, and hands
 each ready connection over (:mod:`.handoff`).
 
-On SIGTERM it stops accepting, hands every held connection over as it is
-(``reason="shutdown"``) so a replacement loses nothing, and exits. It exits
+On SIGTERM it hands the ready connections it still has to the workers and
+puts every held one back into the hold channel, undecided and unconsumed, for
+the replacement the arbiter has already started to adopt; then it exits. It exits
 by itself when the arbiter goes away.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import ctypes
 import errno
 import logging
@@ -34,7 +36,7 @@ from ..engine import ConnectionInfo
 from ..errors import AcceptFilterError
 from ..iocore import Address
 from ..listener import FilteredListener, wrap
-from .handoff import send_connection
+from .handoff import receive_fds, send_connection
 
 __all__ = ["FeederSettings", "main"]
 
@@ -61,6 +63,9 @@ class FeederSettings:
     on_timeout: str = "surface"
     max_held: int | None = None
     core: str = "c"
+    #: TCP_DEFER_ACCEPT seconds on gunicorn's listen sockets (0: off), so a worker
+    #: accepting a connection usually finds its request already there.
+    defer_accept: int = 1
 
     def argv(self) -> list[str]:
         out: list[str] = []
@@ -90,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acceptfilter-gunicorn-feeder", description=__doc__)
     p.add_argument("--master", type=int, required=True, help="the arbiter's pid: exit when it is gone")
     p.add_argument("--status-fd", type=int, required=True, help="write 'R' when ready, or 'E' and the error")
-    p.add_argument("--pair", action="append", required=True, metavar="LISTEN_FD:CHANNEL_FD")
+    p.add_argument("--pair", action="append", required=True, metavar="LISTEN:READY:HOLD_IN:HOLD_OUT",
+                   help="fds: a listen socket (never accepted from here), the sending end of the channel for "
+                        "ready connections, both ends of the channel of connections to hold")
     p.add_argument("--filter", action="append", required=True, metavar="SPEC")
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--on-timeout", default="surface")
@@ -135,9 +142,14 @@ def _die_with(master: int) -> None:
 class _Pair:
     """One listener, its engine run from our loop (no thread), and its channel to the workers."""
 
-    def __init__(self, listener: FilteredListener, channel: socket.socket) -> None:
+    def __init__(self, listener: FilteredListener, channel: socket.socket, holds: socket.socket,
+                 holds_out: socket.socket) -> None:
         self.listener = listener
         self.channel = channel
+        self.holds = holds  # connections to hold come in here ...
+        self.holds_out = holds_out  # ... and go back in here for a successor
+        # Workers accept and look first; only what they pass on is held here.
+        listener.engine.core.stop_accepting()
         self.pending: deque[tuple[int, Address, ConnectionInfo]] = deque()
         #: The channel refused for a reason writability will not signal (ETOOMANYREFS).
         self.retry_soon = False
@@ -182,6 +194,29 @@ class _Pair:
             handed += 1
             os.close(fd)  # our copy only: the workers' copy is in flight
 
+    def adopt_offered(self) -> int:
+        """Hold every connection the workers passed on."""
+        fds = receive_fds(self.holds)
+        for fd in fds:
+            try:
+                self.listener.adopt(fd)
+            except OSError:
+                os.close(fd)  # gone already (reset) or not a socket
+        return len(fds)
+
+    def pass_on(self, fds: list[int]) -> int:
+        """Held connections into the hold channel, where a successor filter process adopts them."""
+        passed = 0
+        for fd in fds:
+            try:
+                self.holds_out.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                passed += 1
+            except OSError as exc:
+                log.debug("could not pass a held connection on: %s", exc)
+            finally:
+                os.close(fd)
+        return passed
+
     def next_timeout(self) -> float | None:
         return self.listener.engine.core.next_timeout()
 
@@ -191,6 +226,7 @@ class _Feeder:
         self.pairs = pairs
         self.handed = 0
         self.lost = 0
+        self.passed_on = 0
 
     def pump(self, pair: _Pair) -> None:
         try:
@@ -208,9 +244,9 @@ class _Feeder:
         return min([1.0, *due])
 
     def release(self) -> None:
-        """Stop filtering and hand every held connection over as it is."""
+        """Stop filtering: held connections go back to be held by a successor, ready ones to the workers."""
         for pair in self.pairs:
-            pair.listener.release_held("surface")
+            self.passed_on += pair.pass_on(pair.listener.detach_held())
             pair.channel.settimeout(HANDOVER_TIMEOUT)
             try:
                 self.handed += pair.hand_over()
@@ -236,8 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs: list[_Pair] = []
     try:
         for spec in args.pair:
-            listen_fd, channel_fd = (int(x) for x in spec.split(":"))
-            pairs.append(_Pair(settings.wrap(socket.socket(fileno=listen_fd)), socket.socket(fileno=channel_fd)))
+            listen_fd, channel_fd, hold_in, hold_out = (int(x) for x in spec.split(":"))
+            pairs.append(_Pair(settings.wrap(socket.socket(fileno=listen_fd)), socket.socket(fileno=channel_fd),
+                               socket.socket(fileno=hold_in), socket.socket(fileno=hold_out)))
     except (AcceptFilterError, ValueError, OSError) as exc:
         status.write(f"E{exc}")
         status.close()
@@ -259,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     selector.register(wake_r, selectors.EVENT_READ, None)
     for pair in pairs:
         selector.register(pair.listener.engine.core.fileno(), selectors.EVENT_READ, pair)
+        selector.register(pair.holds.fileno(), selectors.EVENT_READ, pair)
     log.info("filtering %s with %s for gunicorn's workers",
              ", ".join(str(p.listener.getsockname()) for p in pairs), " -> ".join(settings.filters))
     status.write("R")
@@ -269,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, _ in selector.select(feeder.timeout()):
                 if key.data is None:
                     wake_r.recv(4096)
-            for pair in pairs:  # cheap when idle; deadlines and listen-queue arrivals need it anyway
+            for pair in pairs:  # cheap when idle; deadlines need it anyway
+                pair.adopt_offered()
                 feeder.pump(pair)
                 fd = pair.channel.fileno()
                 if pair.pending and fd not in waiting_to_send:
@@ -286,8 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         feeder.release()
         stats = [p.listener.stats() for p in pairs]
-        log.info("stopped: %d connections handed to workers, %d lost; accepted %d, rejected %d, timed out %d",
-                 feeder.handed, feeder.lost, sum(s.get("accepted", 0) for s in stats),
+        log.info("stopped: %d connections handed to workers, %d held ones passed on, %d lost; "
+                 "accepted %d, rejected %d, timed out %d", feeder.handed, feeder.passed_on, feeder.lost, sum(s.get("accepted", 0) for s in stats),
                  sum(s.get("rejected", 0) for s in stats), sum(s.get("timed_out", 0) for s in stats))
     return 0
 

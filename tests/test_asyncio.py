@@ -62,7 +62,7 @@ def test_start_server_holds_idle_and_slow_and_exposes_info(core: str, loop_name:
         threads = threading.active_count()
         listener = acceptfilter.wrap(socket.create_server(("127.0.0.1", 0)), "httpready", timeout=30, core=core, driver="asyncio")
         server = await af_asyncio.start_server(handle, sock=listener)
-        assert threading.active_count() == threads, "the asyncio driver must not start a thread"
+        assert threading.active_count() <= threads, "the asyncio driver must not start a thread"
         port = listener.getsockname()[1]
         idle = await open_idle(port, 20)
         slow = await open_idle(port, 5, b"GET / HTTP/1.1\r\nHost: x\r\n")  # a head that never completes
@@ -73,7 +73,7 @@ def test_start_server_holds_idle_and_slow_and_exposes_info(core: str, loop_name:
         assert isinstance(seen[0], acceptfilter.ConnectionInfo)
         stats = listener.stats()
         assert stats["held"] == 25
-        assert threading.active_count() == threads
+        assert threading.active_count() <= threads
         for _, w in idle + slow:
             w.close()
         server.close()
@@ -95,7 +95,7 @@ def test_start_server_binds_host_port(loop_name: str) -> None:
     async def main() -> None:
         threads = threading.active_count()
         server = await af_asyncio.start_server(handle, "127.0.0.1", 0, filter="httpready", timeout=30)
-        assert threading.active_count() == threads
+        assert threading.active_count() <= threads
         port = server.sockets[0].getsockname()[1]
         assert (await get(port)).endswith(b"/hello")
         server.close()
@@ -128,7 +128,7 @@ def test_create_server_with_protocol_and_deadline_timer(core: str, loop_name: st
             await asyncio.sleep(0.02)
         assert len(made) == 1, "the deadline timer did not fire"
         assert listener.stats()["timed_out"] == 1
-        assert threading.active_count() == threads
+        assert threading.active_count() <= threads
         w.close()
         made[0].close()
         server.close()
@@ -153,7 +153,7 @@ def test_plain_asyncio_start_server_on_a_listener(core: str) -> None:
         server = await asyncio.start_server(handle, sock=listener)  # type: ignore[arg-type]
         body = await get(listener.getsockname()[1])
         assert body.endswith(b"ok")
-        assert threading.active_count() == threads
+        assert threading.active_count() <= threads
         server.close()
         await server.wait_closed()
         assert listener.closed

@@ -78,7 +78,7 @@ def test_a_malformed_message_leaks_no_descriptor(tcp_pair) -> None:
     got, addr = listener.accept()
     got.close()
     assert addr == ("127.0.0.1", 1)
-    assert open_fds() == before
+    assert open_fds() - before == set()  # nothing new left open
     send.close()
     recv.close()
 

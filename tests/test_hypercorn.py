@@ -52,7 +52,7 @@ def test_hypercorn_serves_through_httpready(core: str, loop: str) -> None:
         for _, w in slow:
             w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
         await asyncio.sleep(0.6)
-        assert threading.active_count() == threads, "no extra thread"
+        assert threading.active_count() <= threads, "no extra thread"
         for reader, _ in idle + slow:
             with pytest.raises(TimeoutError):  # still open: Hypercorn never saw it
                 await asyncio.wait_for(reader.read(1), 0.01)

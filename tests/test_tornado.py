@@ -51,7 +51,7 @@ def test_tornado_add_socket(core: str, loop: str) -> None:
         for _, w in slow:
             w.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
         await asyncio.sleep(0.1)
-        assert threading.active_count() == threads, "no extra thread"
+        assert threading.active_count() <= threads, "no extra thread"
         proc = await asyncio.create_subprocess_exec(
             CURL or "curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/tornado", stdout=asyncio.subprocess.PIPE
         )

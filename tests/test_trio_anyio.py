@@ -77,7 +77,7 @@ def test_anyio_listener(core: str, backend: str) -> None:
         driver = "asyncio" if backend == "asyncio" else "thread"
         listener = await af_anyio.open_filtered_tcp_listener(0, filter="httpready", core=core, timeout=30, driver=driver)
         if backend == "asyncio":
-            assert threading.active_count() == threads, "the asyncio driver must not start a thread"
+            assert threading.active_count() <= threads, "the asyncio driver must not start a thread"
         port = listener.listener.getsockname()[1]
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, handler)

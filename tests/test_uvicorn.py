@@ -68,7 +68,7 @@ def test_uvicorn_serves_through_httpready_while_idle_are_held(core: str, loop: s
         for _, w in slow:
             w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
         await asyncio.sleep(0.1)
-        assert threading.active_count() == threads, "no extra thread"
+        assert threading.active_count() <= threads, "no extra thread"
         code, body = await curl(port)
         assert (code, body) == (200, "hello /ready")
         assert app.requests == ["/ready"]

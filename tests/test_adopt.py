@@ -139,3 +139,32 @@ def test_detach_held_hands_connections_on_undecided_and_unconsumed(core: str, li
         first.close()
         second.close()
     assert open_fds() <= before | {listen_sock.fileno()}
+
+
+def test_first_look_decides_on_bytes_already_there(elsewhere: socket.socket) -> None:
+    from acceptfilter.engine import Engine
+    from acceptfilter.filter import Verdict
+    from acceptfilter.policy import Policy, Route
+    from acceptfilter.registry import load_chain
+
+    from .broken_filters import Raises
+
+    client, fd = _connection(elsewhere, b"")
+    try:
+        single = Engine.decider((Route("web", load_chain("httpready")),), Policy.build())
+        verdict, route, consume, info = single.first_look(fd, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")  # type: ignore[misc]
+        assert (verdict, route, consume, info["target"]) == (Verdict.ACCEPT, "web", 0, "/a")
+        assert single.first_look(fd, b"GET /a HTTP/1.1\r\n") is None  # wants more
+        assert single.first_look(fd, b"\x16\x03\x01garbage")[0] is Verdict.ACCEPT  # type: ignore[index]  # passed through
+        chain = Engine.decider((Route("web", load_chain(["proxy:trusted=127.0.0.0/8", "httpready"])),), Policy.build())
+        header = b"PROXY TCP4 192.0.2.1 10.0.0.1 1111 80\r\n"
+        verdict, _, consume, info = chain.first_look(fd, header + b"GET /b HTTP/1.1\r\n\r\n")  # type: ignore[misc]
+        assert (verdict, consume, info["client_address"]) == (Verdict.ACCEPT, len(header), ("192.0.2.1", 1111))
+        assert chain.first_look(fd, b"GET /b HTTP/1.1\r\n\r\n")[0] is Verdict.REJECT  # type: ignore[index]  # no header
+        raising = Engine.decider((Route("web", (Raises(),)),), Policy.build())
+        assert raising.first_look(fd, b"a line with too many words\n") is None  # the holder decides (on_error)
+        with pytest.raises(RuntimeError, match="only decides"):  # holding needs a core this engine lacks
+            raising.stats()
+    finally:
+        os.close(fd)
+        client.close()

@@ -209,6 +209,16 @@ class Engine:
         connection then goes to whoever holds connections, which decides
         with the same filters and applies the policies.
         """
+        if self._single is not None and len(data) < self._single[1].max_bytes:
+            name, flt = self._single  # the short path, as in _first_data
+            try:
+                first = self._check(flt, self._guard(flt, flt.session), data, False)
+            except _FilterError:
+                return None
+            if first.verdict is Verdict.WAIT:
+                return None
+            if first.verdict is Verdict.ACCEPT and first.route is None and 0 <= first.consume <= len(data):
+                return Verdict.ACCEPT, name, first.consume, dict(first.info)
         try:
             route, decision, progress = self._decide(fd, data, False)
         except _FilterError:

@@ -105,12 +105,18 @@ def _scale(d: dict[str, Any]) -> list[str]:
              "|---:|---|---:|---:|---:|"]
     for r in d["results"]:
         core = r["mode"].rsplit("-", 1)[1]
+        if "unreachable" in r:
+            lines.append(f"| {r['connections']:,} | {core} | not reachable here: {r['unreachable']} | | |")
+            continue
         held = f"{r.get('held', 0):,}" + ("" if r.get("held", 0) >= r["connections"] else f" of {r['connections']:,}")
         lines.append(f"| {held} | {core} | {_n(r.get('bytes_per_held_connection'))} "
                      f"| {_n(r.get('idle_cpu_percent_of_core'), '{:.2f}')} "
                      f"| {_n(r.get('legit_p99_ms_none_held'), '{:.2f}')} → {_n(r.get('legit_p99_ms_held'), '{:.2f}')} |")
         if r.get("note"):
             lines.append(f"| | | {r['note']} | | |")
+    if any(r["mode"].endswith("-python") for r in d["results"]):
+        lines += ["", "The Python core keeps a Python object per held connection (and registers each one with "
+                  "`select.epoll` from Python), so it is expected to cost more per connection than the C core's slot."]
     return lines
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import socket
 import sys
 import threading
@@ -132,8 +133,9 @@ def serve_scale(args: argparse.Namespace) -> None:
         cmd = line.strip()
         if cmd == "stats":
             st = lsock.stats()
-            print(json.dumps({k: st[k] for k in ("accepted", "held", "surfaced", "buffered_bytes", "fd_exhaustion")}),
-                  flush=True)
+            out = {k: st[k] for k in ("accepted", "held", "surfaced", "buffered_bytes", "fd_exhaustion")}
+            out["nofile"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+            print(json.dumps(out), flush=True)
         else:
             print(json.dumps({"error": f"unknown command {cmd!r}"}), flush=True)
 

@@ -70,10 +70,11 @@ def _machine(results: dict[str, dict[str, Any]]) -> str:
 def _overhead(d: dict[str, Any]) -> list[str]:
     c = d["config"]
     lines = [f"**Overhead** — {c['server']}; {c['request']}; {c['client']} with {c['connections']} connections, "
-             f"{c['rounds']} rounds x {c['seconds_per_sample']:g} s per mode, alternating; medians.", "",
+             f"{c['rounds']} rounds x {c['seconds_per_sample']:g} s per mode, alternating; medians "
+             "(x plain: the median over rounds of the ratio within a round).", "",
              "| mode | conn/s | x plain | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
     for mode, r in d["results"].items():
-        lines.append(f"| {MODE_LABELS.get(mode, mode)} | {_n(r['conn_per_s'])} | {_n(r['ratio_to_plain'], '{:.2f}')} "
+        lines.append(f"| {MODE_LABELS.get(mode, mode)} | {_n(r['conn_per_s'])} | {_n(r['paired_ratio_median'], '{:.2f}')} "
                      f"| {_n(r['p99_ms'], '{:.2f}')} | {r['errors']} |")
     return lines
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import socket
 import sys
@@ -53,9 +54,20 @@ def ready(lsock: Any) -> None:
     print(f"READY {lsock.getsockname()[1]}", flush=True)
 
 
+def exit_with_parent() -> None:
+    """Exit when stdin closes: a benchmark driver that dies leaves no server behind."""
+
+    def watch() -> None:
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def serve_echo(args: argparse.Namespace) -> None:
     """accept -> recv -> sendall -> close, forever (until SIGTERM)."""
     lsock = make_listener(args.mode, args.host, args.port, args.backlog)
+    exit_with_parent()
     ready(lsock)
     accept = lsock.accept
     while True:

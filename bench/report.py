@@ -171,19 +171,24 @@ def plot(results: dict[str, dict[str, Any]], path: Path = PLOT) -> None:
     ov = results.get("overhead", {}).get("results", {})
     if ov:
         names = list(ov)
-        axes[0].barh(names, [ov[m]["conn_per_s"] for m in names], color=["#888" if "-" not in m else
-                     ("#1f77b4" if m.endswith("-c") else "#ff7f0e") for m in names])
+        bars = axes[0].barh(names, [ov[m]["conn_per_s"] for m in names], color=["#888" if "-" not in m else
+                            ("#1f77b4" if m.endswith("-c") else "#ff7f0e") for m in names])
+        axes[0].bar_label(bars, labels=[f"{ov[m]['paired_ratio_median']:.2f}x" for m in names], padding=3)
         axes[0].invert_yaxis()
         axes[0].set_xlabel("connections/s (median), higher is better")
-        axes[0].set_title("Overhead: connection per request")
+        axes[0].set_title("Overhead: connection per request (label: x plain)")
     sc = results.get("slowclient", {}).get("results", {})
     if sc:
         names = [s for s in sc if "rps" in sc[s]]
-        axes[1].barh([SETUP_LABELS.get(s, s).replace("`", "") for s in names], [sc[s]["rps"] for s in names],
-                     color=["#2ca02c" if "acceptfilter" in s else "#888" for s in names])
+        bars = axes[1].barh([SETUP_LABELS.get(s, s).replace("`", "") for s in names], [sc[s]["rps"] for s in names],
+                            color=["#2ca02c" if "acceptfilter" in s else "#888" for s in names])
+        axes[1].bar_label(bars, labels=[f"{sc[s]['rps']:,.0f}" + (" (stalled)" if sc[s].get("stalled_samples") else "")
+                                        for s in names], padding=3)
         axes[1].invert_yaxis()
         axes[1].set_xlabel("legit requests/s (median), gunicorn sync x4")
-        axes[1].set_title("Slow-client immunity (2,000 idle + 2,000 slowloris)")
+        axes[1].set_title("Slow clients: " + results["slowclient"]["config"]["attack"].split(" (")[0])
+    for ax in axes:
+        ax.margins(x=0.18)  # room for the labels
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, metadata={"Software": None})

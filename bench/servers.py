@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import socket
 import sys
 import threading
@@ -52,9 +54,20 @@ def ready(lsock: Any) -> None:
     print(f"READY {lsock.getsockname()[1]}", flush=True)
 
 
+def exit_with_parent() -> None:
+    """Exit when stdin closes: a benchmark driver that dies leaves no server behind."""
+
+    def watch() -> None:
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def serve_echo(args: argparse.Namespace) -> None:
     """accept -> recv -> sendall -> close, forever (until SIGTERM)."""
     lsock = make_listener(args.mode, args.host, args.port, args.backlog)
+    exit_with_parent()
     ready(lsock)
     accept = lsock.accept
     while True:
@@ -132,8 +145,9 @@ def serve_scale(args: argparse.Namespace) -> None:
         cmd = line.strip()
         if cmd == "stats":
             st = lsock.stats()
-            print(json.dumps({k: st[k] for k in ("accepted", "held", "surfaced", "buffered_bytes", "fd_exhaustion")}),
-                  flush=True)
+            out = {k: st[k] for k in ("accepted", "held", "surfaced", "buffered_bytes", "fd_exhaustion")}
+            out["nofile"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+            print(json.dumps(out), flush=True)
         else:
             print(json.dumps({"error": f"unknown command {cmd!r}"}), flush=True)
 

@@ -198,7 +198,7 @@ def test_asan_ubsan_build_runs_the_core_tests_clean(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "sanitize.sh"
     out = subprocess.run(["bash", str(script), "-q", "-x", "-p", "no:cacheprovider", "tests/test_listener.py",
                           "-k", "[c]"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "AF_SANITIZE_DIR": str(tmp_path)})
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "AF_SANITIZE_DIR": str(tmp_path), "PYTHON": sys.executable})
     tail = (out.stdout + out.stderr)[-3000:]
     assert out.returncode == 0, tail
     assert "sanitized core:" in out.stdout and str(tmp_path) in out.stdout, tail

@@ -90,7 +90,12 @@ class ThreadDriver:
                 if self._stopping:
                     return False
                 if queued is None or not queued():
-                    self.engine.step(timeout)
+                    try:
+                        self.engine.step(timeout)
+                    except Exception:
+                        # As in the background thread: accept() never raises an engine failure.
+                        log.exception("acceptfilter: engine step failed; retrying in 50 ms")
+                        time.sleep(0.05)
             finally:
                 self._step_lock.release()
         finally:

@@ -161,6 +161,10 @@ class HandoffListener:
 #: Connections a worker may accept and pass on in one accept() call before it
 #: says EAGAIN (and so gets back to gunicorn's loop, which pings the arbiter).
 MAX_LOOKS = 64
+#: Accepts from the listen socket between two looks at the ready channel.
+READY_EVERY = 4
+#: Most request heads fit: peeking max_bytes (64 KiB) would allocate that much each time.
+FIRST_PEEK = 4096
 _PEEK = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 
 
@@ -191,6 +195,7 @@ class FirstLookListener(HandoffListener):
         self._poller.register(channel.fileno(), select.EPOLLIN)
         self._poller.register(listen.fileno(), select.EPOLLIN)
         self._overflow_logged = 0.0
+        self._since_ready = READY_EVERY
 
     def fileno(self) -> int:
         return self._poller.fileno()
@@ -198,33 +203,41 @@ class FirstLookListener(HandoffListener):
     def accept_with_info(self) -> tuple[socket.socket, Address, ConnectionInfo]:
         while True:
             for _ in range(MAX_LOOKS):
-                try:  # ready ones from the filter process first: they waited longest
-                    return self._take_ready()
-                except BlockingIOError:
-                    pass
+                # Ready ones from the filter process waited longest: take them whenever the
+                # listen queue is empty, and at least every READY_EVERY accepts.
+                if self._since_ready >= READY_EVERY and (got := self._take_ready()) is not None:
+                    return got
                 try:
                     conn, addr = self._listen.accept()
                 except BlockingIOError:
+                    if (got := self._take_ready()) is not None:
+                        return got
                     break
                 except ConnectionAbortedError:
                     continue
-                got = self._look(conn, addr)
-                if got is not None:
-                    return got
+                self._since_ready += 1
+                looked = self._look(conn, addr)
+                if looked is not None:
+                    return looked
             if not self._blocking:
                 raise BlockingIOError(errno.EAGAIN, "no ready connection")
             self._poller.poll()
 
-    def _take_ready(self) -> tuple[socket.socket, Address, ConnectionInfo]:
+    def _take_ready(self) -> tuple[socket.socket, Address, ConnectionInfo] | None:
+        self._since_ready = 0
         blocking, self._blocking = self._blocking, False
         try:
             return super().accept_with_info()
+        except BlockingIOError:
+            return None
         finally:
             self._blocking = blocking
 
     def _look(self, conn: socket.socket, addr: Address) -> tuple[socket.socket, Address, ConnectionInfo] | None:
         try:
-            data = conn.recv(self._max_bytes, _PEEK)
+            data = conn.recv(min(FIRST_PEEK, self._max_bytes), _PEEK)
+            if len(data) == FIRST_PEEK < self._max_bytes:
+                data = conn.recv(self._max_bytes, _PEEK)  # a big head: look at all the filters may see
         except BlockingIOError:
             data = None  # connected, nothing sent yet
         except OSError:

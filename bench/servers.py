@@ -30,6 +30,16 @@ MODES: dict[str, tuple[str | None, str, int]] = {
 }
 
 
+
+def answer_one(conn: socket.socket) -> None:
+    """Read the request (one recv: the client sends it whole), answer, close."""
+    try:
+        conn.recv(65536)
+        conn.sendall(RESPONSE)
+    except OSError:
+        pass
+    conn.close()
+
 def listen(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,13 +81,7 @@ def serve_echo(args: argparse.Namespace) -> None:
     ready(lsock)
     accept = lsock.accept
     while True:
-        conn, _ = accept()
-        try:
-            conn.recv(65536)
-            conn.sendall(RESPONSE)
-        except OSError:
-            pass
-        conn.close()
+        answer_one(accept()[0])
 
 
 def serve_surface(args: argparse.Namespace) -> None:
@@ -133,12 +137,7 @@ def serve_scale(args: argparse.Namespace) -> None:
                 conn, _ = lsock.accept()
             except OSError:
                 return
-            try:
-                conn.recv(65536)
-                conn.sendall(RESPONSE)
-            except OSError:
-                pass
-            conn.close()
+            answer_one(conn)
 
     threading.Thread(target=answer, daemon=True).start()
     for line in sys.stdin:

@@ -18,7 +18,6 @@ by itself when the arbiter goes away.
 from __future__ import annotations
 
 import argparse
-import array
 import ctypes
 import errno
 import logging
@@ -36,7 +35,7 @@ from ..engine import ConnectionInfo
 from ..errors import AcceptFilterError
 from ..iocore import Address
 from ..listener import FilteredListener, wrap
-from .handoff import receive_fds, send_connection
+from .handoff import offer_fd, receive_fds, send_connection
 
 __all__ = ["FeederSettings", "main"]
 
@@ -209,7 +208,7 @@ class _Pair:
         passed = 0
         for fd in fds:
             try:
-                self.holds_out.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                offer_fd(self.holds_out, fd)
                 passed += 1
             except OSError as exc:
                 log.debug("could not pass a held connection on: %s", exc)

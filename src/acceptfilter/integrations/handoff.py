@@ -31,7 +31,7 @@ from ..filter import Verdict
 from ..iocore import Address
 from ..listener import _remember
 
-__all__ = ["FirstLookListener", "HandoffListener", "make_channel", "receive_fds", "send_connection"]
+__all__ = ["FirstLookListener", "HandoffListener", "make_channel", "offer_fd", "receive_fds", "send_connection"]
 
 log = logging.getLogger("acceptfilter.handoff")
 
@@ -263,8 +263,7 @@ class FirstLookListener(HandoffListener):
 
     def _hold_elsewhere(self, conn: socket.socket, addr: Address) -> tuple[socket.socket, Address, ConnectionInfo] | None:
         try:
-            self._offload.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))],
-                                  _DONTWAIT)
+            offer_fd(self._offload, conn.fileno(), _DONTWAIT)
         except OSError as exc:
             # The filter process is not keeping up (or gone and its queue full): the
             # on_timeout policy, as for a connection it could not hold.
@@ -298,6 +297,11 @@ def _close_read(conn: socket.socket, peeked: int, *, reset: bool) -> None:
     except OSError:
         pass
     conn.close()
+
+
+def offer_fd(channel: socket.socket, fd: int, flags: int = 0) -> None:
+    """Pass a bare connection (no metadata) for whoever holds connections to adopt."""
+    channel.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], flags)
 
 
 def receive_fds(channel: socket.socket, limit: int = MAX_LOOKS) -> list[int]:

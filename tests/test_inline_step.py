@@ -9,7 +9,7 @@ import time
 import pytest
 
 import acceptfilter
-from acceptfilter.driver import INLINE_GRACE
+from acceptfilter.drivers import INLINE_GRACE
 
 
 @pytest.mark.parametrize("core", ["c", "python"])

@@ -23,8 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, SHUTDOWN, TIMEOUT, Address, Event
 from .filter import Checker, Decision, Filter, Verdict
-from .iocore import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, SHUTDOWN, TIMEOUT, Address, Event, IOCore
+from .iocore import IOCore
 from .policy import Action, Policy, Route
 
 __all__ = ["ConnectionInfo", "Engine", "Surfaced"]

@@ -19,6 +19,8 @@ import os
 import socket
 from typing import Any, Literal, Protocol
 
+from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, SHUTDOWN, TIMEOUT, Address, Event
+
 __all__ = [
     "DATA",
     "EOF",
@@ -34,13 +36,6 @@ __all__ = [
     "IOCore",
     "make_core",
 ]
-
-DATA, EOF, FULL, TIMEOUT, EVICT, ERROR, SHUTDOWN = range(1, 8)
-KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT: "evict", ERROR: "error", SHUTDOWN: "shutdown"}
-
-#: (fd, kind, errno, peeked bytes, seconds since accept)
-Event = tuple[int, int, int, bytes, float]
-Address = Any  # what socket.accept() would return as the address
 
 CoreName = Literal["c", "python"]
 

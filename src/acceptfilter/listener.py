@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from .driver import ThreadDriver
+from .drivers.thread import ThreadDriver
 from .engine import ConnectionInfo, Engine, Surfaced
 from .errors import FilterSpecError
 from .filter import Filter
@@ -244,7 +244,7 @@ class _Hub:
             if len(self.queues) == 1:
                 self.inline = thread_driver
         elif driver == "asyncio":
-            from .integrations.asyncio import AsyncioDriver
+            from .drivers.asyncio import AsyncioDriver
 
             try:
                 self.driver = AsyncioDriver(self.engine)  # needs a running loop

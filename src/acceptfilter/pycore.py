@@ -15,7 +15,7 @@ import struct
 import time
 from collections import OrderedDict
 
-from .iocore import DATA, EOF, ERROR, EVICT, FULL, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, SHUTDOWN, TIMEOUT, Address, Event
 
 __all__ = ["PyCore"]
 

@@ -21,17 +21,14 @@ import array
 import errno
 import logging
 import pickle
-import select
 import socket
-import time
 from typing import Any
 
-from ..engine import ConnectionInfo, Engine
-from ..filter import Verdict
+from ..engine import ConnectionInfo
 from ..iocore import Address
 from ..listener import _remember
 
-__all__ = ["FirstLookListener", "HandoffListener", "make_channel", "offer_fd", "receive_fds", "send_connection"]
+__all__ = ["MAX_LOOKS", "HandoffListener", "make_channel", "offer_fd", "receive_fds", "send_connection"]
 
 log = logging.getLogger("acceptfilter.handoff")
 
@@ -161,142 +158,6 @@ class HandoffListener:
 #: Connections a worker may accept and pass on in one accept() call before it
 #: says EAGAIN (and so gets back to gunicorn's loop, which pings the arbiter).
 MAX_LOOKS = 64
-#: Accepts from the listen socket between two looks at the ready channel.
-READY_EVERY = 4
-#: Most request heads fit: peeking max_bytes (64 KiB) would allocate that much each time.
-FIRST_PEEK = 4096
-_PEEK = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
-
-
-class FirstLookListener(HandoffListener):
-    """A worker's listener that accepts by itself and serves at once what is already complete.
-
-    On the fast path the worker accepts from the real listen socket, peeks,
-    and runs the filters (:meth:`Engine.first_look`): a connection whose
-    request is already complete is served by this worker with no other
-    process involved. One that has sent too little goes to the filter process
-    over ``offload`` (``SCM_RIGHTS``), which holds it until the filters are
-    satisfied or a policy applies, and hands it back through ``channel``;
-    those come first, they have waited longest. ``fileno()`` is an epoll fd
-    watching both, so gunicorn's ``select()`` wakes for either.
-    """
-
-    def __init__(self, channel: socket.socket, listener: Any, *, listen: socket.socket, offload: socket.socket,
-                 decider: Engine, max_bytes: int) -> None:
-        super().__init__(channel, listener)
-        self._listen = listen
-        self._offload = offload
-        self._decider = decider
-        self._max_bytes = max_bytes
-        self._reset_rejects = decider.policy.on_reject.kind == "reset"
-        self._surface_overflow = decider.policy.on_timeout.kind == "surface"
-        listen.setblocking(False)
-        self._poller = select.epoll()
-        self._poller.register(channel.fileno(), select.EPOLLIN)
-        self._poller.register(listen.fileno(), select.EPOLLIN)
-        self._overflow_logged = 0.0
-        self._since_ready = READY_EVERY
-
-    def fileno(self) -> int:
-        return self._poller.fileno()
-
-    def accept_with_info(self) -> tuple[socket.socket, Address, ConnectionInfo]:
-        while True:
-            for _ in range(MAX_LOOKS):
-                # Ready ones from the filter process waited longest: take them whenever the
-                # listen queue is empty, and at least every READY_EVERY accepts.
-                if self._since_ready >= READY_EVERY and (got := self._take_ready()) is not None:
-                    return got
-                try:
-                    conn, addr = self._listen.accept()
-                except BlockingIOError:
-                    if (got := self._take_ready()) is not None:
-                        return got
-                    break
-                except ConnectionAbortedError:
-                    continue
-                self._since_ready += 1
-                looked = self._look(conn, addr)
-                if looked is not None:
-                    return looked
-            if not self._blocking:
-                raise BlockingIOError(errno.EAGAIN, "no ready connection")
-            self._poller.poll()
-
-    def _take_ready(self) -> tuple[socket.socket, Address, ConnectionInfo] | None:
-        self._since_ready = 0
-        blocking, self._blocking = self._blocking, False
-        try:
-            return super().accept_with_info()
-        except BlockingIOError:
-            return None
-        finally:
-            self._blocking = blocking
-
-    def _look(self, conn: socket.socket, addr: Address) -> tuple[socket.socket, Address, ConnectionInfo] | None:
-        try:
-            data = conn.recv(min(FIRST_PEEK, self._max_bytes), _PEEK)
-            if len(data) == FIRST_PEEK < self._max_bytes:
-                data = conn.recv(self._max_bytes, _PEEK)  # a big head: look at all the filters may see
-        except BlockingIOError:
-            data = None  # connected, nothing sent yet
-        except OSError:
-            conn.close()  # reset before a byte: nothing to serve
-            return None
-        if data == b"":
-            conn.close()  # closed before a byte
-            return None
-        if data:
-            look = self._decider.first_look(conn.fileno(), data)
-            if look is not None:
-                verdict, route, consume, info = look
-                if verdict is Verdict.REJECT:
-                    _close_read(conn, len(data), reset=self._reset_rejects)
-                    return None
-                while consume > 0:  # already in the socket buffer: this does not block
-                    consume -= len(conn.recv(consume))
-                ready = ConnectionInfo(route, info, "ready", 0.0, look[2], addr)
-                _remember(conn, ready)
-                proxied = info.get("client_address")
-                return conn, (addr if proxied is None else proxied), ready
-        return self._hold_elsewhere(conn, addr)
-
-    def _hold_elsewhere(self, conn: socket.socket, addr: Address) -> tuple[socket.socket, Address, ConnectionInfo] | None:
-        try:
-            offer_fd(self._offload, conn.fileno(), _DONTWAIT)
-        except OSError as exc:
-            # The filter process is not keeping up (or gone and its queue full): the
-            # on_timeout policy, as for a connection it could not hold.
-            now = time.monotonic()
-            if now - self._overflow_logged > 10:
-                self._overflow_logged = now
-                log.warning("could not pass a connection to the filter process (%s); %s it", exc,
-                            "serving" if self._surface_overflow else "closing")
-            if self._surface_overflow:
-                info = ConnectionInfo("default", {}, "evicted", 0.0, 0, addr)
-                _remember(conn, info)
-                return conn, addr, info
-        conn.close()  # ours; the filter process has its own copy now
-        return None
-
-    def close(self) -> None:
-        self._poller.close()
-        super().close()
-
-    def __repr__(self) -> str:
-        return f"<FirstLookListener for {self._listener}>"
-
-
-def _close_read(conn: socket.socket, peeked: int, *, reset: bool) -> None:
-    """Close a rejected connection: FIN after reading what it sent (unread bytes would mean RST)."""
-    try:
-        if reset:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        else:
-            conn.recv(peeked, int(socket.MSG_DONTWAIT))
-    except OSError:
-        pass
-    conn.close()
 
 
 def offer_fd(channel: socket.socket, fd: int, flags: int = 0) -> None:

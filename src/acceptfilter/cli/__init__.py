@@ -14,18 +14,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import AcceptFilterError
+from ..errors import AcceptFilterError
 
 __all__ = ["main"]
 
 #: Modules that add a sub-command (each has ``register(subparsers)``).
 _COMMAND_MODULES = (
-    "acceptfilter.cli_list",
-    "acceptfilter.cli_serve",
-    "acceptfilter.cli_stats",
-    "acceptfilter.cli_top",
-    "acceptfilter.cli_run",
-    "acceptfilter.cli_fuzz",
+    "acceptfilter.cli.list",
+    "acceptfilter.cli.serve",
+    "acceptfilter.cli.stats",
+    "acceptfilter.cli.top",
+    "acceptfilter.cli.run",
+    "acceptfilter.cli.fuzz",
 )
 
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="FreeBSD-style accept filters for Linux servers, in user space.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

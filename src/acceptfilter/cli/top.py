@@ -7,8 +7,8 @@ import sys
 import time
 from typing import Any
 
-from . import diag
-from .errors import AcceptFilterError
+from .. import diag
+from ..errors import AcceptFilterError
 
 
 def register(subparsers: Any) -> None:

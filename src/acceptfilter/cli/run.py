@@ -22,8 +22,8 @@ import os
 import sys
 from typing import Any
 
-from .errors import AcceptFilterError
-from .policy import DEFAULT_TIMEOUT
+from ..errors import AcceptFilterError
+from ..policy import DEFAULT_TIMEOUT
 
 SERVERS = ("uvicorn", "hypercorn", "gunicorn")
 
@@ -78,7 +78,7 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
     for var, value in (("ACCEPTFILTER_TIMEOUT", args.timeout), ("ACCEPTFILTER_MAX_HELD", args.max_held)):
         if value is not None:
             env[var] = str(value)
-    from .integrations.gunicorn import settings
+    from ..integrations.gunicorn import settings
 
     settings(env)  # a bad filter spec fails here, before gunicorn starts
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:acceptfilter.gunicorn", *server_args]
@@ -89,7 +89,7 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
 def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
     import uvicorn
 
-    from .integrations import uvicorn as af_uvicorn
+    from ..integrations import uvicorn as af_uvicorn
 
     main_module = importlib.import_module("uvicorn.main")  # `uvicorn.main` is also the click command
     accepted = set(inspect.signature(uvicorn.Config).parameters)
@@ -126,8 +126,8 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
     from hypercorn.config import Config
     from hypercorn.utils import load_application
 
-    from .integrations import hypercorn as af_hypercorn
-    from .integrations.uvicorn import loop_factory
+    from ..integrations import hypercorn as af_hypercorn
+    from ..integrations.uvicorn import loop_factory
 
     main_module = importlib.import_module("hypercorn.__main__")
 

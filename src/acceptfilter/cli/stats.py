@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from . import diag
-from .errors import AcceptFilterError
+from .. import diag
+from ..errors import AcceptFilterError
 
 
 def register(subparsers: Any) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import AcceptFilterError, FilterSpecError
-from .filter import Filter
-from .registry import available_filters, filter_class, register_filter
+from ..errors import AcceptFilterError, FilterSpecError
+from ..filter import Filter
+from ..registry import available_filters, filter_class, register_filter
 
 
 def register(subparsers: Any) -> None:
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
         import hypothesis  # noqa: F401
     except ImportError:
         raise AcceptFilterError("fuzzing needs hypothesis: pip install 'acceptfilter[testing]'") from None
-    from .registry import load_filter
-    from .testing.check import ContractViolation, check_filter
+    from ..registry import load_filter
+    from ..testing.check import ContractViolation, check_filter
 
     if args.examples < 1:
         raise AcceptFilterError("--examples must be at least 1")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             while True:
                 check_filter(flt, max_examples=args.examples)
                 if args.sockets:
-                    from .testing.sockets import check_sockets
+                    from ..testing.sockets import check_sockets
 
                     check_sockets(flt, max_examples=max(1, args.examples // 20))
                 rounds += 1

@@ -2,7 +2,7 @@
 
 The C core's ``af_poll`` releases the GIL while it waits, accepts and peeks,
 so the thread costs the application's threads nothing while connections sit
-idle. (The asyncio driver, with no thread, is in ``integrations/asyncio.py``.)
+idle. (The asyncio driver, with no thread, is in :mod:`.asyncio`.)
 
 An application thread blocked in ``FilteredListener.accept()`` steps the engine
 itself (:meth:`ThreadDriver.step_inline`): the connection it is waiting for is
@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .engine import Engine
+from ..engine import Engine
 
 __all__ = ["INLINE_GRACE", "ThreadDriver"]
 

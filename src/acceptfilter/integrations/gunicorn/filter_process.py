@@ -31,11 +31,11 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..engine import ConnectionInfo
-from ..errors import AcceptFilterError
-from ..iocore import Address
-from ..listener import FilteredListener, wrap
-from .handoff import offer_fd, receive_fds, send_connection
+from ...engine import ConnectionInfo
+from ...errors import AcceptFilterError
+from ...iocore import Address
+from ...listener import FilteredListener, wrap
+from ..handoff import offer_fd, receive_fds, send_connection
 
 __all__ = ["FeederSettings", "main"]
 

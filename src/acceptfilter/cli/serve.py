@@ -12,11 +12,11 @@ import sys
 import threading
 from typing import Any
 
-from .errors import AcceptFilterError
-from .integrations.socketserver import install
-from .listener import route
-from .policy import DEFAULT_TIMEOUT
-from .relay import forward, parse_target
+from ..errors import AcceptFilterError
+from ..integrations.socketserver import install
+from ..listener import route
+from ..policy import DEFAULT_TIMEOUT
+from ..relay import forward, parse_target
 
 
 def register(subparsers: Any) -> None:
@@ -55,7 +55,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     """SimpleHTTPRequestHandler that also logs why the connection was surfaced."""
 
     def log_message(self, format: str, *args: Any) -> None:
-        from .listener import connection_info
+        from ..listener import connection_info
 
         info = connection_info(self.request)
         why = f" [{info.reason}, held {info.held_for * 1000:.1f} ms]" if info else ""
@@ -72,7 +72,7 @@ def status_line(stats: dict[str, Any], view: Any) -> str:
 
 def _status_loop(listener: Any, sock: socket.socket, interval: float, stop: threading.Event) -> None:
     """Refresh the status line in place on a terminal; print plain lines when stderr is a file or pipe."""
-    from . import diag
+    from .. import diag
 
     tty = sys.stderr.isatty()
     while not stop.wait(interval):
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     if args.status and not args.status_interval > 0:
         raise AcceptFilterError(f"--status-interval must be positive, not {args.status_interval}")
     specs = args.filter or ["httpready"]
-    from .registry import load_chain
+    from ..registry import load_chain
 
     plan = _route_plan(args) if args.route else None
     for chain in ([specs] if plan is None else plan[0].values()):
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     print(f"Serving {args.directory} on http://{url_host}:{port}/ through {through} "
           f"(deadline {listener.deadline:g} s, on timeout: {args.on_timeout}, "
           f"max held {listener.max_held}, {args.core} core). Ctrl-C stops.", flush=True)
-    from . import diag
+    from .. import diag
 
     try:
         for warning in diag.inspect(sock, requested_backlog=args.backlog).warnings:

@@ -1,48 +1,7 @@
-"""gunicorn (sync and gthread workers) behind an accept filter, with no code change.
-
-Enable it with gunicorn's own config mechanism::
-
-    ACCEPTFILTER_FILTER=httpready gunicorn -c python:acceptfilter.gunicorn -w 4 app:app
-
-or, with a config file of your own, one line in it::
-
-    import acceptfilter.gunicorn; acceptfilter.gunicorn.install(globals(), filter="httpready", timeout=10)
-
-How it works: workers look first, one filter process holds the rest.
-Each worker's listen socket is replaced by a :class:`.handoff.FirstLookListener`:
-the worker accepts from the real listen socket as before, peeks, and runs the
-filters on what is there; a connection whose request is complete (the
-common case, helped by ``TCP_DEFER_ACCEPT``) is served at once, with no
-other process involved. A connection that has sent too little is passed
-(``SCM_RIGHTS``) to the one filter process the arbiter starts
-(:mod:`.gunicorn_feeder`), which holds it until the filters are satisfied or
-a policy applies, and then hands it, with what the filters learnt, into one
-``SOCK_SEQPACKET`` channel per listener that every worker reads: an idle
-worker takes the next ready connection, a busy one leaves it to the others,
-as with the kernel's accept queue. Held and ready connections live outside
-the workers, so killing a worker, recycling it (``max_requests``) or
-reloading (HUP) loses none of them; if the filter process dies the arbiter
-restarts it (workers keep serving complete requests meanwhile), and a HUP
-that changes the settings starts a new one before the old one hands its held
-connections over.
-
-Settings, from the environment (which wins) or :func:`install`:
-``ACCEPTFILTER_FILTER`` (a spec, or a chain of specs separated by spaces;
-default ``httpready``), ``ACCEPTFILTER_TIMEOUT`` (seconds),
-``ACCEPTFILTER_ON_TIMEOUT`` (``surface``, ``close``, ``reset``),
-``ACCEPTFILTER_MAX_HELD`` (default: the filter process's fd limit, raised to
-its hard limit, less 256), ``ACCEPTFILTER_CORE`` (``c`` or ``python``) and
-``ACCEPTFILTER_DEFER_ACCEPT`` (``TCP_DEFER_ACCEPT`` seconds on the listen
-sockets, default 1, 0 for off: workers then rarely accept a connection whose
-request has not arrived yet).
-An application reads what the filters learnt with
-``acceptfilter.connection_info(environ["gunicorn.socket"])`` (or
-:func:`connection_info` here).
-"""
+"""Arbiter side: starts the one filter process, keeps it alive, hands over on HUP."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import select
@@ -51,19 +10,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
-from ..engine import Engine
-from ..errors import AcceptFilterError
-from ..listener import ConnectionInfo
-from ..listener import connection_info as _connection_info
-from ..policy import Policy, Route
-from ..registry import load_chain
-from .gunicorn_feeder import FeederSettings
-from .handoff import FirstLookListener, make_channel
+from ...engine import Engine
+from ...errors import AcceptFilterError
+from ...policy import Policy, Route
+from ...registry import load_chain
+from ..handoff import make_channel
+from .filter_process import FeederSettings
+from .first_look import FirstLookListener
 
-__all__ = ["connection_info", "install", "on_exit", "on_reload", "on_starting", "post_fork", "settings", "when_ready"]
+__all__ = ["Supervisor"]
 
 _fallback_log = logging.getLogger("acceptfilter.gunicorn")
 
@@ -73,63 +30,7 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 _RESTART_BACKOFF = (0.1, 10.0)
 
-_ENV = {
-    "filter": "ACCEPTFILTER_FILTER",
-    "timeout": "ACCEPTFILTER_TIMEOUT",
-    "on_timeout": "ACCEPTFILTER_ON_TIMEOUT",
-    "max_held": "ACCEPTFILTER_MAX_HELD",
-    "core": "ACCEPTFILTER_CORE",
-    "defer_accept": "ACCEPTFILTER_DEFER_ACCEPT",
-}
-_installed: dict[str, Any] = {}
-
-
-def settings(env: Mapping[str, str] | None = None, **defaults: Any) -> FeederSettings:
-    """The effective settings, checked: environment over ``defaults`` over built-in defaults.
-
-    Raises :class:`AcceptFilterError` (or its subclasses) naming what is wrong.
-    """
-    env = os.environ if env is None else env
-    merged: dict[str, Any] = {k: v for k, v in {**_installed, **defaults}.items() if v is not None}
-    for key, var in _ENV.items():
-        if env.get(var, "").strip():
-            merged[key] = env[var].strip()
-    unknown = set(merged) - set(_ENV)
-    if unknown:
-        raise AcceptFilterError(f"unknown acceptfilter setting(s): {', '.join(sorted(unknown))}; known: {', '.join(_ENV)}")
-    raw_filter = merged.get("filter", "httpready")
-    filters = tuple(raw_filter.split()) if isinstance(raw_filter, str) else tuple(raw_filter)
-    try:
-        timeout = None if merged.get("timeout") is None else float(merged["timeout"])
-        max_held = None if merged.get("max_held") is None else int(merged["max_held"])
-    except ValueError as exc:
-        raise AcceptFilterError(f"{_ENV['timeout']} must be seconds and {_ENV['max_held']} a count: {exc}") from None
-    if timeout is not None and not timeout > 0:
-        raise AcceptFilterError(f"{_ENV['timeout']} must be more than 0 seconds, not {timeout:g}")
-    if max_held is not None and max_held < 1:
-        raise AcceptFilterError(f"{_ENV['max_held']} must be at least 1, not {max_held}")
-    try:
-        defer_accept = int(merged.get("defer_accept", 1))
-    except ValueError:
-        raise AcceptFilterError(f"{_ENV['defer_accept']} must be whole seconds (0: off)") from None
-    if defer_accept < 0:
-        raise AcceptFilterError(f"{_ENV['defer_accept']} must be whole seconds (0: off), not {defer_accept}")
-    core = str(merged.get("core", "c"))
-    if core not in ("c", "python"):
-        raise AcceptFilterError(f"{_ENV['core']} must be 'c' or 'python', not {core!r}")
-    on_timeout = str(merged.get("on_timeout", "surface"))
-    load_chain(list(filters))  # unknown names and malformed specs fail here, in the arbiter
-    Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held)
-    return FeederSettings(filters, timeout, on_timeout, max_held, core, defer_accept)
-
-
-def connection_info(environ: Mapping[str, Any]) -> ConnectionInfo | None:
-    """What the filters learnt about the connection serving this WSGI request."""
-    sock = environ.get("gunicorn.socket")
-    return None if sock is None else _connection_info(sock)
-
-
-class _Supervisor:
+class Supervisor:
     """Arbiter side: one filter process for a set of listeners, kept alive."""
 
     def __init__(self, server: Any, listeners: list[Any], config: FeederSettings) -> None:
@@ -214,7 +115,7 @@ class _Supervisor:
         status_r, status_w = os.pipe()
         pairs = [f"{lst.fileno()}:{send.fileno()}:{hold_recv.fileno()}:{hold_send.fileno()}"
                  for lst, (send, _), (hold_send, hold_recv) in zip(self.listeners, self.channels, self.offloads, strict=True)]
-        cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn_feeder", "--master", str(os.getpid()),
+        cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn.filter_process", "--master", str(os.getpid()),
                "--status-fd", str(status_w), "--log-level", self.loglevel, "--error-log", self.errorlog, *config.argv()]
         uid, gid = self.owner_ids
         if (uid, gid) != (os.getuid(), os.getgid()):
@@ -345,119 +246,3 @@ def _reap(pidfd: int) -> str:
     if result.si_code == os.CLD_EXITED:
         return f"exit status {result.si_status}"
     return f"signal {result.si_status}"
-
-
-# -- gunicorn's server hooks ----------------------------------------------
-_supervisor: _Supervisor | None = None
-
-
-def _check_server(server: Any) -> None:
-    from gunicorn.workers.gthread import ThreadWorker
-    from gunicorn.workers.sync import SyncWorker
-
-    worker = server.worker_class
-    if not (isinstance(worker, type) and issubclass(worker, (SyncWorker, ThreadWorker))):
-        name = getattr(server.cfg, "worker_class_str", worker)
-        raise RuntimeError(f"acceptfilter supports gunicorn's sync and gthread workers, not {name}; "
-                           "for an ASGI app use `acceptfilter run -- uvicorn ...`")
-    if server.cfg.reuse_port:
-        raise RuntimeError("acceptfilter cannot filter with --reuse-port (each worker binds its own socket); drop it")
-
-
-def on_starting(server: Any) -> None:
-    """Check the worker class and settings before anything binds."""
-    _check_server(server)
-    try:
-        settings()
-    except AcceptFilterError as exc:
-        raise RuntimeError(f"acceptfilter: {exc}") from None
-
-
-def when_ready(server: Any) -> None:
-    """Listeners are bound: start the filter process before any worker exists."""
-    global _supervisor
-    sup = _Supervisor(server, server.LISTENERS, settings())
-    try:
-        sup.start()
-    except AcceptFilterError as exc:
-        raise RuntimeError(str(exc)) from None
-    _supervisor = sup
-
-
-def post_fork(server: Any, worker: Any) -> None:
-    """In each new worker: accept from the hand-off channel instead of the listen socket."""
-    if _supervisor is not None:
-        worker.sockets = _supervisor.worker_sockets(worker.sockets)
-
-
-def on_reload(server: Any) -> None:
-    """HUP: keep the filter process if nothing changed; hand over if the settings did."""
-    global _supervisor
-    old = _supervisor
-    try:
-        config = settings()
-    except AcceptFilterError as exc:
-        server.log.error("acceptfilter: keeping the previous settings: %s", exc)
-        return
-    if old is None:
-        return
-    fds = tuple(lst.fileno() for lst in server.LISTENERS)
-    try:
-        if fds != old.fds:
-            new = _Supervisor(server, server.LISTENERS, config)
-            new.start()
-            _supervisor = new
-            old.stop()
-        elif config != old.config:
-            server.log.info("acceptfilter: settings changed; handing over to a new filter process")
-            old.replace(config)
-    except AcceptFilterError as exc:
-        server.log.error("acceptfilter: keeping the running filter process: %s", exc)
-
-
-def on_exit(server: Any) -> None:
-    """The arbiter is done: stop the filter process."""
-    global _supervisor
-    if _supervisor is not None:
-        _supervisor.stop()
-        _supervisor = None
-
-
-_HOOKS: dict[str, Callable[..., None]] = {
-    "on_starting": on_starting,
-    "when_ready": when_ready,
-    "post_fork": post_fork,
-    "on_reload": on_reload,
-    "on_exit": on_exit,
-}
-
-
-def install(namespace: MutableMapping[str, Any], **defaults: Any) -> None:
-    """Enable acceptfilter from your own gunicorn config file: ``install(globals(), filter=...)``.
-
-    Adds the server hooks to ``namespace``; a hook you already define there
-    still runs, after acceptfilter's. ``defaults`` are ``filter``,
-    ``timeout``, ``on_timeout``, ``max_held`` and ``core``; the
-    ``ACCEPTFILTER_*`` environment variables override them.
-    """
-    unknown = set(defaults) - set(_ENV)
-    if unknown:
-        raise TypeError(f"install() got unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(_ENV)}")
-    _installed.clear()
-    _installed.update(defaults)
-    for name, ours in _HOOKS.items():
-        theirs = namespace.get(name)
-        if theirs is None or getattr(theirs, "_acceptfilter", False):
-            namespace[name] = ours
-        else:
-            namespace[name] = _chained(ours, theirs)
-
-
-def _chained(ours: Callable[..., None], theirs: Callable[..., None]) -> Callable[..., None]:
-    @functools.wraps(theirs)  # keeps the signature: gunicorn checks each hook's arity
-    def hook(*args: Any) -> None:
-        ours(*args)
-        theirs(*args)
-
-    hook._acceptfilter = True  # type: ignore[attr-defined]
-    return hook

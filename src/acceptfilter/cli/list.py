@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from .registry import available_filters
+from ..registry import available_filters
 
 
 def register(subparsers: Any) -> None:

@@ -1,0 +1,7 @@
+"""``python -m acceptfilter.cli``: the ``acceptfilter`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,18 @@
+"""What an I/O core reports: event kinds and the event tuple, shared by every core.
+
+Its own module so that the cores (``iocore``, ``pycore``) and the engine
+depend on it and not on each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DATA", "EOF", "ERROR", "EVICT", "FULL", "KIND_NAMES", "SHUTDOWN", "TIMEOUT", "Address", "Event"]
+
+DATA, EOF, FULL, TIMEOUT, EVICT, ERROR, SHUTDOWN = range(1, 8)
+KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT: "evict", ERROR: "error", SHUTDOWN: "shutdown"}
+
+#: (fd, kind, errno, peeked bytes, seconds since accept)
+Event = tuple[int, int, int, bytes, float]
+Address = Any  # what socket.accept() would return as the address

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from acceptfilter.errors import AcceptFilterError
+
 from .conftest import wait_for
 
 gunicorn = pytest.importorskip("gunicorn", reason="gunicorn (test extra) is not installed")
@@ -507,7 +509,7 @@ def test_settings_env_overrides_install_defaults() -> None:
                                timeout=3, filter="dataready")
     assert got.filters == ("proxy:trusted=10.0.0.0/8", "httpready")
     assert (got.timeout, got.max_held, got.on_timeout, got.core) == (3.0, 77, "surface", "c")
-    with pytest.raises(af_gunicorn.AcceptFilterError, match="ACCEPTFILTER_ON_TIMEOUT|on_timeout"):
+    with pytest.raises(AcceptFilterError, match="ACCEPTFILTER_ON_TIMEOUT|on_timeout"):
         af_gunicorn.settings({"ACCEPTFILTER_ON_TIMEOUT": "explode"})
     with pytest.raises(TypeError, match="unknown setting"):
         af_gunicorn.install({}, filtre="httpready")

@@ -17,7 +17,7 @@
 /* Event kinds. DATA is the only non-final one: the connection stays held.
  * After any other event the connection has left the epoll set and the FIFO,
  * and the caller must af_release() or af_close() it. */
-enum {
+enum af_event_kind {
     AF_EV_DATA = 1,     /* more bytes were peeked */
     AF_EV_EOF = 2,      /* the peer sent FIN (data: what it sent before) */
     AF_EV_FULL = 3,     /* the peeked prefix reached max_bytes */
@@ -57,6 +57,16 @@ typedef struct af_addr {
 
 typedef struct af_core af_core;
 
+/* Bounds on what the caller may ask for; larger values are clamped. */
+#define AF_MAX_BYTES 1073741824
+#define AF_MAX_TIMEOUT_MS 1099511627776 /* 2^40 ms, ~35 years: deadline arithmetic never overflows */
+
+/* A connection's states (one per slot of the fd-indexed table):
+ *   FREE -accept/adopt-> HELD (in the FIFO, maybe in epoll) -final event-> FINAL
+ *   HELD or FINAL -af_release/af_close-> FREE
+ * A FINAL connection not released or closed by the next af_poll()/af_drain()
+ * is reported again, so an interrupted caller strands nothing. */
+
 /* Take over a listening socket (made non-blocking). timeout_ms <= 0: no deadline.
  * Returns NULL with *err set on failure. */
 af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t max_held,
@@ -84,8 +94,15 @@ int af_adopt(af_core *c, int fd);
 void af_wake(af_core *c);
 /* Stop taking new connections (the listen fd leaves the epoll set). */
 int af_stop_accepting(af_core *c);
-/* Final events (AF_EV_SHUTDOWN) for every held connection, oldest first. */
+/* Final events (AF_EV_SHUTDOWN) for every held connection, oldest first,
+ * after any FINAL connection still unresolved (reported again, as it was). */
 int af_drain(af_core *c, af_event **events);
 void af_get_stats(const af_core *c, af_stats *out);
+/* The peer address taken at accept (or adoption): it stays known after the
+ * peer reset. 0, or -EBADF if fd is not owned. */
+int af_peer(const af_core *c, int fd, af_addr *addr);
+/* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
+ * real monotonic clock again. */
+void af_set_clock(af_core *c, int64_t now_us);
 
 #endif

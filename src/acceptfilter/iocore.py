@@ -8,8 +8,12 @@ reference (:class:`acceptfilter.pycore.PyCore`) are interchangeable.
 ``poll()`` returns a batch of events ``(fd, kind, err, data, age)``: ``data`` is
 the whole peeked prefix, ``age`` the seconds since the connection was accepted.
 A connection has at most one event per batch. After any event other than
-:data:`DATA` the connection has left the core's wait set and the caller must
-:meth:`~IOCore.release` or :meth:`~IOCore.close` it before the next poll.
+:data:`DATA` the connection has left the core's wait set (it is *final*) and
+the caller must :meth:`~IOCore.release` or :meth:`~IOCore.close` it; one still
+unresolved at the next poll (the caller was interrupted) is reported again.
+
+Both cores take their bounds from the caller clamped: ``max_bytes`` to
+:data:`MAX_BYTES`, the deadline to :data:`~acceptfilter.policy.MAX_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -70,11 +74,25 @@ class IOCore(Protocol):
     def drain(self) -> list[Event]:
         """SHUTDOWN events for every held connection (call until empty)."""
 
-    def stats(self) -> dict[str, int]:
-        """accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked, buffered, held, paused."""
+    def peer(self, fd: int) -> Address:
+        """The peer address taken at accept (or adoption): still known after the peer reset."""
+
+    def snapshot(self) -> None:
+        """Copy the counters now (the engine does, under its lock, after each batch)."""
+
+    def saved_stats(self) -> dict[str, int]:
+        """The copy :meth:`snapshot` made: accepted, accept_errors, fd_exhaustion, peeks,
+        bytes_peeked, buffered, held, paused. Safe from any thread."""
+
+    def set_clock(self, now: float | None) -> None:
+        """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
 
     def free(self) -> None:
         """Close every fd the core still owns (not the listen socket). Idempotent."""
+
+
+#: The most bytes a core will peek per connection (the C core's AF_MAX_BYTES).
+MAX_BYTES = 1 << 30
 
 
 def _check(rc: int, what: str) -> int:
@@ -106,15 +124,15 @@ class CCore:
         self._lib = lib
         listen_sock.setblocking(False)  # the core drains the listen queue with accept4
         err = ffi.new("int *")
-        timeout_ms = 0 if timeout is None else max(1, round(timeout * 1000))
-        core = lib.af_new(listen_sock.fileno(), max_bytes, timeout_ms, max_held, max_events, err)
+        timeout_ms = 0 if timeout is None else max(1, round(min(timeout * 1000, lib.AF_MAX_TIMEOUT_MS)))
+        core = lib.af_new(listen_sock.fileno(), min(max(1, max_bytes), MAX_BYTES), timeout_ms,
+                          min(max(0, max_held), 0xFFFFFFFF), max_events, err)
         if core == ffi.NULL:
             raise OSError(err[0], f"cannot start the C core: {os.strerror(err[0])}")
         self._core: Any = core
         self._events_out = ffi.new("af_event **")
         self._addr = ffi.new("af_addr *")
         self._stats = ffi.new("af_stats *")
-        self._final_stats: dict[str, int] = {}
 
     def fileno(self) -> int:
         return int(self._lib.af_fileno(self._core))
@@ -142,8 +160,15 @@ class CCore:
         return None if ms < 0 else ms / 1000
 
     def release(self, fd: int, consume: int = 0) -> Address:
+        _check(self._lib.af_release(self._core, fd, consume, self._addr), "release")
+        return self._address()
+
+    def peer(self, fd: int) -> Address:
+        _check(self._lib.af_peer(self._core, fd, self._addr), "peer")
+        return self._address()
+
+    def _address(self) -> Address:
         addr = self._addr
-        _check(self._lib.af_release(self._core, fd, consume, addr), "release")
         if addr.family == socket.AF_INET:
             return (self._ffi.string(addr.host).decode(), addr.port)
         if addr.family == socket.AF_INET6:
@@ -168,11 +193,12 @@ class CCore:
     def drain(self) -> list[Event]:
         return self._collect(self._lib.af_drain(self._core, self._events_out))
 
-    def stats(self) -> dict[str, int]:
-        if self._core is None:
-            return dict(self._final_stats)  # after free(): the last numbers
+    def snapshot(self) -> None:
+        if self._core is not None:
+            self._lib.af_get_stats(self._core, self._stats)
+
+    def saved_stats(self) -> dict[str, int]:
         s = self._stats
-        self._lib.af_get_stats(self._core, s)
         return {
             "accepted": s.accepted,
             "accept_errors": s.accept_errors,
@@ -184,10 +210,13 @@ class CCore:
             "paused": s.paused,
         }
 
+    def set_clock(self, now: float | None) -> None:
+        self._lib.af_set_clock(self._core, -1 if now is None else round(now * 1e6))
+
     def free(self) -> None:
         if self._core is None:
             return
-        self._final_stats = self.stats()
+        self.snapshot()  # saved_stats() keeps the last numbers
         core, self._core = self._core, None
         self._lib.af_free(core)
 

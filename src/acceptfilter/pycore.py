@@ -25,7 +25,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 
 
 class _Conn:
-    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "sock")
+    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "final", "sock", "state")
 
     def __init__(self, sock: socket.socket, addr: Address, now: float) -> None:
         self.sock = sock
@@ -34,10 +34,21 @@ class _Conn:
         self.data = b""
         self.eof = False
         self.armed = False
+        self.state = HELD
+        self.final: tuple[int, int] = (0, 0)  # FINAL: the (kind, errno) it was reported with
+
+
+#: A connection's states, as in the C core: HELD (in the FIFO) -> FINAL (reported) -> gone.
+HELD, FINAL = "held", "final"
 
 
 class PyCore:
-    """select.epoll + recv(MSG_PEEK); see :class:`acceptfilter.iocore.IOCore`."""
+    """select.epoll + recv(MSG_PEEK); see :class:`acceptfilter.iocore.IOCore`.
+
+    The reference the C core is tested against: the same states (HELD in the
+    FIFO, FINAL in the final list, reported again until resolved), the same
+    eviction rule (undecided connections only) and the same clamps.
+    """
 
     def __init__(
         self,
@@ -48,36 +59,64 @@ class PyCore:
         max_held: int,
         max_events: int = 512,
     ) -> None:
+        from .iocore import MAX_BYTES
+        from .policy import MAX_TIMEOUT
+
         listen_sock.setblocking(False)
         self._lsock = listen_sock
         self._lfd = listen_sock.fileno()
-        self._max_bytes = max(1, max_bytes)
-        self._timeout = timeout if timeout and timeout > 0 else None
+        self._max_bytes = min(max(1, max_bytes), MAX_BYTES)
+        self._timeout = min(timeout, MAX_TIMEOUT) if timeout and timeout > 0 else None
         self._max_held = max_held
         self._max_events = max(16, max_events)
         self._ep = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._lfd, select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
-        self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # held, in accept order
-        self._owned: dict[int, _Conn] = {}  # held + reported final, not yet released
+        self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # HELD, in accept order
+        self._finals: OrderedDict[int, _Conn] = OrderedDict()  # FINAL: reported, not yet resolved
+        self._owned: dict[int, _Conn] = {}  # HELD + FINAL
         self._pending: list[int] = []
         self._listening = True
         self._paused_until: float | None = None
         self._backoff = 0.0
         self._events: dict[int, tuple[int, int]] = {}  # this batch: fd -> (kind, errno)
+        self._fresh_data = 0  # HELD connections with a DATA event in this batch
+        self._fake_now: float | None = None
         self._stats = dict.fromkeys(("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked"), 0)
+        self._buffered = 0  # peeked bytes kept for owned connections
+        self._saved: dict[str, int] = {}
+        self.snapshot()
+
+    def _now(self) -> float:
+        return time.monotonic() if self._fake_now is None else self._fake_now
 
     # -- helpers ---------------------------------------------------------
     def _emit(self, fd: int, kind: int, err: int = 0) -> None:
+        """Report an event; a final one moves the connection HELD -> FINAL."""
         conn = self._owned[fd]
+        assert conn.state == HELD, f"event {kind} for a {conn.state} connection"
         prev = self._events.get(fd)
         if prev is not None and prev[0] != DATA:
             return  # already final in this batch
+        if kind == DATA:
+            if prev is None:
+                self._fresh_data += 1
+        elif prev is not None:
+            self._fresh_data -= 1
         self._events[fd] = (kind, err)
         if kind != DATA:
-            self._fifo.pop(fd, None)
+            del self._fifo[fd]
             self._disarm(fd, conn)
+            conn.state = FINAL
+            conn.final = (kind, err)
+            self._finals[fd] = conn
+
+    def _report_finals(self) -> None:
+        for fd, conn in self._finals.items():
+            if len(self._events) >= self._max_events:
+                break
+            self._events[fd] = conn.final
 
     def _disarm(self, fd: int, conn: _Conn) -> None:
         if conn.armed:
@@ -90,6 +129,13 @@ class PyCore:
             conn.armed = True
         except OSError as exc:
             self._emit(fd, ERROR, exc.errno or errno.EIO)
+
+    def _forget(self, fd: int) -> _Conn:
+        conn = self._owned.pop(fd)
+        (self._fifo if conn.state == HELD else self._finals).pop(fd)
+        self._buffered -= len(conn.data)
+        self._disarm(fd, conn)
+        return conn
 
     def _peek(self, conn: _Conn, hup: bool) -> tuple[int, int]:
         """(kind, errno): kind 0 when nothing final happened."""
@@ -105,6 +151,7 @@ class PyCore:
                 conn.eof = True
             elif len(data) > len(conn.data):
                 self._stats["bytes_peeked"] += len(data) - len(conn.data)
+                self._buffered += len(data) - len(conn.data)
                 conn.data = data
         if hup:
             conn.eof = True
@@ -113,6 +160,13 @@ class PyCore:
         if conn.eof:
             return EOF, 0
         return 0, 0
+
+    def _evict_oldest_undecided(self) -> None:
+        """Over max_held: the oldest HELD connection without fresh data in this batch."""
+        for fd in self._fifo:
+            if fd not in self._events:
+                self._emit(fd, EVICT)
+                return
 
     def _accept_batch(self, now: float) -> None:
         while self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events:
@@ -134,8 +188,8 @@ class PyCore:
             self._backoff = 0.0
             self._stats["accepted"] += 1
             sock.setblocking(False)
-            if self._max_held and len(self._owned) >= self._max_held and self._fifo:
-                self._emit(next(iter(self._fifo)), EVICT)
+            if self._max_held and len(self._fifo) - self._fresh_data >= self._max_held:
+                self._evict_oldest_undecided()
             fd = sock.fileno()
             conn = _Conn(sock, addr, now)
             self._owned[fd] = conn
@@ -164,6 +218,7 @@ class PyCore:
             for fd, (kind, err) in self._events.items()
         ]
         self._events = {}
+        self._fresh_data = 0
         return out
 
     # -- the interface ---------------------------------------------------
@@ -171,12 +226,17 @@ class PyCore:
         return self._ep.fileno()
 
     def poll(self, timeout: float | None) -> list[Event]:
+        self._events = {}
+        self._fresh_data = 0
+        self._report_finals()
         for fd in self._pending:
             conn = self._fifo.get(fd)
             if conn is not None and not conn.armed:
                 self._arm(fd, conn)
         self._pending = []
-        now = time.monotonic()
+        while self._max_held and len(self._fifo) > self._max_held and len(self._events) + 2 <= self._max_events:
+            self._emit(next(iter(self._fifo)), EVICT)
+        now = self._now()
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
             if self._listening:
@@ -192,7 +252,7 @@ class PyCore:
             ready = self._ep.poll(wait, room)
         except InterruptedError:
             ready = []
-        now = time.monotonic()
+        now = self._now()
         want_accept = False
         for fd, flags in ready:
             if fd == self._lfd:
@@ -230,15 +290,16 @@ class PyCore:
             self._emit(fd, DATA)
 
     def next_timeout(self) -> float | None:
+        if self._finals:
+            return 0.0  # unresolved finals: report them again now
         nxt = self._next_deadline()
-        return None if nxt is None else max(0.0, nxt - time.monotonic())
+        return None if nxt is None else max(0.0, nxt - self._now())
 
     def release(self, fd: int, consume: int = 0) -> Address:
         conn = self._owned.get(fd)
         if conn is None:
             raise OSError(errno.EBADF, "release: not a held connection")
         self._disarm(fd, conn)
-        self._fifo.pop(fd, None)
         while consume > 0:
             try:
                 chunk = conn.sock.recv(min(consume, 65536))
@@ -248,17 +309,20 @@ class PyCore:
                 raise OSError(errno.EPIPE, "release: connection closed while consuming")
             consume -= len(chunk)
         conn.sock.setblocking(True)
-        del self._owned[fd]
+        self._forget(fd)
         conn.sock.detach()
         return conn.addr
 
-    def close(self, fd: int, reset: bool = False) -> None:
-        conn = self._owned.pop(fd, None)
+    def peer(self, fd: int) -> Address:
+        conn = self._owned.get(fd)
         if conn is None:
+            raise OSError(errno.EBADF, "peer: not a held connection")
+        return conn.addr
+
+    def close(self, fd: int, reset: bool = False) -> None:
+        if fd not in self._owned:
             raise OSError(errno.EBADF, "close: not a held connection")
-        self._fifo.pop(fd, None)
-        if conn.armed:
-            self._ep.unregister(fd)
+        conn = self._forget(fd)
         try:
             if reset:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -287,12 +351,10 @@ class PyCore:
             raise
         sock.setblocking(False)
         self._stats["accepted"] += 1  # taken in, so the accounting still adds up
-        conn = _Conn(sock, addr, time.monotonic())
+        conn = _Conn(sock, addr, self._now())
         self._owned[fd] = conn
         self._fifo[fd] = conn
-        self._pending.append(fd)  # armed, and so peeked, by the next poll()
-        if self._max_held and len(self._owned) > self._max_held:
-            self._emit(next(iter(self._fifo)), EVICT)
+        self._pending.append(fd)  # armed, and so peeked, by the next poll(); evicted there if over the bound
 
     def stop_accepting(self) -> None:
         if self._listening:
@@ -300,7 +362,10 @@ class PyCore:
             self._ep.unregister(self._lfd)
 
     def drain(self) -> list[Event]:
-        now = time.monotonic()
+        self._events = {}
+        self._fresh_data = 0
+        self._report_finals()
+        now = self._now()
         while self._fifo and len(self._events) < self._max_events:
             fd, conn = next(iter(self._fifo.items()))
             if not conn.eof:
@@ -308,15 +373,23 @@ class PyCore:
             self._emit(fd, SHUTDOWN)
         return self._collect(now)
 
-    def stats(self) -> dict[str, int]:
-        buffered = sum(len(conn.data) for conn in self._owned.values())
-        return {**self._stats, "buffered": buffered, "held": len(self._owned), "paused": int(self._paused_until is not None)}
+    def snapshot(self) -> None:
+        self._saved = {**self._stats, "buffered": self._buffered, "held": len(self._owned),
+                       "paused": int(self._paused_until is not None)}
+
+    def saved_stats(self) -> dict[str, int]:
+        return dict(self._saved)
+
+    def set_clock(self, now: float | None) -> None:
+        self._fake_now = now
 
     def free(self) -> None:
+        self.snapshot()
         for conn in self._owned.values():
             conn.sock.close()
         self._owned.clear()
         self._fifo.clear()
+        self._finals.clear()
         if not self._ep.closed:
             self._ep.close()
             os.close(self._wakefd)

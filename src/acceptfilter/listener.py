@@ -92,12 +92,17 @@ class SurfaceQueue:
     """Ready connections of one route, with an eventfd token per entry.
 
     The entry is appended before its token is written, so a consumer that got a
-    token always finds an entry, whichever thread produced it.
+    token always finds an entry, whichever thread produced it. Producing,
+    taking and closing share one lock: closing a route from the application
+    thread while the engine thread queues into it loses nothing. The eventfd
+    outlives :meth:`close` (waiters see ``closed``) and is closed by
+    :meth:`free`, once nothing can write to it any more (the driver stopped).
     """
 
     def __init__(self) -> None:
         self._items: deque[Surfaced] = deque()
         self._efd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
         self.closed = False
 
     def fileno(self) -> int:
@@ -105,21 +110,21 @@ class SurfaceQueue:
 
     def put_many(self, items: list[Surfaced]) -> int:
         """Queue ``items``; returns how many had to be closed because the queue is closed."""
-        if self.closed:
-            for fd, _, _ in items:
-                os.close(fd)
-            return len(items)
-        self._items.extend(items)
-        os.eventfd_write(self._efd, len(items))
-        return 0
+        with self._lock:
+            if self.closed:
+                for fd, _, _ in items:
+                    os.close(fd)
+                return len(items)
+            self._items.extend(items)
+            os.eventfd_write(self._efd, len(items))
+            return 0
 
     def get_nowait(self) -> Surfaced:
-        if self.closed:
-            raise _closed_error()
-        os.eventfd_read(self._efd)  # BlockingIOError when empty
-        if self.closed:
-            raise _closed_error()
-        return self._items.popleft()
+        with self._lock:
+            if self.closed:
+                raise _closed_error()
+            os.eventfd_read(self._efd)  # BlockingIOError when empty
+            return self._items.popleft()
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until an entry may be there; False on timeout."""
@@ -135,17 +140,25 @@ class SurfaceQueue:
 
     def close(self) -> int:
         """Close every queued connection; wake blocked acceptors. Returns how many were closed."""
-        if self.closed:
-            return 0
-        self.closed = True
-        os.eventfd_write(self._efd, 1 << 30)  # wake every waiter; they see `closed`
-        count = 0
-        while self._items:
-            fd, _, _ = self._items.popleft()
-            os.close(fd)
-            count += 1
-        os.close(self._efd)
-        return count
+        with self._lock:
+            if self.closed:
+                return 0
+            self.closed = True
+            os.eventfd_write(self._efd, 1 << 30)  # wake every waiter; they see `closed`
+            count = 0
+            while self._items:
+                fd, _, _ = self._items.popleft()
+                os.close(fd)
+                count += 1
+            return count
+
+    def free(self) -> None:
+        """Close the eventfd (after :meth:`close`, once no driver can queue into it). Idempotent."""
+        with self._lock:
+            if self._efd >= 0:
+                self.closed = True
+                os.close(self._efd)
+                self._efd = -1
 
 
 #: The smallest default bound on held connections. FreeBSD bounds its held
@@ -214,8 +227,8 @@ class _Hub:
         self.timeout = sock.gettimeout()
         self.queues = {r.name: SurfaceQueue() for r in routes}
         self.max_held = policy.max_held or _default_max_held(sock)
-        self.deadline = policy.effective_timeout(routes)
-        self.core: IOCore = make_core(
+        self.deadline = policy.deadline(routes)
+        io_core: IOCore = make_core(
             core,
             sock,
             max_bytes=max(1, max(r.max_bytes for r in routes)),
@@ -223,9 +236,9 @@ class _Hub:
             max_held=self.max_held,
         )
         try:
-            self.engine = Engine(self.core, routes, policy, self._sink, default_route=default_route)
+            self.engine = Engine(io_core, routes, policy, self._sink, default_route=default_route)
         except Exception:
-            self.core.free()
+            io_core.free()
             raise
         self._lock = threading.Lock()
         self._open = set(self.queues)
@@ -249,7 +262,7 @@ class _Hub:
             try:
                 self.driver = AsyncioDriver(self.engine)  # needs a running loop
             except Exception:
-                self.core.free()
+                self.engine.free()
                 raise
 
     def attach_driver(self, driver: Driver) -> None:
@@ -271,6 +284,8 @@ class _Hub:
         if last:
             self.close()
         else:
+            # The engine may be queueing into it right now: the queue's lock
+            # orders the two, and its eventfd stays open until close().
             self.engine.note_unclaimed(self.queues[name].close())
 
     def release_held(self, action: Action) -> None:
@@ -298,8 +313,8 @@ class _Hub:
                 raise _closed_error()
             if isinstance(self.driver, ThreadDriver):
                 raise ValueError("adopt() needs the thread that runs the engine: use driver='none' or 'asyncio'")
-            self.core.adopt(fd)
-        self.core.wake()
+            self.engine.adopt(fd)
+        self.engine.wake()
 
     def close(self) -> None:
         with self._lock:
@@ -313,7 +328,8 @@ class _Hub:
         finally:
             for queue in self.queues.values():
                 self.engine.note_unclaimed(queue.close())
-            self.core.free()
+                queue.free()
+            self.engine.free()
             self.sock.close()
 
 

@@ -82,7 +82,7 @@ class ThreadDriver:
                 return False
             self._inline += 1
             if self._polling:
-                self.engine.core.wake()  # get the background thread out of its wait
+                self.engine.wake()  # get the background thread out of its wait
         try:
             if not self._step_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
                 return True
@@ -109,7 +109,7 @@ class ThreadDriver:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self.engine.core.wake()
+        self.engine.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._thread.is_alive():

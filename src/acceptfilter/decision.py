@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from .events import Address
 from .filter import Checker, Decision, Filter, Verdict
@@ -51,9 +51,8 @@ class Phase(enum.Enum):
     """A filter raised or broke its contract (:attr:`Outcome.filter` names it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A terminal phase and what acting on it needs.
+class Outcome(NamedTuple):
+    """A terminal phase and what acting on it needs (a tuple: built once per connection, cheaply).
 
     For REJECTED and FAILED, ``consume`` and ``info`` are what the first route
     had learnt so far: a policy that surfaces the connection anyway (timeout,
@@ -63,13 +62,17 @@ class Outcome:
     phase: Phase
     route: str | None = None
     consume: int = 0
-    info: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any] = MappingProxyType({})
     reason: str = ""
     filter: str = ""
 
 
 #: Called once per filter failure: (filter name, what it did, the exception if it raised).
 ErrorReport = Callable[[str, str, BaseException | None], None]
+
+
+#: What _chain returns while its chain waits for more bytes.
+_WAITING = Decision(Verdict.WAIT)
 
 
 class _Chain:
@@ -182,20 +185,20 @@ class Decider:
                 continue
             if first is None:
                 first = chain
-            decision = self._chain(route, chain, progress.peer, data, final)
-            if decision is None:
+            rejected = self._chain(route, chain, progress.peer, data, final)
+            if rejected is _WAITING:
                 waiting = True
                 continue
-            if decision.verdict is Verdict.ACCEPT and chain.passed and self.routing:
+            if rejected is None and chain.passed and self.routing:
                 # httpready/tlsready pass bytes that are not their protocol;
                 # behind a router that pass must not steal another route's match.
-                decision = Decision.reject(f"{route.name}: not its protocol (passed), no match")
-            if decision.verdict is Verdict.ACCEPT:
+                rejected = Decision.reject(f"{route.name}: not its protocol (passed), no match")
+            if rejected is None:
                 if waiting:
                     continue  # an earlier route may still match: wait for it
-                return Outcome(Phase.ACCEPTED, chain.label or route.name, chain.offset, chain.info, decision.reason)
+                return Outcome(Phase.ACCEPTED, chain.label or route.name, chain.offset, chain.info)
             chain.rejected = True
-            last_reason = decision.reason or f"{route.name}: rejected"
+            last_reason = rejected.reason or f"{route.name}: rejected"
         if waiting:
             return None
         if not self.matching:
@@ -204,7 +207,7 @@ class Decider:
         return Outcome(Phase.REJECTED, None, first.offset, dict(first.info), last_reason or "every route rejected")
 
     def _chain(self, route: Route, chain: _Chain, peer: Address, data: bytes, final: bool) -> Decision | None:
-        """Advance one route's chain; None while it waits, else its ACCEPT or REJECT."""
+        """Advance one route's chain: :data:`_WAITING`, None when every filter accepted, or the REJECT."""
         filters = route.chain
         while chain.index < len(filters):
             flt = filters[chain.index]
@@ -218,7 +221,7 @@ class Decider:
                 if final:
                     raise self._broken(flt, "returned WAIT although final=True")
                 if len(part) < flt.max_bytes:
-                    return None
+                    return _WAITING
                 decision = self._check(flt, session, part, True)  # at its cap: it must decide now
                 if decision.verdict is Verdict.WAIT:
                     raise self._broken(flt, f"returned WAIT with {len(part)} bytes >= max_bytes={flt.max_bytes}")
@@ -234,7 +237,7 @@ class Decider:
             chain.offset += decision.consume
             chain.passed = chain.passed or decision.passed
             chain.index += 1
-        return Decision(Verdict.ACCEPT, chain.info, chain.offset, chain.label, "", chain.passed)
+        return None
 
     def _check(self, flt: Filter, session: Checker, part: bytes, final: bool) -> Decision:
         """One validated call of a filter's check: what the engine may act on, or _Broken."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DATA", "EOF", "ERROR", "EVICT", "FULL", "KIND_NAMES", "SHUTDOWN", "TIMEOUT", "Address", "Event"]
+__all__ = ["DATA", "EOF", "ERROR", "EVICT", "FULL", "KIND_NAMES", "MAX_BYTES", "SHUTDOWN", "TIMEOUT", "Address", "Event"]
 
 DATA, EOF, FULL, TIMEOUT, EVICT, ERROR, SHUTDOWN = range(1, 8)
 KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT: "evict", ERROR: "error", SHUTDOWN: "shutdown"}
@@ -16,3 +16,6 @@ KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT:
 #: (fd, kind, errno, peeked bytes, seconds since accept)
 Event = tuple[int, int, int, bytes, float]
 Address = Any  # what socket.accept() would return as the address
+
+#: The most bytes a core will peek per connection (the C core's AF_MAX_BYTES); larger caps are clamped.
+MAX_BYTES = 1 << 30

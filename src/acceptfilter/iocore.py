@@ -23,7 +23,7 @@ import os
 import socket
 from typing import Any, Literal, Protocol
 
-from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, MAX_BYTES, SHUTDOWN, TIMEOUT, Address, Event
 
 __all__ = [
     "DATA",
@@ -89,10 +89,6 @@ class IOCore(Protocol):
 
     def free(self) -> None:
         """Close every fd the core still owns (not the listen socket). Idempotent."""
-
-
-#: The most bytes a core will peek per connection (the C core's AF_MAX_BYTES).
-MAX_BYTES = 1 << 30
 
 
 def _check(rc: int, what: str) -> int:

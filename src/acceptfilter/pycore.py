@@ -15,7 +15,8 @@ import struct
 import time
 from collections import OrderedDict
 
-from .events import DATA, EOF, ERROR, EVICT, FULL, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, MAX_BYTES, SHUTDOWN, TIMEOUT, Address, Event
+from .policy import MAX_TIMEOUT
 
 __all__ = ["PyCore"]
 
@@ -59,9 +60,6 @@ class PyCore:
         max_held: int,
         max_events: int = 512,
     ) -> None:
-        from .iocore import MAX_BYTES
-        from .policy import MAX_TIMEOUT
-
         listen_sock.setblocking(False)
         self._lsock = listen_sock
         self._lfd = listen_sock.fileno()

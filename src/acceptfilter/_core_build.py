@@ -40,8 +40,29 @@ int af_drain(af_core *c, af_event **events);
 void af_get_stats(const af_core *c, af_stats *out);
 """
 
+# --- compiled readiness matchers (csrc/afmatch.h; issue 13) -------------------------------
+# Kept apart from the core's cdef: afmatch is a self-contained library the core links in.
+MATCH_CDEF = """
+typedef struct afm_insn { int64_t op, a, b, c, d, e; } afm_insn;
+typedef struct afm_prog {
+    const afm_insn *code; uint32_t ncode; const uint8_t *sets; uint32_t nsets;
+    const uint8_t *lits; uint32_t nlits; uint32_t max_bytes;
+} afm_prog;
+typedef struct afm_state {
+    uint32_t pc; uint32_t pos; uint32_t aux; uint32_t depth; uint32_t ends[8];
+    uint32_t status; uint32_t consume; uint32_t need; uint64_t steps;
+} afm_state;
+int afm_check(const afm_prog *p);
+void afm_init(afm_state *s);
+int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len);
+"""
+MATCH_SOURCES = ["csrc/afmatch.c"]
+MATCH_INCLUDE = '#include "afmatch.h"'
+# -------------------------------------------------------------------------------------------
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
+ffibuilder.cdef(MATCH_CDEF)
 
 # AF_SANITIZE=1 builds the core with AddressSanitizer + UBSan (see README, Reliability).
 _extra_compile = ["-O2", "-Wall", "-Wextra", "-std=c11"]
@@ -53,9 +74,9 @@ if os.environ.get("AF_SANITIZE"):
 
 ffibuilder.set_source(
     "acceptfilter._core",
-    '#include "afcore.h"',
+    '#include "afcore.h"\n' + MATCH_INCLUDE,
     # Relative to the project root, where setuptools runs the build.
-    sources=["csrc/afcore.c"],
+    sources=["csrc/afcore.c", *MATCH_SOURCES],
     include_dirs=["csrc"],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

@@ -118,10 +118,10 @@ int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len) 
     if (s->status != AFM_MORE)
         return (int)s->status;
     const uint64_t avail = len < p->max_bytes ? len : p->max_bytes;
-    const uint64_t budget = (uint64_t)p->ncode * ((uint64_t)p->max_bytes + 2);
+    const uint64_t step_limit = (uint64_t)p->ncode * ((uint64_t)p->max_bytes + 2);
     s->need = 0;
     for (;;) {
-        if (s->pc >= p->ncode || s->steps > budget)
+        if (s->pc >= p->ncode || s->steps > step_limit)
             return finish(s, AFM_NO);
         const afm_insn *in = &p->code[s->pc];
         const uint64_t pos = s->pos;

@@ -46,6 +46,8 @@ This module is pure Python (filters import it to declare matchers);
 from __future__ import annotations
 
 import enum
+import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -100,6 +102,9 @@ class Op(enum.IntEnum):
 
 
 Insn = tuple[int, int, int, int, int, int]
+
+# Plain ints for the interpreter loop (IntEnum comparisons cost more).
+_NEED, _SKIP, _LIT, _RUN, _FIELD, _PUSH, _POP, _VEC, _JEQ, _JGE_END, _JUMP, _SEARCH, _READY = range(1, 14)
 
 
 class Match(NamedTuple):
@@ -165,23 +170,23 @@ class Program:
             ok = True
             if op in (Op.NEED, Op.SKIP):
                 ok = _u32(a)
-            elif op == Op.LIT:
+            elif op == _LIT:
                 ok = _u32(a) and 1 <= b <= MAX_TERM * 16 and a + b <= len(self.lits)
             elif op == Op.RUN:
                 ok = 0 <= a < len(self.sets) and _u32(b) and _u32(c) and b <= c
-            elif op == Op.FIELD:
+            elif op == _FIELD:
                 ok = _u32(a) and _width_ok(b) and _u32(c) and _u32(d) and _u32(e)
-            elif op == Op.PUSH:
+            elif op == _PUSH:
                 ok = _u32(a) and _width_ok(b) and -_U32 <= c <= _U32 and _u32(d) and _u32(e)
             elif op in (Op.POP, Op.READY):
                 ok = a in (0, 1)
-            elif op == Op.VEC:
+            elif op == _VEC:
                 ok = _width_ok(a)
-            elif op == Op.JEQ:
+            elif op == _JEQ:
                 ok = _u32(a) and _width_ok(b) and _u32(c) and 0 <= d < n
             elif op in (Op.JGE_END, Op.JUMP):
                 ok = 0 <= a < n
-            elif op == Op.SEARCH:
+            elif op == _SEARCH:
                 ok = _u32(a) and 1 <= b <= 8 and 0 <= c <= MAX_TERM
                 off = a
                 for _ in range(b if ok else 0):
@@ -206,6 +211,27 @@ class Program:
     def match(self, data: bytes) -> Match:
         """One-shot: run a fresh state on ``data``."""
         return MatchState(self).run(data)
+
+    @functools.cached_property
+    def _run_patterns(self) -> tuple[re.Pattern[bytes], ...]:
+        """One ``[set]*`` regex per byte set: RUN scans at C speed in the mirror too."""
+        out = []
+        for bits in self.sets:
+            members = sorted(_members(bits))
+            body = b"".join(re.escape(bytes([m])) for m in members)
+            out.append(re.compile(b"[" + body + b"]*" if members else b""))
+        return tuple(out)
+
+    @functools.cached_property
+    def _search_tables(self) -> dict[int, tuple[list[bytes], int, bytes | None]]:
+        """Per SEARCH offset: the terminators, the shortest length, their common first byte (or None)."""
+        out = {}
+        for op, a, b, *_ in self.code:
+            if op == _SEARCH:
+                terms = self.terms(a, b)
+                firsts = {t[:1] for t in terms}
+                out[a] = (terms, min(len(t) for t in terms), firsts.pop() if len(firsts) == 1 else None)
+        return out
 
     def terms(self, offset: int, count: int) -> list[bytes]:
         """The SEARCH terminator table at ``lits[offset]``."""
@@ -265,18 +291,18 @@ class MatchState:
             pos = self.pos
             limit = self.ends[self.depth - 1] if self.depth else p.max_bytes
             next_pc = self.pc + 1
-            if op == Op.NEED:
+            if op == _NEED:
                 q = pos + a
                 if q > limit:
                     return self._finish(NO)
                 if q > avail:
                     return self._more(q - avail)
-            elif op == Op.SKIP:
+            elif op == _SKIP:
                 q = pos + a
                 if q > limit:
                     return self._finish(NO)
                 self.pos = q
-            elif op == Op.LIT:
+            elif op == _LIT:
                 if pos + b > limit:
                     return self._finish(NO)
                 have = min(max(avail - pos, 0), b)
@@ -285,26 +311,21 @@ class MatchState:
                 if have < b:
                     return self._more(pos + b - avail)
                 self.pos = pos + b
-            elif op == Op.RUN:
-                bits = p.sets[a]
-                count = self.aux
-                while count < c:
-                    q = pos + count
-                    if q >= limit:
-                        break
-                    if q >= avail:
-                        self.aux = count
-                        return self._more(1)
-                    byte = data[q]
-                    if not bits[byte >> 3] >> (byte & 7) & 1:
-                        break
-                    count += 1
-                if count < b:
+            elif op == _RUN:
+                # As afm_run's byte loop: stop at max, then at the limit, then wait at avail.
+                q = pos + self.aux
+                stop = min(pos + c, limit, avail)
+                if q < stop:
+                    q = p._run_patterns[a].match(data, q, stop).end()  # type: ignore[union-attr]  # `*` always matches
+                if q >= stop and q < pos + c and q < limit:
+                    self.aux = q - pos
+                    return self._more(1)
+                if q - pos < b:
                     return self._finish(NO)
                 self.aux = 0
-                self.pos = pos + count
-            elif op in (Op.FIELD, Op.JEQ, Op.PUSH, Op.VEC):
-                off, w = (0, a) if op == Op.VEC else (a, b)
+                self.pos = q
+            elif op in (_FIELD, _JEQ, _PUSH, _VEC):
+                off, w = (0, a) if op == _VEC else (a, b)
                 q = pos + off
                 end = q + (w & 7)
                 if end > limit:
@@ -312,13 +333,13 @@ class MatchState:
                 if end > avail:
                     return self._more(end - avail)
                 v = _read(data, q, w)
-                if op == Op.FIELD:
+                if op == _FIELD:
                     if not d <= v & c <= e:
                         return self._finish(NO)
-                elif op == Op.JEQ:
+                elif op == _JEQ:
                     if v == c:
                         next_pc = d
-                elif op == Op.VEC:
+                elif op == _VEC:
                     np = pos + (w & 7) + v
                     if np > limit:
                         return self._finish(NO)
@@ -331,21 +352,21 @@ class MatchState:
                         return self._finish(NO)
                     self.ends[self.depth] = frame_end
                     self.depth += 1
-            elif op == Op.POP:
+            elif op == _POP:
                 if self.depth == 0 or (a == 0 and pos != limit) or pos > limit:
                     return self._finish(NO)
                 self.pos = limit
                 self.depth -= 1
-            elif op == Op.JGE_END:
+            elif op == _JGE_END:
                 if pos >= limit:
                     next_pc = a
-            elif op == Op.JUMP:
+            elif op == _JUMP:
                 next_pc = a
-            elif op == Op.SEARCH:
-                found = self._search(data, avail, limit, p.terms(a, b), c)
+            elif op == _SEARCH:
+                found = self._search(data, avail, limit, p._search_tables[a], c)
                 if found is not None:
                     return found
-            elif op == Op.READY:
+            elif op == _READY:
                 if pos > avail:
                     return self._more(pos - avail)
                 self.consume = pos if a else 0
@@ -355,19 +376,20 @@ class MatchState:
             self.pc = next_pc
             self.steps += 1
 
-    def _search(self, data: bytes, avail: int, limit: int, terms: list[bytes], back: int) -> Match | None:
+    def _search(
+        self, data: bytes, avail: int, limit: int, table: tuple[list[bytes], int, bytes | None], back: int
+    ) -> Match | None:
         """The first position where a terminator matches; None when found (pos moved), else the answer."""
+        terms, min_len, first = table
         pos = self.pos
         if back > pos:
             return self._finish(NO)
         i = self.aux - 1 if self.aux else pos - back
-        min_len = min(len(t) for t in terms)
-        firsts = {t[0] for t in terms}
         while True:
             if i + min_len > limit:
                 return self._finish(NO)
-            if len(firsts) == 1 and i < avail:  # the positions memchr skips in C
-                hit = data.find(bytes(firsts), i, avail)
+            if first is not None and i < avail:  # the positions memchr skips in C
+                hit = data.find(first, i, avail)
                 i = hit if hit >= 0 else avail
                 if i + min_len > limit:
                     return self._finish(NO)

@@ -6,9 +6,12 @@ hypothesis input here also goes through the C matcher under the sanitizers.
 
 from __future__ import annotations
 
+import json
 import ssl
 import struct
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -411,3 +414,20 @@ def test_near_misses_do_get_certified(name: str) -> None:
 
     count()
     assert certified, name
+
+
+def test_state_is_small_and_fixed() -> None:
+    """What the README promises per connection: one fixed-size afm_state, no allocation."""
+    assert ffi.sizeof("afm_state") == 72
+
+
+def test_bench_matcher_shape(tmp_path: Path) -> None:
+    """bench/matcher.py still runs and writes sane JSON (a shape check: no timing is asserted)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import matcher as bench_matcher
+
+    assert bench_matcher.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "matcher.json").read_text())
+    assert set(result["results"]) == set(bench_matcher.CASES)
+    for row in result["results"].values():
+        assert row["c_ns"] > 0 and row["python_mirror_ns"] > 0 and row["check_ns"] > 0

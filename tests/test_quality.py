@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,19 @@ def test_mypy_strict_clean() -> None:
     _tool("mypy")
     out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+def test_c_matcher_compiles_without_warnings(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc/afmatch.c"), "-o", str(tmp_path / "afmatch.o")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_c_matcher_has_no_protocol_knowledge() -> None:
+    """Matchers are declared by filters; the interpreter knows bytes, lengths and frames only."""
+    source = ((ROOT / "csrc/afmatch.c").read_text() + (ROOT / "csrc/afmatch.h").read_text()).lower()
+    for word in ("http", "tls", "proxy", "get ", "dns", "clienthello"):
+        assert not re.search(rf"\b{word}", source), f"the C matcher mentions {word!r}: protocol logic belongs in filters"

@@ -14,7 +14,7 @@ from cffi import FFI
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: The C headers, next to this file in a source tree or an sdist (src/acceptfilter/../../csrc).
 CSRC = os.path.join(_HERE, os.pardir, os.pardir, "csrc")
-_DEFINE = re.compile(r"^#define\s+([A-Z_][A-Z0-9_]*)\s+(\d+)\b")
+_DEFINE = re.compile(r"^#define\s+([A-Z_][A-Z0-9_]*)\s+(0[xX][0-9a-fA-F]+|\d+)\b")
 
 
 def cdef_from_header(path: str) -> str:
@@ -37,8 +37,12 @@ def cdef_from_header(path: str) -> str:
 
 CDEF = cdef_from_header(os.path.join(CSRC, "afcore.h"))
 
+#: The compiled readiness matchers (csrc/afmatch.h): a self-contained library the core links in.
+MATCH_CDEF = cdef_from_header(os.path.join(CSRC, "afmatch.h"))
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
+ffibuilder.cdef(MATCH_CDEF)
 
 # AF_SANITIZE=1 builds the core with AddressSanitizer + UBSan (see README, Reliability).
 _extra_compile = ["-O2", "-Wall", "-Wextra", "-std=c11"]
@@ -51,9 +55,9 @@ if os.environ.get("AF_SANITIZE"):
 
 ffibuilder.set_source(
     "acceptfilter._core",
-    '#include "afcore.h"',
+    '#include "afcore.h"\n#include "afmatch.h"',
     # Relative to the project root, where setuptools runs the build.
-    sources=["csrc/afcore.c"],
+    sources=["csrc/afcore.c", "csrc/afmatch.c"],
     include_dirs=["csrc"],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

@@ -50,8 +50,10 @@ typedef struct conn {
     uint8_t state;        /* enum conn_state */
     uint8_t armed, eof;
     uint8_t final_kind;   /* FINAL: the event it was reported with */
-    int32_t final_err;
+    int32_t final_err;    /* ERROR: the errno; READY: the bytes to consume */
     uint8_t addrlen;
+    uint8_t matching;     /* the matcher may still certify this connection (MORE so far) */
+    uint8_t lowat;        /* SO_RCVLOWAT was raised (reset before the fd is handed over) */
     uint8_t addr[sizeof(struct sockaddr_in6)];
 } conn;
 
@@ -74,6 +76,11 @@ struct af_core {
     uint32_t batch;
     int listening, paused;
     int64_t resume_at, backoff_us, now, fake_now;
+    const afm_prog *prog;     /* the readiness matcher, or NULL */
+    uint32_t ms_hdr;          /* with a matcher: an afm_state in front of each peek buffer */
+    af_ready *fast_out;       /* during af_accept(): where a connection ready at accept goes */
+    char *scratch;            /* af_ready.data: a copy of the peeked bytes */
+    uint32_t scratch_size;
     af_stats stats;
 };
 
@@ -148,9 +155,18 @@ static conn *hold(af_core *c, int fd, int64_t now, const void *addr, socklen_t a
     k->accepted_us = now;
     k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
     if (k->addrlen) memcpy(k->addr, addr, k->addrlen);
+    k->matching = c->prog != NULL;
     c->stats.held++;
     list_append(c, fd);
     return k;
+}
+
+/* A peek buffer is one block: [afm_state, with a matcher][the peeked bytes]. */
+static char *block_of(const af_core *c, const conn *k) { return k->buf - c->ms_hdr; }
+
+static void free_buf(af_core *c, conn *k) {
+    if (k->buf) free(block_of(c, k));
+    k->buf = NULL;
 }
 
 /* HELD or FINAL -> FREE: the slot is empty again (the fd is the caller's business). */
@@ -162,7 +178,7 @@ static void forget(af_core *c, int fd) {
     list_unlink(c, fd);
     AF_ASSERT(c->stats.buffered >= k->bufsize);
     c->stats.buffered -= k->bufsize;
-    free(k->buf);
+    free_buf(c, k);
     memset(k, 0, sizeof *k);
     k->prev = k->next = NIL;
     c->stats.held--;
@@ -217,6 +233,12 @@ static void report_finals(af_core *c) {
     }
 }
 
+/* SO_RCVLOWAT counts unread bytes, peeked ones included. Best effort: 1 is the default. */
+static void set_lowat(conn *k, int fd, int bytes) {
+    if (bytes <= 1 && !k->lowat) return;
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes) == 0) k->lowat = bytes > 1;
+}
+
 /* Peek everything available (up to max_bytes). Returns the final event kind to
  * report, or -1 when nothing final happened (the caller compares lengths). */
 static int peek(af_core *c, int fd, int hup, int *err) {
@@ -239,8 +261,10 @@ static int peek(af_core *c, int fd, int hup, int *err) {
             k->eof = 1;
             more = 0;
         } else {
-            char *b = malloc(cap);
-            if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+            char *block = malloc((size_t)c->ms_hdr + cap);
+            if (!block) { *err = ENOMEM; return AF_EV_ERROR; }
+            if (c->ms_hdr) afm_init((afm_state *)(void *)block);
+            char *b = block + c->ms_hdr;
             memcpy(b, first, (size_t)n);
             c->stats.buffered += cap;
             c->stats.bytes_peeked += (uint32_t)n;
@@ -255,10 +279,10 @@ static int peek(af_core *c, int fd, int hup, int *err) {
             /* Double, without wrapping: bufsize <= max_bytes <= AF_MAX_BYTES (2^30). */
             uint32_t want = k->bufsize > c->max_bytes / 2 ? c->max_bytes : k->bufsize * 2;
             AF_ASSERT(want > k->bufsize);
-            char *b = realloc(k->buf, want);
-            if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+            char *block = realloc(block_of(c, k), (size_t)c->ms_hdr + want);
+            if (!block) { *err = ENOMEM; return AF_EV_ERROR; }
             c->stats.buffered += want - k->bufsize;
-            k->buf = b;
+            k->buf = block + c->ms_hdr;
             k->bufsize = want;
         }
         ssize_t n = recv(fd, k->buf, k->bufsize, MSG_PEEK | MSG_DONTWAIT);
@@ -278,10 +302,28 @@ static int peek(af_core *c, int fd, int hup, int *err) {
         /* buffer filled: grow and peek again */
     }
     if (hup) k->eof = 1;
+    if (k->matching && k->len > 0) {
+        /* Resumable: each call continues where the last stopped. Certain, or
+         * never certain (then Python decides, as without a matcher). */
+        afm_state *ms = (afm_state *)(void *)block_of(c, k);
+        int r = afm_run(c->prog, ms, (const uint8_t *)k->buf, k->len);
+        if (r == AFM_DONE && ms->consume <= k->len) { *err = (int)ms->consume; return AF_EV_READY; }
+        if (r != AFM_MORE) {
+            k->matching = 0;
+            set_lowat(k, fd, 1);
+        } else if (ms->need > 1 && !k->eof) {
+            /* The matcher knows how much more it needs (a length field): the
+             * kernel wakes us once that much is there, not on every segment. */
+            uint64_t want = (uint64_t)k->len + ms->need;
+            set_lowat(k, fd, want < c->max_bytes ? (int)want : (int)c->max_bytes);
+        }
+    }
     if (k->len >= c->max_bytes) return AF_EV_FULL;
     if (k->eof) return AF_EV_EOF;
     return -1;
 }
+
+static int release_fast(af_core *c, int fd, uint32_t consume);
 
 static void on_readable(af_core *c, int fd, uint32_t flags) {
     conn *k = owned(c, fd);
@@ -296,7 +338,9 @@ static void on_readable(af_core *c, int fd, uint32_t flags) {
     }
     int kind = peek(c, fd, (flags & (EPOLLRDHUP | EPOLLHUP)) != 0, &err);
     if (kind > 0) emit(c, fd, kind, err);
-    else if (k->len != before) emit(c, fd, AF_EV_DATA, 0);
+    else if (k->len != before && !k->matching) emit(c, fd, AF_EV_DATA, 0);
+    /* While the matcher still says MORE, arrivals wake no Python: it certifies,
+     * gives up (then the filter sees everything), or a final event decides. */
 }
 
 static int arm(af_core *c, int fd) {
@@ -355,7 +399,7 @@ static int evict_oldest_undecided(af_core *c) {
 /* Accept while there is room in the event array, keeping one slot per accepted
  * connection for the eviction it may cause. */
 static void accept_batch(af_core *c, int64_t now) {
-    while (c->listening && !c->paused && c->nevents + 2 <= c->max_events) {
+    while (c->listening && !c->paused && c->nevents + 2 <= c->max_events && !(c->fast_out && c->fast_out->fd >= 0)) {
         union { struct sockaddr sa; struct sockaddr_in6 in6; struct sockaddr_storage ss; } addr;
         socklen_t alen = sizeof addr;
         int fd = accept4(c->listen_fd, &addr.sa, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -379,8 +423,14 @@ static void accept_batch(af_core *c, int64_t now) {
          * here, and the connection never has to enter the epoll set. */
         int err = 0;
         int kind = peek(c, fd, 0, &err);
+        if (kind == AF_EV_READY && c->fast_out) {
+            int rc = release_fast(c, fd, (uint32_t)err);
+            if (rc == 0) return; /* af_accept() returns it now */
+            emit(c, fd, AF_EV_ERROR, -rc);
+            continue;
+        }
         if (kind > 0) { emit(c, fd, kind, err); continue; }
-        if (k->len > 0) {
+        if (k->len > 0 && !k->matching) {
             emit(c, fd, AF_EV_DATA, 0);
             if (remember_pending(c, fd) == 0) continue;
         }
@@ -431,9 +481,10 @@ void af_free(af_core *c) {
         if (c->conns[fd].state != CS_FREE) {
             if (c->conns[fd].armed) epoll_ctl(c->epfd, EPOLL_CTL_DEL, (int)fd, NULL);
             close((int)fd);
-            free(c->conns[fd].buf);
+            free_buf(c, &c->conns[fd]);
         }
     }
+    free(c->scratch);
     if (c->epfd >= 0) close(c->epfd);
     if (c->wakefd >= 0) close(c->wakefd);
     free(c->conns);
@@ -464,8 +515,16 @@ static void new_batch(af_core *c, af_event **events) {
     c->now = clock_us(c);
 }
 
-int af_poll(af_core *c, int timeout_ms, af_event **events) {
+/* Deadlines due by the core's clock: the oldest HELD connections, in order. */
+static void expire(af_core *c, int64_t now) {
+    while (c->fifo.head != NIL && deadline_of(c, &c->conns[c->fifo.head]) <= now && c->nevents < c->max_events)
+        emit(c, c->fifo.head, AF_EV_TIMEOUT, 0);
+}
+
+static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
     new_batch(c, events);
+    if (ready) ready->fd = -1;
+    c->fast_out = ready;
     report_finals(c);
     for (uint32_t i = 0; i < c->npending; i++) {
         int fd = c->pending[i];
@@ -487,18 +546,24 @@ int af_poll(af_core *c, int timeout_ms, af_event **events) {
         c->stats.paused = 0;
         if (c->listening) set_listening(c, 1);
     }
+    if (ready && !c->nevents) {
+        /* A thread waiting in accept(): the listen queue first. With
+         * TCP_DEFER_ACCEPT what is queued has sent data, often all of it. */
+        accept_batch(c, now);
+        if (ready->fd >= 0 || c->nevents) goto done;
+    }
     int wait = timeout_ms;
     int64_t next = af_next_timeout_ms(c);
     if (next >= 0 && (wait < 0 || next < wait)) wait = next > 0x7fffffff ? 0x7fffffff : (int)next;
     if (c->nevents) wait = 0;
-    if (c->nevents + 2 > c->max_events) return (int)c->nevents;
+    if (c->nevents + 2 > c->max_events) goto done;
 
     /* Half the array for epoll events (each makes at most one event); the rest
      * is for accepted connections (and their evictions) and deadlines. */
     int room = (int)(c->max_events - c->nevents) / 2;
     int n = epoll_wait(c->epfd, c->epevents, room > 0 ? room : 1, wait);
     if (n < 0) {
-        if (errno != EINTR) return -errno;
+        if (errno != EINTR) { c->fast_out = NULL; return -errno; }
         n = 0;
     }
     now = c->now = clock_us(c);
@@ -513,9 +578,24 @@ int af_poll(af_core *c, int timeout_ms, af_event **events) {
         } else on_readable(c, (int)(uint32_t)tag, c->epevents[i].events);
     }
     if (want_accept) accept_batch(c, now);
-    while (c->fifo.head != NIL && deadline_of(c, &c->conns[c->fifo.head]) <= now && c->nevents < c->max_events)
-        emit(c, c->fifo.head, AF_EV_TIMEOUT, 0);
+done:
+    expire(c, c->now);
+    c->fast_out = NULL;
     return (int)c->nevents;
+}
+
+int af_poll(af_core *c, int timeout_ms, af_event **events) { return poll_impl(c, timeout_ms, events, NULL); }
+
+int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
+    return poll_impl(c, timeout_ms, events, ready);
+}
+
+int af_set_matcher(af_core *c, const afm_prog *prog) {
+    /* Every peek buffer carries the matcher's state in front: only before the first one. */
+    if (c->stats.held || c->stats.accepted) return -EBUSY;
+    c->prog = prog;
+    c->ms_hdr = prog ? (uint32_t)((sizeof(afm_state) + 15) & ~(size_t)15) : 0;
+    return 0;
 }
 
 int af_adopt(af_core *c, int fd) {
@@ -575,6 +655,10 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
     }
     int off = 0;
     if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
+    if (k->lowat) {
+        int one = 1; /* the application's socket: the default low-water mark again */
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one) < 0) return -errno;
+    }
     if (addr) fill_addr(k, addr);
     forget(c, fd);
     return 0;
@@ -604,6 +688,30 @@ int af_close(af_core *c, int fd, int reset) {
     disarm(c, fd);
     forget(c, fd);
     return close(fd) < 0 ? -errno : 0;
+}
+
+/* af_accept(): hand a connection certified at accept straight to the caller.
+ * Returns 0, or -errno (the connection is then still owned: the caller closes it). */
+static int release_fast(af_core *c, int fd, uint32_t consume) {
+    conn *k = &c->conns[fd];
+    af_ready *out = c->fast_out;
+    AF_ASSERT(k->state == CS_HELD && consume <= k->len);
+    uint32_t len = k->len; /* the whole prefix, consumed header included: info is parsed from it */
+    if (len > c->scratch_size) {
+        char *s = realloc(c->scratch, len);
+        if (!s) return -ENOMEM;
+        c->scratch = s;
+        c->scratch_size = len;
+    }
+    if (len) memcpy(c->scratch, k->buf, len); /* the buffer goes with the slot */
+    int rc = af_release(c, fd, consume, &out->addr);
+    if (rc < 0) return rc;
+    out->fd = fd;
+    out->consume = consume;
+    out->len = len;
+    out->data = c->scratch;
+    c->stats.fast++;
+    return 0;
 }
 
 void af_wake(af_core *c) {

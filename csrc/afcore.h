@@ -14,6 +14,8 @@
 
 #include <stdint.h>
 
+#include "afmatch.h"
+
 /* Event kinds. DATA is the only non-final one: the connection stays held.
  * After any other event the connection has left the epoll set and the FIFO,
  * and the caller must af_release() or af_close() it. */
@@ -24,7 +26,8 @@ enum af_event_kind {
     AF_EV_TIMEOUT = 4,  /* the connection's deadline passed */
     AF_EV_EVICT = 5,    /* pushed out: too many held connections */
     AF_EV_ERROR = 6,    /* the connection failed (err: an errno, e.g. ECONNRESET) */
-    AF_EV_SHUTDOWN = 7  /* af_drain(): the core is shutting down */
+    AF_EV_SHUTDOWN = 7, /* af_drain(): the core is shutting down */
+    AF_EV_READY = 8     /* the matcher certified the peeked bytes (err: the bytes to consume) */
 };
 
 typedef struct af_event {
@@ -43,6 +46,7 @@ typedef struct af_stats {
     uint64_t peeks;          /* recv(MSG_PEEK) calls */
     uint64_t bytes_peeked;   /* new bytes seen by peeks */
     uint64_t buffered;       /* peek buffer bytes allocated now (<= held * max_bytes) */
+    uint64_t fast;           /* ready at accept, released by af_accept() with no event */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;
@@ -54,6 +58,15 @@ typedef struct af_addr {
     uint32_t scope_id;
     char host[64];
 } af_addr;
+
+/* A connection af_accept() released: ready at accept, the caller owns fd. */
+typedef struct af_ready {
+    int fd;           /* -1: none */
+    uint32_t consume; /* bytes read off before the caller sees the stream */
+    uint32_t len;     /* the peeked prefix (consumed bytes included), for parsing info later */
+    const char *data; /* valid until the next call on this core */
+    af_addr addr;
+} af_ready;
 
 typedef struct af_core af_core;
 
@@ -101,6 +114,16 @@ void af_get_stats(const af_core *c, af_stats *out);
 /* The peer address taken at accept (or adoption): it stays known after the
  * peer reset. 0, or -EBADF if fd is not owned. */
 int af_peer(const af_core *c, int fd, af_addr *addr);
+/* Run a compiled readiness matcher on every connection's peeked bytes (NULL: none).
+ * The program belongs to the caller and must outlive the core (or the next
+ * af_set_matcher). A connection it certifies is reported AF_EV_READY. Only before
+ * the first connection: -EBUSY after. */
+int af_set_matcher(af_core *c, const afm_prog *prog);
+/* af_poll() for a thread blocked in accept(): it first accepts, and returns at
+ * once with the first connection the matcher certifies at accept, released
+ * into *ready (blocking, consumed; the caller owns ready->fd and it is counted
+ * in stats.fast, with no event). Otherwise as af_poll(); ready->fd is -1. */
+int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready);
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */
 void af_set_clock(af_core *c, int64_t now_us);

@@ -41,8 +41,8 @@ CDEF = cdef_from_header(os.path.join(CSRC, "afcore.h"))
 MATCH_CDEF = cdef_from_header(os.path.join(CSRC, "afmatch.h"))
 
 ffibuilder = FFI()
+ffibuilder.cdef(MATCH_CDEF)  # first: afcore.h uses afm_prog
 ffibuilder.cdef(CDEF)
-ffibuilder.cdef(MATCH_CDEF)
 
 # AF_SANITIZE=1 builds the core with AddressSanitizer + UBSan (see README, Reliability).
 _extra_compile = ["-O2", "-Wall", "-Wextra", "-std=c11"]

@@ -32,10 +32,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .decision import Decider, Outcome, Phase, Progress
-from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, READY, SHUTDOWN, TIMEOUT, Address, Event
 from .iocore import IOCore
 from .policy import Action, Policy, Route
 
@@ -81,7 +82,6 @@ class _RateLimit:
         return self._suppressed.pop(key, 0)
 
 
-@dataclass(frozen=True, slots=True)
 class ConnectionInfo(Mapping[str, Any]):
     """What the filters learnt about a surfaced connection.
 
@@ -92,14 +92,51 @@ class ConnectionInfo(Mapping[str, Any]):
     ``"default"`` or ``"shutdown"``); ``route`` the route it surfaced into;
     ``held_for`` the seconds from accept to surfacing; ``consumed`` the bytes
     read off before the application (a PROXY header); ``peer`` the TCP peer.
+
+    The metadata of a connection a compiled matcher certified is parsed on
+    first use, from a bounded copy of the bytes it had sent when it surfaced
+    (:meth:`lazy`): an application that never asks pays nothing for it.
+    ``reason``, ``route``, ``held_for``, ``consumed`` and ``peer`` are always exact.
     """
 
-    route: str
-    info: Mapping[str, Any]
-    reason: str
-    held_for: float
-    consumed: int = 0
-    peer: Address = None
+    __slots__ = ("_decider", "_info", "_raw", "consumed", "held_for", "peer", "reason", "route")
+
+    def __init__(self, route: str, info: Mapping[str, Any], reason: str, held_for: float, consumed: int = 0,
+                 peer: Address = None) -> None:
+        self.route = route
+        self.reason = reason
+        self.held_for = held_for
+        self.consumed = consumed
+        self.peer = peer
+        self._info: Mapping[str, Any] | None = info
+        self._raw = b""
+        self._decider: Decider | None = None
+
+    @classmethod
+    def lazy(cls, route: str, raw: bytes, decider: Decider, reason: str, held_for: float, consumed: int,
+             peer: Address) -> ConnectionInfo:
+        """Metadata parsed when first read: the filters run again on ``raw`` (what the matcher certified)."""
+        made = cls(route, _EMPTY, reason, held_for, consumed, peer)
+        made._info = None
+        made._raw = raw
+        made._decider = decider
+        return made
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        """The chain's metadata (parsed now if it was certified by a matcher)."""
+        if self._info is None:
+            assert self._decider is not None
+            outcome = self._decider.look(self._raw, self.peer)
+            # The matcher is proven against the check (the fuzz contract): it accepts.
+            self._info = outcome.info if outcome is not None and outcome.phase is Phase.ACCEPTED else _EMPTY
+            self._raw, self._decider = b"", None
+        return self._info
+
+    @property
+    def parsed(self) -> bool:
+        """False while the metadata of a matcher-certified connection has not been needed yet."""
+        return self._info is not None
 
     def __getitem__(self, key: str) -> Any:
         return self.info[key]
@@ -109,6 +146,27 @@ class ConnectionInfo(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.info)
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.route, dict(self.info), self.reason, self.held_for, self.consumed, self.peer)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ConnectionInfo):
+            return self._key() == other._key()
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ConnectionInfo, (self.route, dict(self.info), self.reason, self.held_for, self.consumed, self.peer))
+
+    def __repr__(self) -> str:
+        info = dict(self.info) if self.parsed else "<not parsed yet>"
+        return (f"ConnectionInfo(route={self.route!r}, info={info}, reason={self.reason!r}, "
+                f"held_for={self.held_for!r}, consumed={self.consumed!r}, peer={self.peer!r})")
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 #: (fd, address, info): a connection waiting in a route's queue.
@@ -168,6 +226,8 @@ class Engine:
         self._fd_exhaustion = 0
         self._next_watch = 0.0
         self._on_error = policy.on_error or policy.on_timeout
+        #: The route a compiled matcher's READY connections surface into (set_matcher).
+        self._fast_route: str | None = None
         self._shutdown_action = Action("close")
         #: Held while a batch is handled and while stats() reads: readers see whole batches.
         #: Reentrant: a sink may report unclaimed connections from inside a batch.
@@ -200,6 +260,42 @@ class Engine:
         with self._lock:
             self._core.adopt(fd)
             self._core.snapshot()
+
+    def use_matcher(self) -> bool:
+        """Give the core the listener's compiled readiness matcher, if it can have one.
+
+        Only for one route whose chain is one filter that needs no peer and
+        declares a matcher: a connection the matcher certifies is then surfaced
+        without running the filter (its metadata is parsed lazily). True if set.
+        """
+        if len(self.routes) != 1 or self.default_route is not None or len(self.routes[0].chain) != 1:
+            return False
+        flt = self.routes[0].chain[0]
+        if flt.needs_peer:
+            return False
+        try:
+            program = flt.matcher()
+        except Exception:  # a third-party declaration that fails: the filter still works without it
+            log.warning("filter %r: could not build its matcher; running without it", flt.name, exc_info=True)
+            return False
+        if program is None:
+            return False
+        with self._lock:
+            self._core.set_matcher(program)
+        self._fast_route = self.routes[0].name
+        return True
+
+    def accept_ready(self, timeout: float | None) -> Surfaced | None:
+        """A step for a thread blocked in ``accept()``: a connection certified at accept comes
+        back at once, released, with no event and no filter run (None: none was, and whatever
+        else happened was handled like :meth:`step`)."""
+        events, ready = self._core.accept_ready(timeout)
+        self.handle(events)
+        if ready is None:
+            return None
+        assert self._fast_route is not None
+        fd, addr, raw, consume = ready
+        return fd, addr, ConnectionInfo.lazy(self._fast_route, raw, self.decider, "ready", 0.0, consume, addr)
 
     def set_clock(self, now: float | None) -> None:
         """Tests: the core keeps deadlines on this clock (seconds); None: the real one again.
@@ -316,6 +412,10 @@ class Engine:
             self._waiting.pop(fd, None)
             self._close(fd, reset=False, outcome="closed_empty")
             return
+        if kind == READY:  # certified by the compiled matcher: the filter need not run
+            self._waiting.pop(fd, None)
+            self._surface(fd, self._fast_route or self.routes[0].name, err, _EMPTY, "ready", age, out, raw=data)
+            return
         final = kind != DATA
         progress = self._waiting.get(fd)
         if progress is None:
@@ -378,7 +478,7 @@ class Engine:
 
     # -- acting ----------------------------------------------------------
     def _surface(self, fd: int, route: str, consume: int, info: Mapping[str, Any], reason: str, age: float,
-                 out: dict[str, list[Surfaced]]) -> None:
+                 out: dict[str, list[Surfaced]], raw: bytes | None = None) -> None:
         try:
             addr = self._core.release(fd, consume)
         except OSError as exc:
@@ -386,7 +486,11 @@ class Engine:
             self._close(fd, reset=False, outcome="failed")
             return
         # Built from validated plain values (the decider copied info into a dict): cannot fail.
-        entry = (fd, addr, ConnectionInfo(route, info, reason, age, consume, addr))
+        if raw is None:
+            conn_info = ConnectionInfo(route, info, reason, age, consume, addr)
+        else:
+            conn_info = ConnectionInfo.lazy(route, raw, self.decider, reason, age, consume, addr)
+        entry = (fd, addr, conn_info)
         c = self._counters
         c.surfaced += 1
         c.by_route[route] += 1
@@ -417,18 +521,28 @@ class Engine:
     def _snapshot(self) -> dict[str, Any]:
         c = self._counters
         core = self._core.saved_stats()
+        # Connections certified at accept and handed straight to accept() (af_accept) are
+        # counted by the core alone: surfaced, ready, into the matcher's route, at once.
+        fast = int(core["fast"])
+        by_route, by_reason, latency = Counter(c.by_route), Counter(c.by_reason), list(c.latency)
+        if fast:
+            by_route[self._fast_route or self.routes[0].name] += fast
+            by_reason["ready"] += fast
+            latency[0] += fast
         return {
             "accepted": core["accepted"],
             "held": core["held"],
             **{name: getattr(c, name) for name in OUTCOMES},
+            "surfaced": c.surfaced + fast,
+            "surfaced_at_accept": fast,
             "timed_out": c.timed_out,
             "evicted": c.evicted,
             "shutdown": c.shutdown,
             "filter_errors": c.filter_errors,
             "unclaimed": c.unclaimed,
             "waiting_with_data": len(self._waiting),
-            "surfaced_by_route": dict(c.by_route),
-            "surfaced_by_reason": dict(c.by_reason),
+            "surfaced_by_route": dict(by_route),
+            "surfaced_by_reason": dict(by_reason),
             "filter_errors_by_filter": dict(c.errors_by_filter),
             "accept_errors": core["accept_errors"],
             "fd_exhaustion": core["fd_exhaustion"],
@@ -438,9 +552,9 @@ class Engine:
             "buffered_bytes": core["buffered"],
             "time_to_surface": {
                 "buckets": list(LATENCY_BUCKETS),
-                "counts": list(c.latency),
+                "counts": latency,
                 "sum": c.latency_sum,
-                "count": sum(c.latency),
+                "count": sum(latency),
             },
         }
 

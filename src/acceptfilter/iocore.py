@@ -21,9 +21,26 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, MAX_BYTES, SHUTDOWN, TIMEOUT, Address, Event
+from .events import (
+    DATA,
+    EOF,
+    ERROR,
+    EVICT,
+    FULL,
+    KIND_NAMES,
+    MAX_BYTES,
+    READY,
+    SHUTDOWN,
+    TIMEOUT,
+    Address,
+    Event,
+    Ready,
+)
+
+if TYPE_CHECKING:
+    from .matcher import Program
 
 __all__ = [
     "DATA",
@@ -32,6 +49,7 @@ __all__ = [
     "EVICT",
     "FULL",
     "KIND_NAMES",
+    "READY",
     "SHUTDOWN",
     "TIMEOUT",
     "Address",
@@ -87,6 +105,18 @@ class IOCore(Protocol):
     def set_clock(self, now: float | None) -> None:
         """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
 
+    def set_matcher(self, program: Program | None) -> None:
+        """Run this compiled readiness matcher on every peek (before the first connection).
+
+        A connection it certifies is reported :data:`READY` (the filters' Python
+        check is not run: the matcher is proven against it).
+        """
+
+    def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
+        """:meth:`poll` for a thread blocked in ``accept()``: accept first, and return at once
+        the first connection the matcher certifies at accept, already released (counted in
+        ``fast``, with no event). Otherwise exactly :meth:`poll`, and None."""
+
     def free(self) -> None:
         """Close every fd the core still owns (not the listen socket). Idempotent."""
 
@@ -129,6 +159,8 @@ class CCore:
         self._events_out = ffi.new("af_event **")
         self._addr = ffi.new("af_addr *")
         self._stats = ffi.new("af_stats *")
+        self._ready = ffi.new("af_ready *")
+        self._program: Any = None  # the compiled matcher, kept alive as long as the core
 
     def fileno(self) -> int:
         return int(self._lib.af_fileno(self._core))
@@ -139,6 +171,26 @@ class CCore:
         if n < 0:
             raise OSError(-n, f"af_poll: {os.strerror(-n)}")
         return self._collect(n)
+
+    def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        ready = self._ready
+        n = self._lib.af_accept(self._core, ms, self._events_out, ready)
+        if n < 0:
+            raise OSError(-n, f"af_accept: {os.strerror(-n)}")
+        if ready.fd < 0:
+            return self._collect(n), None
+        length = ready.len
+        data = self._ffi.buffer(ready.data, length)[:] if length else b""
+        return self._collect(n), (ready.fd, self._address(ready.addr), data, ready.consume)
+
+    def set_matcher(self, program: Program | None) -> None:
+        from .cmatcher import compile_program
+
+        compiled = None if program is None else compile_program(program)
+        _check(self._lib.af_set_matcher(self._core, self._ffi.NULL if compiled is None else compiled.ptr),
+               "set matcher")
+        self._program = compiled
 
     def _collect(self, n: int) -> list[Event]:
         evs = self._events_out[0]
@@ -157,14 +209,13 @@ class CCore:
 
     def release(self, fd: int, consume: int = 0) -> Address:
         _check(self._lib.af_release(self._core, fd, consume, self._addr), "release")
-        return self._address()
+        return self._address(self._addr)
 
     def peer(self, fd: int) -> Address:
         _check(self._lib.af_peer(self._core, fd, self._addr), "peer")
-        return self._address()
+        return self._address(self._addr)
 
-    def _address(self) -> Address:
-        addr = self._addr
+    def _address(self, addr: Any) -> Address:
         if addr.family == socket.AF_INET:
             return (self._ffi.string(addr.host).decode(), addr.port)
         if addr.family == socket.AF_INET6:
@@ -204,6 +255,7 @@ class CCore:
             "buffered": s.buffered,
             "held": s.held,
             "paused": s.paused,
+            "fast": s.fast,
         }
 
     def set_clock(self, now: float | None) -> None:

@@ -84,6 +84,14 @@ def _index_peer(sock: socket.socket, addr: Address) -> None:
             _socket_by_peer[(str(addr[0]), int(addr[1]))] = sock
 
 
+def _client_address(info: ConnectionInfo) -> Address:
+    """The real client a PROXY header named, or None. Metadata a matcher certified is left
+    unparsed unless a header was consumed (only a header-reading filter consumes)."""
+    if not info.parsed and not info.consumed:
+        return None
+    return info.info.get("client_address")
+
+
 def _closed_error() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
@@ -250,6 +258,13 @@ class _Hub:
         #: driver and one route (with several, one route's acceptor must not sit
         #: in a wait while another route's connection is queued).
         self.inline: ThreadDriver | None = None
+        #: A compiled readiness matcher runs in the core: a thread blocked in accept() takes
+        #: connections it certifies at accept straight from the core (ThreadDriver.accept_inline).
+        try:
+            self.fast = self.engine.use_matcher()
+        except Exception:
+            self.engine.free()
+            raise
         if driver == "thread":
             thread_driver = ThreadDriver(self.engine)
             thread_driver.start()
@@ -363,8 +378,15 @@ class FilteredListener:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")
             inline = self._hub.inline
-            if inline is not None and inline.step_inline(remaining, self._queue.__len__):
-                continue  # the step may have surfaced a connection (or timed out)
+            if inline is not None:
+                if self._hub.fast:
+                    got = inline.accept_inline(remaining, self._queue.__len__)
+                    if got is not True and got is not False:
+                        return got  # certified at accept: no filter ran, nothing was queued
+                    if got:
+                        continue
+                elif inline.step_inline(remaining, self._queue.__len__):
+                    continue  # the step may have surfaced a connection (or timed out)
             self._queue.wait(remaining)
 
     def accept_fd(self) -> tuple[int, Address, ConnectionInfo]:
@@ -374,7 +396,7 @@ class FilteredListener:
         connection along (the gunicorn filter process does, per connection).
         """
         fd, addr, info = self._take()
-        proxied = info.info.get("client_address")
+        proxied = _client_address(info)
         return fd, (addr if proxied is None else proxied), info
 
     def accept_with_info(self) -> tuple[socket.socket, Address, ConnectionInfo]:
@@ -392,7 +414,7 @@ class FilteredListener:
             _index_peer(sock, addr)
         # A PROXY protocol header names the real client: it wins over the
         # balancer's address, which stays in ``info.peer``.
-        proxied = info.info.get("client_address")
+        proxied = _client_address(info)
         if proxied is not None:
             addr = proxied
         return sock, addr, info

@@ -15,7 +15,8 @@ import struct
 import time
 from collections import OrderedDict
 
-from .events import DATA, EOF, ERROR, EVICT, FULL, MAX_BYTES, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, MAX_BYTES, READY, SHUTDOWN, TIMEOUT, Address, Event, Ready
+from .matcher import DONE, MORE, MatchState, Program
 from .policy import MAX_TIMEOUT
 
 __all__ = ["PyCore"]
@@ -26,7 +27,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 
 
 class _Conn:
-    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "final", "sock", "state")
+    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "final", "lowat", "match", "sock", "state")
 
     def __init__(self, sock: socket.socket, addr: Address, now: float) -> None:
         self.sock = sock
@@ -37,6 +38,8 @@ class _Conn:
         self.armed = False
         self.state = HELD
         self.final: tuple[int, int] = (0, 0)  # FINAL: the (kind, errno) it was reported with
+        self.match: MatchState | None = None  # the matcher's state while it may still certify
+        self.lowat = False  # SO_RCVLOWAT raised (reset before the socket is handed over)
 
 
 #: A connection's states, as in the C core: HELD (in the FIFO) -> FINAL (reported) -> gone.
@@ -81,7 +84,10 @@ class PyCore:
         self._events: dict[int, tuple[int, int]] = {}  # this batch: fd -> (kind, errno)
         self._fresh_data = 0  # HELD connections with a DATA event in this batch
         self._fake_now: float | None = None
-        self._stats = dict.fromkeys(("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked"), 0)
+        self._program: Program | None = None
+        self._fast: Ready | None = None  # during accept_ready(): the connection certified at accept
+        self._fast_mode = False
+        self._stats = dict.fromkeys(("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "fast"), 0)
         self._buffered = 0  # peeked bytes kept for owned connections
         self._saved: dict[str, int] = {}
         self.snapshot()
@@ -153,11 +159,33 @@ class PyCore:
                 conn.data = data
         if hup:
             conn.eof = True
+        if conn.match is not None and conn.data:
+            # Resumable, like afm_run: certain, or never certain (then Python decides).
+            m = conn.match.run(conn.data)
+            if m.status == DONE and m.consume <= len(conn.data):
+                return READY, m.consume
+            if m.status != MORE:
+                conn.match = None
+                self._set_lowat(conn, 1)
+            elif m.need > 1 and not conn.eof:
+                # The matcher knows how much more it needs: wake once that much is there.
+                self._set_lowat(conn, min(len(conn.data) + m.need, self._max_bytes))
         if len(conn.data) >= self._max_bytes:
             return FULL, 0
         if conn.eof:
             return EOF, 0
         return 0, 0
+
+    @staticmethod
+    def _set_lowat(conn: _Conn, size: int) -> None:
+        """SO_RCVLOWAT counts unread bytes, peeked ones included. Best effort, as in the C core."""
+        if size <= 1 and not conn.lowat:
+            return
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+        except OSError:
+            return
+        conn.lowat = size > 1
 
     def _evict_oldest_undecided(self) -> None:
         """Over max_held: the oldest HELD connection without fresh data in this batch."""
@@ -167,7 +195,8 @@ class PyCore:
                 return
 
     def _accept_batch(self, now: float) -> None:
-        while self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events:
+        while (self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events
+               and self._fast is None):
             try:
                 sock, addr = self._lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -190,16 +219,27 @@ class PyCore:
                 self._evict_oldest_undecided()
             fd = sock.fileno()
             conn = _Conn(sock, addr, now)
+            if self._program is not None:
+                conn.match = self._program.start()
             self._owned[fd] = conn
             self._fifo[fd] = conn
             kind, err = self._peek(conn, False)
+            if kind == READY and self._fast_mode:
+                try:
+                    self.release(fd, err)
+                except OSError as exc:
+                    self._emit(fd, ERROR, exc.errno or errno.EIO)
+                    continue
+                self._stats["fast"] += 1
+                self._fast = (fd, addr, conn.data, err)
+                return
             if kind:
                 self._emit(fd, kind, err)
-            elif conn.data:
+            elif conn.data and conn.match is None:
                 self._emit(fd, DATA)
                 self._pending.append(fd)
             else:
-                self._arm(fd, conn)
+                self._arm(fd, conn)  # nothing yet, or the matcher still says MORE: no Python
 
     def _next_deadline(self) -> float | None:
         nxt = None
@@ -224,8 +264,29 @@ class PyCore:
         return self._ep.fileno()
 
     def poll(self, timeout: float | None) -> list[Event]:
+        return self._poll(timeout, False)
+
+    def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
+        events = self._poll(timeout, True)
+        ready, self._fast = self._fast, None
+        return events, ready
+
+    def set_matcher(self, program: Program | None) -> None:
+        if self._stats["accepted"]:
+            raise OSError(errno.EBUSY, "set matcher: only before the first connection")
+        self._program = program
+
+    def _poll(self, timeout: float | None, fast: bool) -> list[Event]:
         self._events = {}
         self._fresh_data = 0
+        self._fast = None
+        self._fast_mode = fast
+        try:
+            return self._poll_once(timeout, fast)
+        finally:
+            self._fast_mode = False
+
+    def _poll_once(self, timeout: float | None, fast: bool) -> list[Event]:
         self._report_finals()
         for fd in self._pending:
             conn = self._fifo.get(fd)
@@ -239,6 +300,10 @@ class PyCore:
             self._paused_until = None
             if self._listening:
                 self._ep.modify(self._lfd, select.EPOLLIN)
+        if fast and not self._events:
+            self._accept_batch(now)  # a thread waiting in accept(): the listen queue first
+            if self._fast is not None or self._events:
+                return self._finish(now)
         wait = -1.0 if timeout is None else timeout
         nxt = self._next_deadline()
         if nxt is not None and (wait < 0 or nxt - now < wait):
@@ -264,6 +329,9 @@ class PyCore:
                 self._on_readable(fd, flags)
         if want_accept:
             self._accept_batch(now)
+        return self._finish(now)
+
+    def _finish(self, now: float) -> list[Event]:
         if self._timeout is not None:
             while self._fifo and len(self._events) < self._max_events:
                 fd, conn = next(iter(self._fifo.items()))
@@ -284,8 +352,8 @@ class PyCore:
         kind, err = self._peek(conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)))
         if kind:
             self._emit(fd, kind, err)
-        elif len(conn.data) != before:
-            self._emit(fd, DATA)
+        elif len(conn.data) != before and conn.match is None:
+            self._emit(fd, DATA)  # while the matcher says MORE, arrivals wake no Python
 
     def next_timeout(self) -> float | None:
         if self._finals:
@@ -307,6 +375,8 @@ class PyCore:
                 raise OSError(errno.EPIPE, "release: connection closed while consuming")
             consume -= len(chunk)
         conn.sock.setblocking(True)
+        if conn.lowat:  # the application's socket: the default low-water mark again
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self._forget(fd)
         conn.sock.detach()
         return conn.addr

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..engine import Engine
+from ..engine import Engine, Surfaced
 
 __all__ = ["INLINE_GRACE", "ThreadDriver"]
 
@@ -77,6 +77,15 @@ class ThreadDriver:
         """Step the engine in the calling thread, waiting at most ``timeout`` seconds (None: until
         something happens), unless ``queued()`` says a connection is already waiting (another
         thread's step surfaced it). Returns False once the driver is stopping (do not retry)."""
+        return self._inline_step(timeout, queued, take=False) is not False
+
+    def accept_inline(self, timeout: float | None, queued: Callable[[], int] | None = None) -> Surfaced | bool:
+        """Like :meth:`step_inline`, but a connection the core's matcher certifies at accept comes
+        straight back (one C call, no filter run, nothing queued): the fast path of ``accept()``.
+        Returns it, True when the caller should look at its queue again, False once stopping."""
+        return self._inline_step(timeout, queued, take=True)
+
+    def _inline_step(self, timeout: float | None, queued: Callable[[], int] | None, *, take: bool) -> Surfaced | bool:
         with self._cond:
             if self._stopping:
                 return False
@@ -91,7 +100,12 @@ class ThreadDriver:
                     return False
                 if queued is None or not queued():
                     try:
-                        self.engine.step(timeout)
+                        if take:
+                            got = self.engine.accept_ready(timeout)
+                            if got is not None:
+                                return got
+                        else:
+                            self.engine.step(timeout)
                     except Exception:
                         # As in the background thread: accept() never raises an engine failure.
                         log.exception("acceptfilter: engine step failed; retrying in 50 ms")

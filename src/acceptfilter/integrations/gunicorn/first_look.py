@@ -41,8 +41,11 @@ class FirstLookListener(HandoffListener):
     """
 
     def __init__(self, channel: socket.socket, listener: Any, *, listen: socket.socket, offload: socket.socket,
-                 decider: Decider, policy: Policy, max_bytes: int) -> None:
+                 decider: Decider, policy: Policy, max_bytes: int, matcher: Any = None) -> None:
         super().__init__(channel, listener)
+        #: The route's compiled readiness matcher (C, or the Python mirror), if it has one:
+        #: a head it certifies is served without running the filter; info is parsed on demand.
+        self._matcher = matcher
         self._listen = listen
         self._offload = offload
         self._decider = decider
@@ -105,6 +108,16 @@ class FirstLookListener(HandoffListener):
         if data == b"":
             conn.close()  # closed before a byte
             return None
+        if data and self._matcher is not None:
+            match = self._matcher.match(data)
+            if match.ready:
+                route = self._decider.routes[0].name
+                consume = match.consume
+                while consume > 0:  # already in the socket buffer: this does not block
+                    consume -= len(conn.recv(consume))
+                ready = ConnectionInfo.lazy(route, data, self._decider, "ready", 0.0, match.consume, addr)
+                _remember(conn, ready)
+                return conn, addr, ready
         if data:
             # Undecided (WAITING) and FAILED go to the filter process, which
             # decides with the same filters and applies the policies.

@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +55,7 @@ typedef struct conn {
     uint8_t addrlen;
     uint8_t matching;     /* the matcher may still certify this connection (MORE so far) */
     uint8_t lowat;        /* SO_RCVLOWAT was raised (reset before the fd is handed over) */
+    uint8_t nonblock;     /* adopted with O_NONBLOCK (cleared before the fd is handed over) */
     uint8_t addr[sizeof(struct sockaddr_in6)];
 } conn;
 
@@ -402,7 +404,9 @@ static void accept_batch(af_core *c, int64_t now) {
     while (c->listening && !c->paused && c->nevents + 2 <= c->max_events && !(c->fast_out && c->fast_out->fd >= 0)) {
         union { struct sockaddr sa; struct sockaddr_in6 in6; struct sockaddr_storage ss; } addr;
         socklen_t alen = sizeof addr;
-        int fd = accept4(c->listen_fd, &addr.sa, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        /* Blocking: every read here says MSG_DONTWAIT, so a connection handed to
+         * the application needs no fcntl/ioctl to become blocking again. */
+        int fd = accept4(c->listen_fd, &addr.sa, &alen, SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -608,9 +612,10 @@ int af_adopt(af_core *c, int fd) {
      * caller's fd is as it was. */
     if (grow_table(c, fd) < 0) return -ENOMEM;
     if (remember_pending(c, fd) < 0) return -ENOMEM; /* armed (and so peeked) by the next af_poll() */
-    int on = 1;
-    if (ioctl(fd, FIONBIO, &on) < 0) { c->npending--; return -errno; }
-    hold(c, fd, clock_us(c), &addr, alen);
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0) { c->npending--; return -errno; }
+    conn *k = hold(c, fd, clock_us(c), &addr, alen);
+    k->nonblock = (fl & O_NONBLOCK) != 0; /* left as it is: every read here is MSG_DONTWAIT */
     c->stats.accepted++; /* counted as taken in, so the accounting still adds up */
     return 0;
 }
@@ -653,8 +658,10 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
         if (n <= 0) return n < 0 ? -errno : -EPIPE;
         consume -= (uint32_t)n;
     }
-    int off = 0;
-    if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
+    if (k->nonblock) {
+        int off = 0;
+        if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
+    }
     if (k->lowat) {
         int one = 1; /* the application's socket: the default low-water mark again */
         if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one) < 0) return -errno;
@@ -710,6 +717,9 @@ static int release_fast(af_core *c, int fd, uint32_t consume) {
     out->consume = consume;
     out->len = len;
     out->data = c->scratch;
+    /* The caller counts it (accepted and surfaced at once, from one number of its
+     * own), so that the counters it reads between two calls always add up. */
+    c->stats.accepted--;
     c->stats.fast++;
     return 0;
 }

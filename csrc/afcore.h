@@ -46,7 +46,7 @@ typedef struct af_stats {
     uint64_t peeks;          /* recv(MSG_PEEK) calls */
     uint64_t bytes_peeked;   /* new bytes seen by peeks */
     uint64_t buffered;       /* peek buffer bytes allocated now (<= held * max_bytes) */
-    uint64_t fast;           /* ready at accept, released by af_accept() with no event */
+    uint64_t fast;           /* ready at accept, released by af_accept(): not in accepted (the caller counts them) */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;
@@ -93,7 +93,8 @@ int af_fileno(const af_core *c);
 int af_poll(af_core *c, int timeout_ms, af_event **events);
 /* Milliseconds until the next deadline or accept resume (0 if due), -1 if none. */
 int64_t af_next_timeout_ms(const af_core *c);
-/* Hand a connection over: leave epoll, discard `consume` bytes, make it blocking.
+/* Hand a connection over: leave epoll, discard `consume` bytes, blocking (as accepted; an
+ * adopted one that was non-blocking is made blocking).
  * Returns 0 or -errno (then the connection is still owned and must be closed). */
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
 /* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). */
@@ -121,8 +122,9 @@ int af_peer(const af_core *c, int fd, af_addr *addr);
 int af_set_matcher(af_core *c, const afm_prog *prog);
 /* af_poll() for a thread blocked in accept(): it first accepts, and returns at
  * once with the first connection the matcher certifies at accept, released
- * into *ready (blocking, consumed; the caller owns ready->fd and it is counted
- * in stats.fast, with no event). Otherwise as af_poll(); ready->fd is -1. */
+ * into *ready (blocking, consumed; the caller owns ready->fd, counts it: it is
+ * in stats.fast, not in stats.accepted; no event). Otherwise as af_poll();
+ * ready->fd is -1. */
 int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready);
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */

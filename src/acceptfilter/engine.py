@@ -102,25 +102,22 @@ class ConnectionInfo(Mapping[str, Any]):
     __slots__ = ("_decider", "_info", "_raw", "consumed", "held_for", "peer", "reason", "route")
 
     def __init__(self, route: str, info: Mapping[str, Any], reason: str, held_for: float, consumed: int = 0,
-                 peer: Address = None) -> None:
+                 peer: Address = None, raw: bytes | None = None, decider: Decider | None = None) -> None:
         self.route = route
         self.reason = reason
         self.held_for = held_for
         self.consumed = consumed
         self.peer = peer
-        self._info: Mapping[str, Any] | None = info
-        self._raw = b""
-        self._decider: Decider | None = None
+        # With raw and decider: parsed on first use (see lazy()); info is then ignored.
+        self._info: Mapping[str, Any] | None = info if decider is None else None
+        self._raw = b"" if raw is None else raw
+        self._decider = decider
 
     @classmethod
     def lazy(cls, route: str, raw: bytes, decider: Decider, reason: str, held_for: float, consumed: int,
              peer: Address) -> ConnectionInfo:
         """Metadata parsed when first read: the filters run again on ``raw`` (what the matcher certified)."""
-        made = cls(route, _EMPTY, reason, held_for, consumed, peer)
-        made._info = None
-        made._raw = raw
-        made._decider = decider
-        return made
+        return cls(route, _EMPTY, reason, held_for, consumed, peer, raw, decider)
 
     @property
     def info(self) -> Mapping[str, Any]:
@@ -228,6 +225,8 @@ class Engine:
         self._on_error = policy.on_error or policy.on_timeout
         #: The route a compiled matcher's READY connections surface into (set_matcher).
         self._fast_route: str | None = None
+        #: Connections certified at accept and handed straight to accept() (accept_ready).
+        self._fast = 0
         self._shutdown_action = Action("close")
         #: Held while a batch is handled and while stats() reads: readers see whole batches.
         #: Reentrant: a sink may report unclaimed connections from inside a batch.
@@ -290,12 +289,15 @@ class Engine:
         back at once, released, with no event and no filter run (None: none was, and whatever
         else happened was handled like :meth:`step`)."""
         events, ready = self._core.accept_ready(timeout)
-        self.handle(events)
+        if events:
+            self.handle(events)
         if ready is None:
             return None
-        assert self._fast_route is not None
+        # Counted here, once: accepted and surfaced both grow by this one number, so a
+        # reader in another thread never sees one without the other (no lock needed).
+        self._fast += 1
         fd, addr, raw, consume = ready
-        return fd, addr, ConnectionInfo.lazy(self._fast_route, raw, self.decider, "ready", 0.0, consume, addr)
+        return fd, addr, ConnectionInfo(self._fast_route or "", _EMPTY, "ready", 0.0, consume, addr, raw, self.decider)
 
     def set_clock(self, now: float | None) -> None:
         """Tests: the core keeps deadlines on this clock (seconds); None: the real one again.
@@ -523,14 +525,14 @@ class Engine:
         core = self._core.saved_stats()
         # Connections certified at accept and handed straight to accept() (af_accept) are
         # counted by the core alone: surfaced, ready, into the matcher's route, at once.
-        fast = int(core["fast"])
+        fast = self._fast
         by_route, by_reason, latency = Counter(c.by_route), Counter(c.by_reason), list(c.latency)
         if fast:
             by_route[self._fast_route or self.routes[0].name] += fast
             by_reason["ready"] += fast
             latency[0] += fast
         return {
-            "accepted": core["accepted"],
+            "accepted": core["accepted"] + fast,
             "held": core["held"],
             **{name: getattr(c, name) for name in OUTCOMES},
             "surfaced": c.surfaced + fast,

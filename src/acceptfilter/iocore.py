@@ -114,8 +114,9 @@ class IOCore(Protocol):
 
     def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
         """:meth:`poll` for a thread blocked in ``accept()``: accept first, and return at once
-        the first connection the matcher certifies at accept, already released (counted in
-        ``fast``, with no event). Otherwise exactly :meth:`poll`, and None."""
+        the first connection the matcher certifies at accept, already released, with no
+        event and not in ``accepted``: the caller counts it. Otherwise exactly :meth:`poll`,
+        and None."""
 
     def free(self) -> None:
         """Close every fd the core still owns (not the listen socket). Idempotent."""
@@ -178,11 +179,12 @@ class CCore:
         n = self._lib.af_accept(self._core, ms, self._events_out, ready)
         if n < 0:
             raise OSError(-n, f"af_accept: {os.strerror(-n)}")
+        events = self._collect(n) if n else []
         if ready.fd < 0:
-            return self._collect(n), None
+            return events, None
         length = ready.len
         data = self._ffi.buffer(ready.data, length)[:] if length else b""
-        return self._collect(n), (ready.fd, self._address(ready.addr), data, ready.consume)
+        return events, (ready.fd, self._address(ready.addr), data, ready.consume)
 
     def set_matcher(self, program: Program | None) -> None:
         from .cmatcher import compile_program

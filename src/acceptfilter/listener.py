@@ -146,6 +146,9 @@ class SurfaceQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
     def close(self) -> int:
         """Close every queued connection; wake blocked acceptors. Returns how many were closed."""
         with self._lock:
@@ -265,12 +268,16 @@ class _Hub:
         except Exception:
             self.engine.free()
             raise
+        #: The inline driver when accept() may take certified connections straight from the core.
+        self.fast_inline: ThreadDriver | None = None
         if driver == "thread":
             thread_driver = ThreadDriver(self.engine)
             thread_driver.start()
             self.driver = thread_driver
             if len(self.queues) == 1:
                 self.inline = thread_driver
+                if self.fast:
+                    self.fast_inline = thread_driver
         elif driver == "asyncio":
             from .drivers.asyncio import AsyncioDriver
 
@@ -366,24 +373,31 @@ class FilteredListener:
         if self._closed:
             raise _closed_error()
         timeout = self._timeout
+        queue = self._queue
         if timeout == 0:
-            return self._queue.get_nowait()
+            return queue.get_nowait()
+        fast = self._hub.fast_inline
+        if fast is not None and not queue:
+            got = fast.try_accept()  # the fast path: one C call, no filter, nothing queued
+            if got is not None:
+                return got
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                return self._queue.get_nowait()
-            except BlockingIOError:
-                pass
+            if queue:
+                try:
+                    return queue.get_nowait()
+                except BlockingIOError:  # the entry is there, its token about to be
+                    pass
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")
             inline = self._hub.inline
             if inline is not None:
                 if self._hub.fast:
-                    got = inline.accept_inline(remaining, self._queue.__len__)
-                    if got is not True and got is not False:
-                        return got  # certified at accept: no filter ran, nothing was queued
-                    if got:
+                    took = inline.accept_inline(remaining, self._queue.__len__)
+                    if took is not True and took is not False:
+                        return took  # certified at accept: no filter ran, nothing was queued
+                    if took:
                         continue
                 elif inline.step_inline(remaining, self._queue.__len__):
                     continue  # the step may have surfaced a connection (or timed out)

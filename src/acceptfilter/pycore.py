@@ -22,12 +22,13 @@ from .policy import MAX_TIMEOUT
 __all__ = ["PyCore"]
 
 _EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 
 
 class _Conn:
-    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "final", "lowat", "match", "sock", "state")
+    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "final", "lowat", "match", "nonblock", "sock", "state")
 
     def __init__(self, sock: socket.socket, addr: Address, now: float) -> None:
         self.sock = sock
@@ -40,6 +41,7 @@ class _Conn:
         self.final: tuple[int, int] = (0, 0)  # FINAL: the (kind, errno) it was reported with
         self.match: MatchState | None = None  # the matcher's state while it may still certify
         self.lowat = False  # SO_RCVLOWAT raised (reset before the socket is handed over)
+        self.nonblock = False  # adopted with O_NONBLOCK (made blocking when handed over)
 
 
 #: A connection's states, as in the C core: HELD (in the FIFO) -> FINAL (reported) -> gone.
@@ -145,7 +147,7 @@ class PyCore:
         """(kind, errno): kind 0 when nothing final happened."""
         self._stats["peeks"] += 1
         try:
-            data = conn.sock.recv(self._max_bytes, socket.MSG_PEEK)
+            data = conn.sock.recv(self._max_bytes, _PEEK)
         except (BlockingIOError, InterruptedError):
             data = None
         except OSError as exc:
@@ -214,7 +216,7 @@ class PyCore:
                 return
             self._backoff = 0.0
             self._stats["accepted"] += 1
-            sock.setblocking(False)
+            # Left blocking, as in the C core: every read here says MSG_DONTWAIT.
             if self._max_held and len(self._fifo) - self._fresh_data >= self._max_held:
                 self._evict_oldest_undecided()
             fd = sock.fileno()
@@ -231,6 +233,7 @@ class PyCore:
                     self._emit(fd, ERROR, exc.errno or errno.EIO)
                     continue
                 self._stats["fast"] += 1
+                self._stats["accepted"] -= 1  # the caller counts it, as with the C core
                 self._fast = (fd, addr, conn.data, err)
                 return
             if kind:
@@ -368,13 +371,14 @@ class PyCore:
         self._disarm(fd, conn)
         while consume > 0:
             try:
-                chunk = conn.sock.recv(min(consume, 65536))
+                chunk = conn.sock.recv(min(consume, 65536), socket.MSG_DONTWAIT)
             except InterruptedError:
                 continue
             if not chunk:
                 raise OSError(errno.EPIPE, "release: connection closed while consuming")
             consume -= len(chunk)
-        conn.sock.setblocking(True)
+        if conn.nonblock:
+            conn.sock.setblocking(True)
         if conn.lowat:  # the application's socket: the default low-water mark again
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self._forget(fd)
@@ -417,9 +421,9 @@ class PyCore:
         except OSError:
             sock.detach()  # still the caller's
             raise
-        sock.setblocking(False)
         self._stats["accepted"] += 1  # taken in, so the accounting still adds up
         conn = _Conn(sock, addr, self._now())
+        conn.nonblock = not os.get_blocking(fd)  # left as it is; made blocking when released
         self._owned[fd] = conn
         self._fifo[fd] = conn
         self._pending.append(fd)  # armed, and so peeked, by the next poll(); evicted there if over the bound

@@ -79,6 +79,25 @@ class ThreadDriver:
         thread's step surfaced it). Returns False once the driver is stopping (do not retry)."""
         return self._inline_step(timeout, queued, take=False) is not False
 
+    def try_accept(self) -> Surfaced | None:
+        """The fast path's first try, for a thread entering ``accept()``: if nobody else is in
+        the core, one non-blocking C call that returns a connection certified at accept (or
+        handles whatever else happened, as a step would). None: use the queue and the
+        blocking paths."""
+        lock = self._step_lock
+        if not lock.acquire(False):
+            return None
+        try:
+            self._last_inline = time.monotonic()  # keeps the background thread standing down
+            if self._stopping or self._polling:
+                return None
+            return self.engine.accept_ready(0)
+        except Exception:
+            log.exception("acceptfilter: engine step failed")
+            return None
+        finally:
+            lock.release()
+
     def accept_inline(self, timeout: float | None, queued: Callable[[], int] | None = None) -> Surfaced | bool:
         """Like :meth:`step_inline`, but a connection the core's matcher certifies at accept comes
         straight back (one C call, no filter run, nothing queued): the fast path of ``accept()``.

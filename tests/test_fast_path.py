@@ -176,3 +176,39 @@ def test_a_length_framed_message_wakes_once_not_per_segment(listen_sock: socket.
         client.close()
     finally:
         lst.close()
+
+
+def test_kernel_defer_accept_as_stage_one(listen_sock: socket.socket, core: str) -> None:
+    """defer_accept=1: the kernel queues connections that have sent data; idle ones wait there
+    (invisible to stats) and are surfaced later with no data, never dropped."""
+    lst = acceptfilter.wrap(listen_sock, "httpready", core=core, defer_accept=1, timeout=0.5)
+    lst.settimeout(30)
+    try:
+        assert listen_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) >= 1
+        port = lst.getsockname()[1]
+        idle = socket.create_connection(("127.0.0.1", port))
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(HEAD)
+            conn, _ = lst.accept()
+            assert conn.recv(4096) == HEAD
+            conn.close()
+        conn, _ = lst.accept()  # the idle one: after the kernel's period and the deadline
+        info = acceptfilter.connection_info(conn)
+        assert info is not None and info.reason == "timeout"
+        idle.sendall(HEAD)  # a load balancer's pre-opened connection still works
+        conn.settimeout(10)
+        assert conn.recv(4096) == HEAD
+        conn.close()
+        idle.close()
+        assert unaccounted(lst.stats()) == 0
+    finally:
+        lst.close()
+
+
+def test_defer_accept_on_a_unix_socket_is_a_clear_error(tmp_path: Any) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "s"))
+    sock.listen()
+    with pytest.raises(ValueError, match="cannot set defer_accept=1: TCP_DEFER_ACCEPT is for TCP listeners"):
+        acceptfilter.wrap(sock, "httpready", defer_accept=1)
+    sock.close()

@@ -232,8 +232,6 @@ class _Hub:
             raise ValueError("the socket is not listening: call bind() and listen() (or socket.create_server) first")
         if driver not in ("thread", "asyncio", "none"):
             raise ValueError(f"driver must be 'thread', 'asyncio' or 'none', not {driver!r}")
-        if defer_accept:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(defer_accept))
         self.sock = sock
         self.timeout = sock.gettimeout()
         self.queues = {r.name: SurfaceQueue() for r in routes}
@@ -270,6 +268,16 @@ class _Hub:
             raise
         #: The inline driver when accept() may take certified connections straight from the core.
         self.fast_inline: ThreadDriver | None = None
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.defer_accept = int(defer_accept or 0)
+        if self.defer_accept:
+            try:
+                if not tcp:
+                    raise OSError(errno.EOPNOTSUPP, "TCP_DEFER_ACCEPT is for TCP listeners")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self.defer_accept)
+            except OSError as exc:
+                self.engine.free()
+                raise ValueError(f"cannot set defer_accept={self.defer_accept}: {exc.strerror or exc}") from None
         if driver == "thread":
             thread_driver = ThreadDriver(self.engine)
             thread_driver.start()
@@ -617,7 +625,11 @@ def wrap(
     ``driver="thread"`` runs the engine in a background thread, ``"asyncio"``
     on the running event loop with no thread (call ``wrap`` inside the loop),
     ``"none"``: you call ``listener.engine.step()`` yourself;
-    ``defer_accept`` sets ``TCP_DEFER_ACCEPT`` seconds as a kernel first stage.
+    ``defer_accept`` sets ``TCP_DEFER_ACCEPT`` seconds as a kernel first stage: the
+    kernel queues a connection only once it has sent data, so what ``accept()`` finds is
+    usually complete and taken by the fast path (an idle client waits in the kernel for
+    about that long, is then surfaced with no data, never dropped, and the deadline
+    starts; ``stats()`` does not see it meanwhile: ``diag`` shows it as ``syn_recv``).
     """
     policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject, on_error=on_error)
     chain = load_chain(filter)

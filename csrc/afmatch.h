@@ -18,7 +18,8 @@
  *     prefix does not depend on how it was split;
  *   - work is bounded: a program that loops without advancing is cut off
  *     (AFM_NO) after ncode * (max_bytes + 2) completed instructions.
- * Any malformed program is refused by afm_check() before it is run.
+ * Any malformed program is refused by afm_check(): call it once per program
+ * (acceptfilter.cmatcher does) and never afm_run a program it refused.
  */
 #ifndef AFMATCH_H
 #define AFMATCH_H

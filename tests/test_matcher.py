@@ -302,7 +302,7 @@ def dns_query(name: bytes = b"www.example.org") -> bytes:
 
 REAL = [
     ("httpready", b"GET /index.html HTTP/1.1\r\nHost: example.org\r\nAccept: */*\r\n\r\n", 0),
-    ("httpready", b"POST /x HTTP/1.0\nContent-Length: 3\n\nabc", 0),
+    ("httpready", b"POST /x HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc", 0),
     ("dnsready", dns_query(), 0),
     ("dnsready:strict=0", struct.pack("!H", 3) + b"abc", 0),
     ("tlsready", client_hello(), 0),
@@ -332,6 +332,22 @@ def test_need_hint_is_the_rest_of_the_frame(spec: str) -> None:
     data = [d for s, d, _ in REAL if s == spec][-1]  # proxy: the v2 header
     for n in range(20, len(data)):
         assert program_of(spec).match(data[:n]) == Match(MORE, need=len(data) - n), n
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\n\n",  # bare LF
+        b"GET / HTTP/1.1\r\nHost: a\n\n",
+        b"GET / HTTP/1.2\r\n\r\n",  # only 1.0 and 1.1
+        b"GET /\r\n\r\n",  # HTTP/0.9
+        b"\r\nGET / HTTP/1.1\r\n\r\n",  # a leading empty line
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # the h2 preface
+    ],
+)
+def test_http_matcher_certifies_only_crlf_http1_heads(head: bytes) -> None:
+    """What issue 14 may tighten is left to the check, so the matcher stays sound."""
+    assert not program_of("httpready").match(head + b"more").ready
 
 
 def test_multi_record_hello_is_left_to_python() -> None:

@@ -26,6 +26,8 @@ int afm_check(const afm_prog *p) {
         int ok = 1;
         switch (in->op) {
         case AFM_NEED:
+            ok = u32_ok(in->a) && (in->b == 0 || in->b == 1);
+            break;
         case AFM_SKIP:
             ok = u32_ok(in->a);
             break;
@@ -129,7 +131,8 @@ int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len) 
         uint64_t next_pc = (uint64_t)s->pc + 1;
         switch (in->op) {
         case AFM_NEED: {
-            uint64_t q = pos + (uint64_t)in->a;
+            /* b = 1: the whole innermost frame (one wake-up per record with SO_RCVLOWAT = need) */
+            uint64_t q = in->b ? limit : pos + (uint64_t)in->a;
             if (q > limit)
                 return finish(s, AFM_NO);
             if (q > avail)

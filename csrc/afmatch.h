@@ -18,7 +18,8 @@
  *     prefix does not depend on how it was split;
  *   - work is bounded: a program that loops without advancing is cut off
  *     (AFM_NO) after ncode * (max_bytes + 2) completed instructions.
- * Any malformed program is refused by afm_check() before it is run.
+ * Any malformed program is refused by afm_check(): call it once per program
+ * (acceptfilter.cmatcher does) and never afm_run a program it refused.
  */
 #ifndef AFMATCH_H
 #define AFMATCH_H
@@ -28,7 +29,7 @@
 /* Instructions.  pos is the cursor; "limit" is the innermost frame end
  * (AFM_PUSH) or max_bytes when no frame is open.  Reading or moving past the
  * limit is AFM_NO; reading a byte that has not arrived yet is AFM_MORE. */
-#define AFM_NEED 1     /* a: n              wait until pos + n bytes are there                  */
+#define AFM_NEED 1     /* a: n, b: 0|1      wait until pos + n bytes (b=1: the frame) are there */
 #define AFM_SKIP 2     /* a: n              pos += n                                            */
 #define AFM_LIT 3      /* a: lit off, b: n  bytes at pos equal lits[a..a+n); pos += n           */
 #define AFM_RUN 4      /* a: set, b: min, c: max   greedy run of bytes in set a                */

@@ -68,7 +68,7 @@ class DnsReady(Filter):
         if not self.strict:
             return length_prefixed(self.max_bytes, width=2, adjust=2)
         b = Builder(self.max_bytes)
-        b.push(0, 2, adjust=2, lo=12).skip(2)  # the message frame: 2 + length <= max_bytes
+        b.push(0, 2, adjust=2, lo=12).need_frame().skip(2)  # the message frame (2 + length <= max_bytes), all of it
         b.field(2, 1, mask=0x80, lo=0, hi=0)  # QR clear: a query
         b.field(4, 2, lo=1, hi=0xFFFF)  # QDCOUNT >= 1
         b.skip(12)

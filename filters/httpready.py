@@ -82,13 +82,13 @@ class HttpReady(Filter):
         return _HttpSession(self).check(data, final)
 
     def matcher(self) -> Program | None:
-        """Compiled: a complete ``METHOD SP target SP HTTP/1.d CRLF ... CRLFCRLF`` head; None with ``body=N``.
+        """Compiled: a complete ``METHOD SP target SP HTTP/1.0|1.1 CRLF ... CRLF CRLF`` head; None with ``body=N``.
 
-        The request line's shape (a 1..32-byte token, a space, a printable target, `` HTTP/1.``
-        and a digit, an optional CR, LF) starts at byte 0, then the first empty line
-        (``\\n\\n`` or ``\\n\\r\\n``, counting the request line's LF) ends within
-        ``max_bytes``. Only HTTP/1.x heads: the h2 preface, HTTP/0.9 lines, leading empty
-        lines and non-HTTP bytes are left to :meth:`check`, so the matcher stays sound
+        The request line's shape (a 1..32-byte token, a space, a printable target,
+        `` HTTP/1.0`` or `` HTTP/1.1``, CRLF) starts at byte 0, then the first CRLF CRLF
+        (counting the request line's own CRLF) ends within ``max_bytes``. Nothing else is
+        certified: bare-LF heads, other versions, HTTP/0.9 lines, the h2 preface, leading
+        empty lines and non-HTTP bytes are left to :meth:`check`, so the matcher stays sound
         whatever those rules become. ``body=N`` may wait past the head: no matcher.
         """
         if self.body:
@@ -96,8 +96,8 @@ class HttpReady(Filter):
         token = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
         b = Builder(self.max_bytes)
         b.run(token, 1, _MAX_METHOD).lit(b" ").run(byte_range(0x21, 0x7E), 1, self.max_bytes)
-        b.lit(b" HTTP/1.").run(byte_range(0x30, 0x39), 1, 1).run(b"\r", 0, 1).lit(b"\n")
-        return b.search([b"\n\n", b"\n\r\n"], back=1).ready().build()
+        b.lit(b" HTTP/1.").run(b"01", 1, 1).lit(b"\r\n")
+        return b.search([b"\r\n\r\n"], back=2).ready().build()
 
 
 class _HttpSession:

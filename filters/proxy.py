@@ -102,8 +102,8 @@ class Proxy(Filter):
         b.jeq(0, 1, ord("P"), "v1")
         b.lit(V2_SIGNATURE).eq(0, 1, 0x21)  # version 2, command PROXY
         b.jeq(1, 1, 0x11, "tcp4").jeq(1, 1, 0x21, "tcp6").fail()
-        b.label("tcp4").push(2, 2, adjust=4).skip(4 + 12).jump("tlv")  # frame: 16 + length
-        b.label("tcp6").push(2, 2, adjust=4).skip(4 + 36)
+        b.label("tcp4").push(2, 2, adjust=4).need_frame().skip(4 + 12).jump("tlv")  # frame: 16 + length
+        b.label("tcp6").push(2, 2, adjust=4).need_frame().skip(4 + 36)
         b.label("tlv").jge_end("end").skip(1).vec(2).jump("tlv")  # (type, vec2) exactly to the end
         b.label("end").pop().ready(consume=True)
         no_crlf = [c for c in range(256) if c not in (0x0D, 0x0A)]

@@ -119,7 +119,7 @@ class TlsReady(Filter):
             return None
         b = Builder(self.max_bytes)
         b.eq(0, 1, 0x16).eq(1, 1, 0x03)
-        b.push(3, 2, adjust=5, lo=1, hi=_RECORD_MAX).skip(5)  # frame 1: the record
+        b.push(3, 2, adjust=5, lo=1, hi=_RECORD_MAX).need_frame().skip(5)  # frame 1: the record, all of it
         b.eq(0, 1, 0x01)  # a ClientHello
         b.push(1, 3, adjust=4).skip(4)  # frame 2: the handshake message, inside this one record
         b.skip(2 + 32).vec(1).vec(2).vec(1)  # version, random, session id, cipher suites, compression

@@ -11,6 +11,9 @@ connection; from Python it is::
     m = state.run(peeked)                      # each arrival: Match(status, consume, need)
     if m.ready: surface, consuming m.consume bytes
 
+Keep the :class:`CProgram` referenced for as long as C code holds ``ptr`` (the cache may
+drop it): the arrays it points into are owned by that object.
+
 The filters never import this module: they stay sans-IO and C-free.
 """
 

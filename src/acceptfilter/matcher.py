@@ -16,7 +16,7 @@ which a DFA can only express with one state per value. So the matcher is a small
 instruction set interpreted by C (``csrc/afmatch.c``) and, identically, by
 :class:`MatchState` here:
 
-* ``NEED n`` (a minimum byte count), ``LIT`` (exact bytes), ``RUN`` (a greedy run of a
+* ``NEED n`` (a minimum byte count; or the whole current frame), ``LIT`` (exact bytes), ``RUN`` (a greedy run of a
   256-bit byte set, min..max long) -- the *shape* of a line;
 * ``SEARCH`` -- the first of several terminators (``\\n\\n``, ``\\n\\r\\n``), resumable,
   ``memchr``-driven in C;
@@ -168,7 +168,9 @@ class Program:
         n = len(self.code)
         for i, (op, a, b, c, d, e) in enumerate(self.code):
             ok = True
-            if op in (Op.NEED, Op.SKIP):
+            if op == Op.NEED:
+                ok = _u32(a) and b in (0, 1)
+            elif op == Op.SKIP:
                 ok = _u32(a)
             elif op == _LIT:
                 ok = _u32(a) and 1 <= b <= MAX_TERM * 16 and a + b <= len(self.lits)
@@ -292,7 +294,7 @@ class MatchState:
             limit = self.ends[self.depth - 1] if self.depth else p.max_bytes
             next_pc = self.pc + 1
             if op == _NEED:
-                q = pos + a
+                q = limit if b else pos + a
                 if q > limit:
                     return self._finish(NO)
                 if q > avail:
@@ -457,6 +459,10 @@ class Builder:
     def need(self, n: int) -> Builder:
         """Wait until ``n`` bytes from the cursor are there."""
         return self._emit(Op.NEED, n)
+
+    def need_frame(self) -> Builder:
+        """Wait until the whole innermost frame is there: ``need`` is then the rest of it (SO_RCVLOWAT)."""
+        return self._emit(Op.NEED, 0, 1)
 
     def skip(self, n: int) -> Builder:
         return self._emit(Op.SKIP, n)

@@ -433,7 +433,9 @@ def test_near_misses_do_get_certified(name: str) -> None:
     assert program is not None
     certified = 0
 
-    @settings(max_examples=200, deadline=None, database=None)
+    # Derandomized: the same 200 inputs every run, so a run that happens to draw no
+    # certified input cannot fail the suite (and the strategy is still proven non-vacuous).
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
     @given(data=payloads)
     def count(data: bytes) -> None:
         nonlocal certified

@@ -21,7 +21,7 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 PLOT = RESULTS / "bench.png"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-NAMES = ("overhead", "slowclient", "scale", "surface")
+NAMES = ("overhead", "slowclient", "scale", "surface", "syscalls")
 
 MODE_LABELS = {
     "plain": "plain `accept()`",

@@ -36,6 +36,7 @@ MODE_LABELS = {
 }
 SETUP_LABELS = {
     "no-attack": "no attack",
+    "no-attack-acceptfilter": "no attack, acceptfilter `httpready`",
     "attack-unprotected": "attack, no protection",
     "attack-acceptfilter": "attack, acceptfilter `httpready`",
     "attack-nginx": "attack, nginx in front",

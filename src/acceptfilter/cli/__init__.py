@@ -2,17 +2,19 @@
 
 Each sub-command lives in a module with ``register(subparsers)``, which adds
 its parser and sets ``func=run`` where ``run(args) -> int`` is the exit code.
-Errors the user can fix (a bad spec, a port in use) are one clear line on
-stderr and exit status 2, never a traceback.
+Errors the user can fix (a bad spec, a port in use, a bad value) are exactly one
+line on stderr and exit status 2, never a traceback: argparse's own errors too
+(it would print the whole usage block first).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from ..errors import AcceptFilterError
 
@@ -29,19 +31,59 @@ _COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``acceptfilter: error: ...`` (the usage is a --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        help_hint = f"; see {self.prog} --help"
+        self.exit(2, f"acceptfilter: error: {message}{help_hint}\n")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every sub-command takes too, so ``acceptfilter serve -v`` works like ``acceptfilter -v serve``."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a sub-command without -v must not reset the count given before it.
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging from acceptfilter (-vv: debug); other libraries stay quiet")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="acceptfilter",
         description="FreeBSD-style accept filters for Linux servers, in user space.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging from acceptfilter (-vv: debug); other libraries stay quiet")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    common = _common_options()
+    original = subparsers.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("parents", [common])
+        return original(name, **kwargs)
+
+    subparsers.add_parser = add_parser  # type: ignore[method-assign,assignment]
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout went away (``acceptfilter stats 8000 | head -1``): exit like a Unix tool, with no traceback.
+
+    Python flushes stdout once more at exit; point it at /dev/null so that flush
+    cannot raise again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,13 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .console import configure_logging
+
+    configure_logging(args.verbose, getattr(args, "log_format", "text"))
     try:
         return int(args.func(args))
     except AcceptFilterError as exc:
         print(f"acceptfilter: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         return 130
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["non_negative_int", "port", "positive_float", "positive_int"]
+__all__ = ["ON_TIMEOUT_HELP", "non_negative_int", "on_timeout", "port", "positive_float", "positive_int"]
 
 
 def _whole(text: str) -> int:
@@ -61,3 +61,22 @@ def positive_float(text: str) -> float:
 # argparse names the type in its "invalid <type> value" fallback; keep ours readable.
 for _fn, _name in ((positive_int, "number"), (non_negative_int, "number"), (port, "port"), (positive_float, "seconds")):
     _fn.__name__ = _name
+
+
+def on_timeout(text: str) -> str:
+    """``surface``, ``close``, ``reset`` or ``route:NAME``, checked when the command line is read.
+
+    Whether NAME is one of the routes is checked later, against ``--route``/``--default``.
+    """
+    from ..errors import FilterSpecError
+    from ..policy import parse_action
+
+    try:
+        parse_action(text, "on_timeout")
+    except FilterSpecError:
+        raise argparse.ArgumentTypeError(f"takes surface, close, reset or route:NAME, not {text!r}") from None
+    return text.strip()
+
+
+ON_TIMEOUT_HELP = ("what a connection whose deadline passed gets: surface (default: the application sees it, "
+                   "like Linux's TCP_DEFER_ACCEPT), close, reset (RST), or route:NAME (with --route: that route)")

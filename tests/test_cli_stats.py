@@ -41,6 +41,7 @@ def test_stats_text_warns_about_truncated_backlog() -> None:
         assert out.returncode == 0, out.stderr
         assert f"127.0.0.1:{port}  accept queue 0/{limit}" in out.stdout
         assert "was truncated" in out.stdout and "ListenOverflows" in out.stdout
+        assert out.stdout.count("was truncated") == 1 and "truncated" not in out.stderr  # said once
 
 
 def test_stats_nothing_listening() -> None:

@@ -226,8 +226,8 @@ def _reload_filter_modules() -> None:
                 seen.add(module)
                 try:
                     importlib.reload(sys.modules[module])
-                except Exception as exc:  # reported when the chain is built from it
-                    log.debug("re-importing %s failed: %s", module, exc)
+                except Exception as exc:  # the old module stays in sys.modules: say so, change nothing
+                    raise AcceptFilterError(f"re-importing {module} ({ep.name}) failed: {type(exc).__name__}: {exc}") from None
 
 
 class _Serve:
@@ -433,7 +433,44 @@ def _serve_metrics(bind: str, port: int, stats: Callable[[], dict[str, Any]]) ->
     return server
 
 
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP as events for the main thread, caught from the very start.
+
+    Installed before anything is bound, so a SIGTERM that comes while the server is
+    still starting is a clean stop too, not a default death (exit 143, no word).
+    """
+
+    WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.pending: list[int] = []
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.WATCHED:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.pending.append(signum)
+        self.wake.set()
+
+    def post(self, signum: int) -> None:
+        self._on_signal(signum, None)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
+    with _Signals() as signals:
+        return _run(args, signals, ready)
+
+
+def _run(args: argparse.Namespace, signals: _Signals, ready: threading.Event | None) -> int:
     plan = _check(args)
     serve = _Serve(args, plan)
     metrics: http.server.HTTPServer | None = None
@@ -449,7 +486,7 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
             host, mport = str(metrics.server_address[0]), int(metrics.server_address[1])
             print(f"Metrics on http://{f'[{host}]' if ':' in host else host}:{mport}/metrics", flush=True)
         _kernel_warnings(serve.sock, args.backlog)
-        return _run_until_signal(serve, args, ready)
+        return _run_until_signal(serve, args, signals, ready)
     finally:
         if metrics is not None:
             metrics.shutdown()
@@ -469,28 +506,21 @@ def _kernel_warnings(sock: socket.socket, backlog: int) -> None:
         log.warning("no kernel view of the listener: %s", exc)
 
 
-def _run_until_signal(serve: _Serve, args: argparse.Namespace, ready: threading.Event | None) -> int:
+def _say(message: str, **fields: Any) -> None:
+    """A line for the operator (stopping, reloaded): bare text, or a JSON object with ``fields``."""
+    status_log.info("%s", message, extra={"fields": {"type": "event", **fields}})
+
+
+def _run_until_signal(serve: _Serve, args: argparse.Namespace, signals: _Signals, ready: threading.Event | None) -> int:
     """Serve in a thread; the main thread handles SIGINT/SIGTERM (stop) and SIGHUP (reload)."""
-    wake = threading.Event()
-    pending: list[int] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        pending.append(signum)
-        wake.set()
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous: dict[signal.Signals, Any] = {}
-    if in_main:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, on_signal)
+    wake, pending = signals.wake, signals.pending
 
     def serve_loop() -> None:
         try:
             serve.server.serve_forever(poll_interval=0.2)
         except Exception:
             log.exception("the server stopped")
-            pending.append(signal.SIGTERM)
-            wake.set()
+            signals.post(signal.SIGTERM)
 
     def start_serving() -> threading.Thread:
         thread = threading.Thread(target=serve_loop, name="acceptfilter-serve", daemon=True)
@@ -503,32 +533,26 @@ def _run_until_signal(serve: _Serve, args: argparse.Namespace, ready: threading.
     start_serving()
     if ready is not None:
         ready.set()
-    try:
-        while True:
-            wake.wait()
-            wake.clear()
-            while pending:
-                signum = pending.pop(0)
-                if signum == signal.SIGHUP:
-                    try:
-                        message = serve.reload()
-                    except AcceptFilterError as exc:
-                        log.error("reload failed, keeping the filters in place: %s", exc)
-                    else:
-                        log.warning("%s", message)
-                        start_serving()
-                    continue
-                console.clear_status()
-                name = signal.Signals(signum).name
-                if args.log_format == "json":
-                    log.warning("stopping", extra={"fields": {"type": "event", "signal": name}})
+    while True:
+        wake.wait()
+        wake.clear()
+        while pending:
+            signum = pending.pop(0)
+            if signum == signal.SIGHUP:
+                try:
+                    message = serve.reload()
+                except AcceptFilterError as exc:
+                    log.error("reload failed, keeping the filters in place: %s", exc)
                 else:
-                    console.line(f"stopping ({name})")
-                serve.server.shutdown()
-                return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+                    _say(message, event="reloaded")
+                    start_serving()
+                continue
+            serve.current.stop.set()  # no status line after the last words
+            console.clear_status()
+            name = signal.Signals(signum).name
+            _say(f"stopping ({name})", event="stopping", signal=name)
+            serve.server.shutdown()
+            return 0
 
 
 def _route_plan(args: argparse.Namespace) -> _Plan:

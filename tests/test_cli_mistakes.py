@@ -45,7 +45,9 @@ MISTAKES: list[tuple[str, list[str], str]] = [
     ("unix socket without a path", ["serve", "--bind", "unix:"], "--bind unix:PATH needs a path"),
     ("address not on this machine", ["serve", "--bind", "192.0.2.1"], "cannot listen on 192.0.2.1:"),
     ("unknown option", ["serve", "--colour", "red"], "unrecognized arguments: --colour red"),
+    ("option typo", ["serve", "--timout", "5"], "unrecognized arguments: --timout 5 (did you mean '--timeout'?)"),
     ("unknown command", ["serv"], "invalid choice: 'serv'"),
+    ("command typo", ["fuz", "all"], "(did you mean 'fuzz'?)"),
     ("stats on a silent port", ["stats", "{silent}"], "nothing is listening on port {silent}"),
     ("stats with a bad backlog", ["stats", "8000", "--backlog", "lots"], "argument --backlog: takes a whole number, not 'lots'"),
     ("top with a zero interval", ["top", "--interval", "0"], "argument --interval/-i: must be more than 0 seconds"),
@@ -89,3 +91,11 @@ def test_mistake_is_one_line(args: list[str], message: str, ports: dict[str, str
     assert out.stderr.startswith("acceptfilter: "), out.stderr
     assert message.format(**ports) in out.stderr
     assert "invalid literal" not in out.stderr and "int()" not in out.stderr  # never Python's wording
+
+
+def test_on_timeout_help_names_every_action() -> None:
+    """Issue 15, item 8: route:NAME was missing from --on-timeout's help."""
+    out = subprocess.run([sys.executable, "-m", "acceptfilter.cli", "serve", "--help"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "COLUMNS": "400"})
+    line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith("--on-timeout"))
+    assert all(word in line for word in ("surface", "close", "reset", "route:NAME")), line

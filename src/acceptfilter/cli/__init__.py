@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -35,8 +36,34 @@ class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: ``acceptfilter: error: ...`` (the usage is a --help away)."""
 
     def error(self, message: str) -> NoReturn:
-        help_hint = f"; see {self.prog} --help"
-        self.exit(2, f"acceptfilter: error: {message}{help_hint}\n")
+        self.exit(2, f"acceptfilter: error: {message}{self._closest(message)}; see {self.prog} --help\n")
+
+    def _closest(self, message: str) -> str:
+        """The did-you-mean for an unknown command (``serv``) or option (``--timout``)."""
+        from ..registry import did_you_mean
+
+        choice = re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            return did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+        unknown = re.match(r"unrecognized arguments: (--?[\w-]+)", message)
+        if unknown:
+            return did_you_mean(unknown.group(1), self._option_string_actions)
+        return ""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """Unknown options are reported by the sub-command's parser, which knows its own options."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = self._subcommand_parser(getattr(parsed, "command", None))
+            (sub or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _subcommand_parser(self, name: str | None) -> Parser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                found = action.choices[name]
+                return found if isinstance(found, Parser) else None
+        return None
 
 
 def _common_options() -> argparse.ArgumentParser:

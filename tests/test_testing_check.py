@@ -41,7 +41,9 @@ def test_builtin_passes_check_filter(spec: str) -> None:
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_each_invariant_is_caught(name: str) -> None:
     cls, invariant = BROKEN[name]
-    payloads = [b"\x00abc", b"abc"] if cls is Slow else None  # a small space: shrinking sleeps
+    # Slow: a small space, since shrinking sleeps. ChunkingDependent: with the built-ins alone,
+    # about one run in fifteen drew no input with a bare "\n\n" (seeds are added to them, not instead).
+    payloads = {Slow: [b"\x00abc", b"abc"], ChunkingDependent: [b"GET / HTTP/1.1\nHost: a\n\n"]}.get(cls)
     with pytest.raises(ContractViolation) as caught:
         check_filter(cls(), payloads, max_examples=300, time_limit=0.05)
     assert caught.value.invariant == invariant, str(caught.value)

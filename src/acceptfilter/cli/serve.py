@@ -267,12 +267,10 @@ class _Serve:
 
     def start(self) -> None:
         """Point the server at the current listener and start the forwards (again, after a reload)."""
+        self.server.socket = self.current.listener  # type: ignore[assignment]
         if isinstance(self.current.source, Router):
-            self.server.socket = self.current.listener  # type: ignore[assignment]
             for name, target in self.plan.forwards.items():
                 forward(self.current.source[name], target)
-        else:
-            install_listener(self.server, self.current.listener)
 
     def banner(self) -> str:
         args, plan, listener = self.args, self.plan, self.current.listener
@@ -329,10 +327,6 @@ class _Serve:
                     os.unlink(self.unix_path)
                 except OSError:
                     pass
-
-
-def install_listener(server: http.server.HTTPServer, listener: FilteredListener) -> None:
-    server.socket = listener  # type: ignore[assignment]
 
 
 def _drain(old: _Current, server: http.server.HTTPServer) -> None:

@@ -30,6 +30,7 @@ import re
 from typing import Any
 
 from acceptfilter.filter import WAIT, Decision, Filter
+from acceptfilter.matcher import Builder, Program
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -82,6 +83,32 @@ class Proxy(Filter):
 
     def check(self, data: bytes, final: bool) -> Decision:
         return self.session().check(data, final)
+
+    def peer_matcher(self, peer: Any) -> Program | None:
+        """Compiled, for trusted peers only (the check rejects everyone else): see :meth:`matcher`."""
+        return self._matcher() if self.is_trusted(peer) else None
+
+    def matcher(self) -> Program | None:
+        """None: without a peer nobody is trusted; the engine asks :meth:`peer_matcher`."""
+        return None
+
+    def _matcher(self) -> Program:
+        """v2 PROXY over TCP4/TCP6 (address block, TLVs exactly to the end) and v1 UNKNOWN; consumed.
+
+        v2 LOCAL, other families and v1 TCP4/TCP6 (whose addresses need ``ipaddress``) are
+        left to :meth:`check`, so the matcher stays sound whatever those rules become.
+        """
+        b = Builder(self.max_bytes)
+        b.jeq(0, 1, ord("P"), "v1")
+        b.lit(V2_SIGNATURE).eq(0, 1, 0x21)  # version 2, command PROXY
+        b.jeq(1, 1, 0x11, "tcp4").jeq(1, 1, 0x21, "tcp6").fail()
+        b.label("tcp4").push(2, 2, adjust=4).need_frame().skip(4 + 12).jump("tlv")  # frame: 16 + length
+        b.label("tcp6").push(2, 2, adjust=4).need_frame().skip(4 + 36)
+        b.label("tlv").jge_end("end").skip(1).vec(2).jump("tlv")  # (type, vec2) exactly to the end
+        b.label("end").pop().ready(consume=True)
+        no_crlf = [c for c in range(256) if c not in (0x0D, 0x0A)]
+        b.label("v1").lit(b"PROXY UNKNOWN").run(no_crlf, 0, V1_MAX - 15).lit(b"\r\n")
+        return b.ready(consume=True).build()
 
 
 class _ProxySession:

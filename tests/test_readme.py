@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,18 @@ def run_in_front_of_redis(filter_: Filter, redis_port: int) -> Any:
     return namespace["listener"], port
 
 
+def close_and_join(listener: Any) -> None:
+    """Close the listener and see its relay thread end (later tests count acceptfilter threads)."""
+    listener.close()
+    deadline = time.monotonic() + LIMIT
+    while any(t.name.startswith("acceptfilter-forward") for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            # Seen rarely: SurfaceQueue.wait() checks `closed`, then close()+free() run, then it polls
+            # the freed eventfd (-1) with no timeout. A listener bug, reported; fail here, not in later tests.
+            pytest.fail("the relay thread is still blocked in accept() after close()")
+        time.sleep(0.01)
+
+
 def test_own_filter_in_front_of_redis_server(redis_server: int) -> None:
     redis_ready = redis_namespace()["RedisReady"]
     value = "v" * 20000  # larger than max_bytes: the command is still coming when the cap is reached
@@ -112,7 +125,7 @@ def test_own_filter_in_front_of_redis_server(redis_server: int) -> None:
         assert redis_cli(port, "ping").stdout.strip() == "PONG"
         assert listener.stats()["surfaced_by_reason"].get("ready") == 3
     finally:
-        listener.close()
+        close_and_join(listener)
     listener, port = run_in_front_of_redis(redis_ready(oversize="reject"), redis_server)
     try:
         refused = redis_cli(port, "set", "big", value)  # what REJECT at the cap does to a real client
@@ -120,7 +133,7 @@ def test_own_filter_in_front_of_redis_server(redis_server: int) -> None:
         assert redis_cli(port, "ping").stdout.strip() == "PONG"
         assert listener.stats()["rejected"] == 1
     finally:
-        listener.close()
+        close_and_join(listener)
 
 
 def test_the_two_commands_are_documented() -> None:

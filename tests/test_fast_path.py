@@ -212,3 +212,28 @@ def test_defer_accept_on_a_unix_socket_is_a_clear_error(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="cannot set defer_accept=1: TCP_DEFER_ACCEPT is for TCP listeners"):
         acceptfilter.wrap(sock, "httpready", defer_accept=1)
     sock.close()
+
+
+def test_held_connections_show_while_a_thread_waits_in_accept(listen_sock: socket.socket, core: str) -> None:
+    """A thread blocked in accept() (the fast path's own wait) still lets stats() see what it holds."""
+    import threading
+
+    lst = acceptfilter.wrap(listen_sock, "httpready", core=core, timeout=30)
+    waiter = threading.Thread(target=lambda: _accept_quietly(lst))
+    waiter.start()
+    clients = [socket.create_connection(("127.0.0.1", lst.getsockname()[1])) for _ in range(20)]
+    try:
+        wait_for(lambda: lst.stats()["held"] == 20, timeout=20)
+        assert lst.stats()["accepted"] == 20 and unaccounted(lst.stats()) == 0
+    finally:
+        lst.close()
+        waiter.join(10)
+        for c in clients:
+            c.close()
+
+
+def _accept_quietly(lst: FilteredListener) -> None:
+    try:
+        lst.accept()
+    except OSError:
+        pass  # closed under it at the end of the test

@@ -291,6 +291,9 @@ class Engine:
         events, ready = self._core.accept_ready(timeout)
         if events:
             self.handle(events)
+        elif ready is None:
+            with self._lock:  # connections may have been accepted (idle, held): readers see them
+                self._core.snapshot()
         if ready is None:
             return None
         # Counted here, once: accepted and surfaced both grow by this one number, so a

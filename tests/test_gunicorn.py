@@ -279,6 +279,8 @@ def test_own_config_file_and_hup_with_new_settings_hands_held_connections_over(s
     (tmp_path / "conf.py").write_text(CONFIG)
     (tmp_path / "filter.txt").write_text("httpready")
     server = start_gunicorn("-c", str(tmp_path / "conf.py"), "-k", "sync")
+    # gunicorn logs "Booting worker" in the new worker just before it runs post_fork: wait for the hook.
+    wait_for(lambda: (tmp_path / "post_fork_ran").exists(), timeout=20)
     assert (tmp_path / "post_fork_ran").read_text() == "yes"
     held = open_conns(server.port, 10, HEAD)
     try:

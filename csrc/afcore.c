@@ -552,9 +552,12 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
     }
     if (ready && !c->nevents) {
         /* A thread waiting in accept(): the listen queue first. With
-         * TCP_DEFER_ACCEPT what is queued has sent data, often all of it. */
+         * TCP_DEFER_ACCEPT what is queued has sent data, often all of it.
+         * Whatever was taken in returns before any wait, so that the caller's
+         * view of the counters (held, accepted) never lags behind a long wait. */
+        uint64_t taken = c->stats.accepted + c->stats.fast;
         accept_batch(c, now);
-        if (ready->fd >= 0 || c->nevents) goto done;
+        if (ready->fd >= 0 || c->nevents || c->stats.accepted + c->stats.fast != taken) goto done;
     }
     int wait = timeout_ms;
     int64_t next = af_next_timeout_ms(c);

@@ -223,7 +223,10 @@ def test_held_connections_show_while_a_thread_waits_in_accept(listen_sock: socke
     waiter.start()
     clients = [socket.create_connection(("127.0.0.1", lst.getsockname()[1])) for _ in range(20)]
     try:
-        wait_for(lambda: lst.stats()["held"] == 20, timeout=20)
+        try:
+            wait_for(lambda: lst.stats()["held"] == 20, timeout=20)
+        except AssertionError:
+            raise AssertionError(f"stats while a thread waits in accept(): {lst.stats()}") from None
         assert lst.stats()["accepted"] == 20 and unaccounted(lst.stats()) == 0
     finally:
         lst.close()

@@ -198,6 +198,35 @@ def test_without_the_filter_idle_connections_starve_sync_workers(start_gunicorn)
         close_all(idle)
 
 
+def test_one_garbage_byte_does_not_get_past_httpready_by_default(start_gunicorn) -> None:
+    """Issue 14, item 2: eight clients that send one NUL byte each must not pin the sync workers."""
+    server = start_gunicorn("-k", "sync", workers=2)  # default settings: httpready, non_http=reject
+    garbage = open_conns(server.port, 8, b"\x00")
+    try:
+        for s in garbage:  # each is rejected (closed) by the filter, none reaches a worker
+            s.settimeout(10)
+            try:
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass  # closed with the NUL unread: the kernel may send RST instead of FIN
+        answers = [curl(server.port, f"/g{i}", max_time=5) for i in range(20)]
+        assert [a["path"] for a in answers] == [f"/g{i}" for i in range(20)]
+    finally:
+        close_all(garbage)
+
+
+def test_freebsds_pass_through_lets_garbage_pin_sync_workers(start_gunicorn) -> None:
+    """The control experiment: with non_http=accept (FreeBSD's pass) the same bytes pin both workers."""
+    server = start_gunicorn("-k", "sync", workers=2, env={"ACCEPTFILTER_FILTER": "httpready:non_http=accept"})
+    garbage = open_conns(server.port, 8, b"\x00")
+    try:
+        out = subprocess.run(["curl", "-sS", "--max-time", "2", f"http://127.0.0.1:{server.port}/"],
+                             capture_output=True, text=True, timeout=10)
+        assert out.returncode == 28, f"a worker answered although garbage was passed to both: {out.stdout}"
+    finally:
+        close_all(garbage)
+
+
 def test_an_idle_worker_takes_the_next_connection_while_another_is_busy(start_gunicorn) -> None:
     server = start_gunicorn("-k", "sync", env={"ACCEPTFILTER_FILTER": "httpready"})
     slow = open_conns(server.port, 1, b"GET /slow?4 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")[0]

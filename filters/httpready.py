@@ -8,8 +8,9 @@ end only at the tail of the buffer. This one:
   anywhere in the buffer, so a GET with a body or a pipelined second request
   does not keep the first one waiting;
 * surfaces an HTTP/0.9 simple request at its line end — ``GET`` only, as
-  RFC 1945 defines it (``SSH-2.0-OpenSSH_9.2p1 Debian-2\\r\\n`` or
-  ``EHLO x\\r\\n`` look like "token SP word CRLF" too, and are not HTTP);
+  RFC 1945 defines it, with a path or absolute URI (``SSH-2.0-OpenSSH_9.2p1
+  Debian-2\\r\\n``, ``EHLO x\\r\\n`` or redis's ``GET key\\r\\n`` look like
+  "token SP word CRLF" too, and are not HTTP);
 * recognises the HTTP/2 prior-knowledge preface and surfaces it whole;
 * rejects first bytes that cannot be HTTP (TLS, SSH, one NUL byte) at once
   (``non_http=reject``, the default). FreeBSD passes them through instead;
@@ -48,6 +49,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
 _MAX_METHOD = 32
 # The request line once its end is known: method SP target [SP HTTP/x.y].
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+)(?: (HTTP/[0-9]\.[0-9]))?\r?$")
+# An HTTP/0.9 Request-URI: an abs_path or an absoluteURI (scheme "://").
+_SIMPLE_URI = re.compile(rb"/|[A-Za-z][A-Za-z0-9+.-]*://")
 _HOST = re.compile(rb"^host[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -180,8 +183,10 @@ class _HttpSession:
         self._scanned = nl
         self._line = (match.group(1), match.group(2), match.group(3))
         if match.group(3) is None:  # HTTP/0.9: the line is the whole request
-            if match.group(1) != b"GET":
-                return self._non_http("a request line without a version is HTTP/0.9, which is GET only")
+            if match.group(1) != b"GET" or not _SIMPLE_URI.match(match.group(2)):
+                # RFC 1945: Simple-Request = "GET" SP Request-URI CRLF, the URI an
+                # abs_path or an absoluteURI; redis's inline "GET key" is neither.
+                return self._non_http("a request line without a version is HTTP/0.9: GET and a URI only")
             return Decision.accept(self._line_info(data), reason="HTTP/0.9 request line")
         return None
 

@@ -31,46 +31,46 @@ from acceptfilter.testing.corpus import FIRST_FLIGHTS, FirstFlight
 from .conftest import wait_for
 from .peers import Exim, Sshd, exim, sshd  # noqa: F401  (fixtures)
 
-FILTERS = ("dataready", "httpready", "tlsready", "dnsready", "proxy:trusted=127.0.0.0/8")
+FILTERS = ("dataready", "httpready", "tlsready", "dnsready", "proxy:trusted=127.0.0.0/8", "sshready", "silent")
 PEER = ("127.0.0.1", 40000)
 
 # One letter per filter of FILTERS for the whole flight with final=False:
 # A accept, P accept as a pass-through (foreign bytes; no match behind a router),
 # R reject, W wait (silence, or a prefix of something longer).
 EXPECTED = {
-    "ssh-debian": "ARPRR",
-    "ssh-plain": "ARPRR",
-    "ssh-putty": "ARPRR",
-    "smtp-ehlo": "ARPRR",
-    "smtp-helo": "ARPRR",
-    "imap-capability": "ARPRR",
-    "imap-login": "ARPRR",
-    "pop3-capa": "ARPRR",
-    "pop3-user": "ARPRR",
-    "redis-inline": "ARPRR",
-    "redis-inline-get": "ARPRR",
-    "redis-array": "ARPRR",
-    "memcached-text": "ARPRR",
-    "memcached-binary": "ARPRR",
-    "postgres-sslrequest": "ARPRR",
-    "postgres-startup": "ARPRR",
-    "mysql": "WWWWW",
-    "mqtt-connect": "ARPRR",
-    "socks4": "ARPWR",  # dnsready: 0x0401 bytes announced, 14 here: waits (and rejects at the end)
-    "socks5": "ARPWR",
-    "rdp": "ARPWR",
-    "tls12-hello": "ARARR",
-    "tls13-hello": "ARARR",
-    "http11-get": "AAPRR",
-    "http10-head": "AAPRR",
-    "http09-get": "AAPRR",
-    "websocket-upgrade": "AAPRR",
-    "h2-preface": "AAPRR",
-    "grpc-h2c": "AAPRR",
-    "proxy-v1": "ARPRA",
-    "proxy-v2": "ARPRA",
-    "dns-query": "ARPAR",
-    "garbage-nul": "ARPWR",
+    "ssh-debian": "ARPRRAR",
+    "ssh-plain": "ARPRRAR",
+    "ssh-putty": "ARPRRAR",
+    "smtp-ehlo": "ARPRRRR",
+    "smtp-helo": "ARPRRRR",
+    "imap-capability": "ARPRRRR",
+    "imap-login": "ARPRRRR",
+    "pop3-capa": "ARPRRRR",
+    "pop3-user": "ARPRRRR",
+    "redis-inline": "ARPRRRR",
+    "redis-inline-get": "ARPRRRR",
+    "redis-array": "ARPRRRR",
+    "memcached-text": "ARPRRRR",
+    "memcached-binary": "ARPRRRR",
+    "postgres-sslrequest": "ARPRRRR",
+    "postgres-startup": "ARPRRRR",
+    "mysql": "WWWWWWW",
+    "mqtt-connect": "ARPRRRR",
+    "socks4": "ARPWRRR",  # dnsready: 0x0401 bytes announced, 14 here: waits (and rejects at the end)
+    "socks5": "ARPWRRR",
+    "rdp": "ARPWRRR",
+    "tls12-hello": "ARARRRR",
+    "tls13-hello": "ARARRRR",
+    "http11-get": "AAPRRRR",
+    "http10-head": "AAPRRRR",
+    "http09-get": "AAPRRRR",
+    "websocket-upgrade": "AAPRRRR",
+    "h2-preface": "AAPRRRR",
+    "grpc-h2c": "AAPRRRR",
+    "proxy-v1": "ARPRARR",
+    "proxy-v2": "ARPRARR",
+    "dns-query": "ARPARRR",
+    "garbage-nul": "ARPWRRR",
 }
 
 
@@ -101,14 +101,16 @@ def test_every_builtin_filter_on_every_first_flight(name: str) -> None:
     for step in (len(flight.data) or 1, 1, 7):  # whole, byte by byte, odd segments: same verdict
         got = "".join(_letter(spec, flight.data, step) for spec in FILTERS)
         assert got == EXPECTED[name], f"{name} in {step}-byte arrivals: {got} (filters {FILTERS})"
-    # final=True (EOF, deadline): every filter decides; silence and partial messages are rejected.
+    # final=True (EOF, deadline): every filter decides; silence and partial messages are rejected
+    # (but by `silent`, which matches exactly the client that said nothing).
     for spec, letter in zip(FILTERS, EXPECTED[name], strict=True):
         flt = load_filter(spec)
         session = flt.peer_session(PEER) if flt.needs_peer else flt.session()
         final = session.check(flight.data, True)
         assert final.decided
-        if letter == "W":
-            assert final.verdict is Verdict.REJECT, (name, spec)
+        if letter == "W":  # silence is what `silent` waits for; everyone else gives up on it
+            want = Verdict.ACCEPT if spec == "silent" else Verdict.REJECT
+            assert final.verdict is want, (name, spec)
 
 
 ROUTES: dict[str, list[str]] = {
@@ -116,8 +118,9 @@ ROUTES: dict[str, list[str]] = {
     "http": ["httpready"],
     "tls": ["tlsready"],
     "dns": ["dnsready"],
+    "ssh": ["sshready"],
 }
-ROUTE_OF = {"http": "http", "tls": "tls", "dns": "dns", "proxy": "proxied"}  # everything else: the default
+ROUTE_OF = {"http": "http", "tls": "tls", "dns": "dns", "proxy": "proxied", "ssh": "ssh"}  # everything else: the default
 
 
 def _flow_route(router: Router, flights: list[FirstFlight]) -> dict[str, str]:
@@ -201,8 +204,12 @@ def serve(tmp_path: Path) -> Iterator:
 
 
 def test_real_ssh_client_reaches_sshd_behind_http_routing(sshd: Sshd, serve) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    """The README's `--default ssh` example with Debian's OpenSSH: its commented identification line is not HTTP/0.9."""
-    port = serve("--timeout", "2", "--route", "http=httpready", "--default", "ssh",
+    """The README's example with Debian's OpenSSH: its commented identification line is not HTTP/0.9.
+
+    OpenSSH speaks first, so ``sshready`` recognises it; a client that waits
+    for the banner is silent and reaches sshd through ``--default ssh``.
+    """
+    port = serve("--timeout", "2", "--route", "http=httpready", "--route", "ssh=sshready", "--default", "ssh",
                  "--forward", f"ssh=127.0.0.1:{sshd.port}")
     direct = sshd.ssh(sshd.port, "echo", "direct")
     assert direct.returncode == 0 and direct.stdout.strip() == "direct", direct.stderr

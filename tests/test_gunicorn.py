@@ -537,7 +537,7 @@ def test_settings_env_overrides_install_defaults() -> None:
     got = af_gunicorn.settings({"ACCEPTFILTER_FILTER": "proxy:trusted=10.0.0.0/8 httpready", "ACCEPTFILTER_MAX_HELD": "77"},
                                timeout=3, filter="dataready")
     assert got.filters == ("proxy:trusted=10.0.0.0/8", "httpready")
-    assert (got.timeout, got.max_held, got.on_timeout, got.core) == (3.0, 77, "surface", "c")
+    assert (got.timeout, got.max_held, got.on_timeout, got.core) == (3.0, 77, "close", "c")  # close: the worker model default
     with pytest.raises(AcceptFilterError, match="ACCEPTFILTER_ON_TIMEOUT|on_timeout"):
         af_gunicorn.settings({"ACCEPTFILTER_ON_TIMEOUT": "explode"})
     with pytest.raises(TypeError, match="unknown setting"):

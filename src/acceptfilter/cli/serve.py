@@ -6,6 +6,7 @@ import argparse
 import errno
 import functools
 import http.server
+import logging
 import os
 import socket
 import sys
@@ -15,8 +16,8 @@ from typing import Any
 from ..errors import AcceptFilterError
 from ..integrations.socketserver import install
 from ..listener import route
-from ..policy import DEFAULT_TIMEOUT
-from ..relay import forward, parse_target
+from ..policy import DEFAULT_TIMEOUT, WORKER_ON_TIMEOUT, parse_action
+from ..relay import Forward, forward, parse_forward
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +33,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--directory", "-d", default=os.getcwd(), help="directory to serve (default: the current one)")
     p.add_argument("--timeout", type=float, default=None,
                    help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g}, or the filter's timeout=)")
-    p.add_argument("--on-timeout", default="surface", metavar="ACTION", help="surface (default), close or reset")
+    p.add_argument("--on-timeout", default=None, metavar="ACTION",
+                   help="close (default: the file server gives each connection a thread that a surfaced idle "
+                        "client would pin), surface, reset or route:NAME")
     p.add_argument("--max-held", type=int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default: 1024)")
@@ -40,19 +43,55 @@ def register(subparsers: Any) -> None:
                    help="route on this port (repeat; first match wins; '+' chains filters); "
                         "the file server serves --serve-route, the others need --forward")
     p.add_argument("--default", metavar="NAME", default=None,
-                   help="route for connections every route rejects and for silent clients after the deadline")
-    p.add_argument("--forward", action="append", metavar="NAME=HOST:PORT", default=[],
-                   help="relay a route's connections to a TCP backend (sslh-style)")
+                   help="route for silent (server-first: SSH, SMTP, MySQL) clients that sent nothing by the deadline")
+    p.add_argument("--on-reject", metavar="ACTION", default="close",
+                   help="what gets a connection every route rejected, or that sent a part of something and timed "
+                        "out: close (default), reset or route:NAME")
+    p.add_argument("--forward", action="append", metavar="NAME=HOST:PORT[,proxy=v1|v2]", default=[],
+                   help="relay a route's connections to a TCP backend (sslh-style), optionally with a PROXY "
+                        "protocol header first; when every route is forwarded there is no file server")
     p.add_argument("--serve-route", metavar="NAME", default=None,
-                   help="the route the file server answers (default: 'http' if there is one, else the first)")
+                   help="the route the file server answers (default: 'http' if there is one, else the first "
+                        "route that is not forwarded)")
     p.add_argument("--status-interval", type=float, default=2.0, metavar="S",
                    help="seconds between status lines (held / surfaced / timed out / kernel queue; default: 2)")
     p.add_argument("--no-status", dest="status", action="store_false", help="no status line")
     p.set_defaults(func=run)
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that reports a client gone mid-answer in one line, not a traceback.
+
+    Under a flood, clients that reset or stop reading made the stock server
+    print a BrokenPipeError/ConnectionResetError traceback per connection.
+    """
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            sys.stderr.write(f"{client_address[0] if client_address else '?'} - - client went away: "
+                             f"{type(exc).__name__}\n")
+            return
+        super().handle_error(request, client_address)
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """SimpleHTTPRequestHandler that also logs why the connection was surfaced."""
+    """SimpleHTTPRequestHandler that also logs why the connection was surfaced.
+
+    A path with a NUL byte (``GET /\\x00/``) made the stock handler raise
+    ``ValueError: embedded null byte`` from ``os.stat`` (a traceback, and no
+    answer for the client); it gets a 400 here.
+    """
+
+    def send_head(self) -> Any:
+        if "\x00" in self.path or "%00" in self.path.lower():
+            self.send_error(400, "NUL byte in the path")
+            return None
+        try:
+            return super().send_head()
+        except ValueError:  # another path os.stat cannot take
+            self.send_error(400, "bad path")
+            return None
 
     def log_message(self, format: str, *args: Any) -> None:
         from ..listener import connection_info
@@ -119,33 +158,43 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
         load_chain(chain)  # report a bad spec before binding anything
     sock = _listen(args.bind, args.port, args.backlog)
     handler = functools.partial(_QuietHandler, directory=args.directory)
-    server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    server = _Server(sock.getsockname()[:2], handler, bind_and_activate=False)
     server.socket.close()
     server.socket = sock
     server.server_name = socket.getfqdn(sock.getsockname()[0])
     server.server_port = sock.getsockname()[1]
     server.daemon_threads = True
     router = None
+    on_timeout = args.on_timeout or WORKER_ON_TIMEOUT
     if plan is None:
-        listener = install(server, specs, timeout=args.timeout, on_timeout=args.on_timeout,
+        listener = install(server, specs, timeout=args.timeout, on_timeout=on_timeout,
                            max_held=args.max_held, core=args.core)
         through = " -> ".join(specs)
     else:
-        routes, forwards, serve_name = plan
-        router = route(sock, routes, default=args.default, timeout=args.timeout,
-                       on_timeout=None if args.on_timeout == "surface" else args.on_timeout,
-                       max_held=args.max_held, core=args.core)
-        listener = router[serve_name]
-        server.socket = listener  # type: ignore[assignment]
-        for name, target in forwards.items():
-            forward(router[name], target)
-            print(f"route {name}: {' -> '.join(routes.get(name, ['(default)']))} forwarded to {target[0]}:{target[1]}", flush=True)
-        through = f"route {serve_name} ({' -> '.join(routes.get(serve_name, ['(default)']))})"
+        routes, forwards, serve_name, policy = plan
+        on_timeout = policy["on_timeout"]
+        router = route(sock, routes, timeout=args.timeout, max_held=args.max_held, core=args.core, **policy)
+        listener = router[serve_name or next(iter(routes))]
+        if forwards:
+            logging.getLogger("acceptfilter.relay").setLevel(logging.INFO)  # one line per relayed connection
+        for name, fwd in forwards.items():
+            forward(router[name], fwd)
+            print(f"route {name}: {' -> '.join(routes[name]) or '(no filter)'} forwarded to {fwd}", flush=True)
+        if serve_name is not None:
+            server.socket = router[serve_name]  # type: ignore[assignment]
+            through = f"route {serve_name} ({' -> '.join(routes[serve_name]) or 'no filter'})"
+        else:
+            through = ""
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    print(f"Serving {args.directory} on http://{url_host}:{port}/ through {through} "
-          f"(deadline {listener.deadline:g} s, on timeout: {args.on_timeout}, "
-          f"max held {listener.max_held}, {args.core} core). Ctrl-C stops.", flush=True)
+    policy_text = (f"deadline {listener.deadline:g} s, on timeout: {on_timeout}, "
+                   f"max held {listener.max_held}, {args.core} core")
+    if plan is not None and plan[2] is None:
+        print(f"Relaying on {url_host}:{port} (no file server: every route is forwarded; on reject: "
+              f"{args.on_reject}; {policy_text}). Ctrl-C stops.", flush=True)
+    else:
+        print(f"Serving {args.directory} on http://{url_host}:{port}/ through {through} ({policy_text}). "
+              "Ctrl-C stops.", flush=True)
     from .. import diag
 
     try:
@@ -160,7 +209,11 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     if ready is not None:
         ready.set()
     try:
-        server.serve_forever()
+        if plan is not None and plan[2] is None:
+            while not stop.wait(3600):
+                pass  # the relays run in their own threads; Ctrl-C ends this wait
+        else:
+            server.serve_forever()
     except KeyboardInterrupt:
         print("\nstopping", file=sys.stderr)
     finally:
@@ -171,8 +224,20 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     return 0
 
 
-def _route_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[str, tuple[str, int]], str]:
-    """Check --route/--forward/--default/--serve-route together, before anything is bound."""
+def _route_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[str, Forward], str | None, dict[str, Any]]:
+    """Check --route/--forward/--default/--on-reject/--serve-route together, before anything is bound.
+
+    Returns the routes (name -> filter specs, in order), the forwards, the
+    route the file server answers (None: every route is forwarded, a relay
+    only) and the policy keywords for :func:`acceptfilter.listener.route`.
+
+    ``--default NAME`` gets only silent clients: unless NAME is also a
+    ``--route``, it becomes the last route with the ``silent`` filter (waits
+    while nothing has arrived, rejects any byte, accepts the still-silent
+    connection at the deadline). Everything else that no route accepts, at
+    once or at the deadline, gets ``--on-reject``: a half-sent redis command or
+    TLS garbage no longer reaches the SSH backend.
+    """
     routes: dict[str, list[str]] = {}
     for text in args.route:
         name, sep, spec = text.partition("=")
@@ -184,23 +249,56 @@ def _route_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[st
         routes[name] = [part.strip() for part in spec.split("+")]
     if args.filter:
         raise AcceptFilterError("use either --filter (one chain) or --route (several), not both")
-    forwards: dict[str, tuple[str, int]] = {}
+    try:
+        reject = parse_action(args.on_reject, "--on-reject")
+        timeout_action = parse_action(args.on_timeout, "--on-timeout") if args.on_timeout else None
+    except AcceptFilterError as exc:
+        raise AcceptFilterError(str(exc)) from None
+    if reject.kind == "surface" and reject.route is None:
+        raise AcceptFilterError("--on-reject takes close, reset or route:NAME (a route to send them to)")
+    internal: set[str] = set()
+    if args.default and args.default not in routes:
+        routes[args.default] = ["silent"]
+    elif args.default:
+        # A route with filters of its own (sshready for the SSH clients that speak
+        # first): silent clients are labelled for it by an extra, last route.
+        internal.add(f"{args.default}.silent")
+        routes[f"{args.default}.silent"] = [f"silent:to={args.default}"]
+    reject_route = reject.route
+    if reject_route is not None and reject_route not in routes:
+        routes[reject_route] = []  # a target only, like --default was
+    forwards: dict[str, Forward] = {}
     for text in args.forward:
         name, sep, target = text.partition("=")
         try:
-            forwards[name.strip()] = parse_target(target)
+            forwards[name.strip()] = parse_forward(target)
         except ValueError as exc:
             raise AcceptFilterError(f"--forward {text!r}: {exc}") from None
-    names = set(routes) | ({args.default} if args.default else set())
-    serve_name = args.serve_route or ("http" if "http" in routes else next(iter(routes)))
-    if serve_name not in names:
-        raise AcceptFilterError(f"--serve-route {serve_name!r} is not one of the routes: {', '.join(sorted(names))}")
+    names = set(routes)
+    if timeout_action is not None and timeout_action.route is not None and timeout_action.route not in names:
+        raise AcceptFilterError(f"--on-timeout names route {timeout_action.route!r}, which is not one of: "
+                                f"{', '.join(sorted(names))}")
     unknown = sorted(set(forwards) - names)
     if unknown:
         raise AcceptFilterError(f"--forward names route {unknown[0]!r}, which is not one of: {', '.join(sorted(names))}")
-    stranded = sorted(names - set(forwards) - {serve_name})
+    serve_name: str | None = args.serve_route
+    if serve_name is None:
+        unforwarded = [n for n in routes if n not in forwards and n not in internal]
+        serve_name = "http" if "http" in unforwarded else (unforwarded[0] if unforwarded else None)
+    if serve_name is not None and serve_name not in names:
+        raise AcceptFilterError(f"--serve-route {serve_name!r} is not one of the routes: {', '.join(sorted(names))}")
+    stranded = sorted(names - set(forwards) - {serve_name} - internal)
     if stranded:
         raise AcceptFilterError(f"route {stranded[0]!r} has nowhere to go: add --forward {stranded[0]}=HOST:PORT")
-    if serve_name in forwards:
+    if serve_name is not None and serve_name in forwards:
         raise AcceptFilterError(f"route {serve_name!r} is served by the file server; it cannot also be forwarded")
-    return routes, forwards, serve_name
+    if timeout_action is None:
+        # Silent clients are matched by the silent route at the deadline; what is
+        # left timed out with a part of something, and gets the reject action.
+        timeout_action = reject
+    policy: dict[str, Any] = {
+        "on_timeout": timeout_action,
+        "on_reject": reject if reject.route is None else "close",
+        "default": reject_route,
+    }
+    return routes, forwards, serve_name, policy

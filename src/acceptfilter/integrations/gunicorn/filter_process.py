@@ -35,6 +35,7 @@ from ...engine import ConnectionInfo
 from ...errors import AcceptFilterError
 from ...iocore import Address
 from ...listener import FilteredListener, wrap
+from ...policy import WORKER_ON_TIMEOUT
 from ..handoff import offer_fd, receive_fds, send_connection
 
 __all__ = ["FeederSettings", "main"]
@@ -59,7 +60,7 @@ class FeederSettings:
 
     filters: tuple[str, ...] = ("httpready",)
     timeout: float | None = None
-    on_timeout: str = "surface"
+    on_timeout: str = WORKER_ON_TIMEOUT
     max_held: int | None = None
     core: str = "c"
     #: TCP_DEFER_ACCEPT seconds on gunicorn's listen sockets (0: off), so a worker
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                         "ready connections, both ends of the channel of connections to hold")
     p.add_argument("--filter", action="append", required=True, metavar="SPEC")
     p.add_argument("--timeout", type=float, default=None)
-    p.add_argument("--on-timeout", default="surface")
+    p.add_argument("--on-timeout", default=WORKER_ON_TIMEOUT)
     p.add_argument("--max-held", type=int, default=None)
     p.add_argument("--core", default="c")
     p.add_argument("--log-level", default="info")

@@ -70,7 +70,7 @@ def test_load_filter_converts_types_and_reports_bad_values() -> None:
 
 
 def test_unknown_filter_names_the_registered_ones() -> None:
-    with pytest.raises(acceptfilter.UnknownFilterError, match="unknown filter 'htpready'.*dataready, dnsready, httpready, proxy, tlsready"):
+    with pytest.raises(acceptfilter.UnknownFilterError, match="unknown filter 'htpready'.*dataready, dnsready, httpready, proxy, silent, sshready, tlsready"):
         acceptfilter.load_filter("htpready")
 
 

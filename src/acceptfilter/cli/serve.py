@@ -179,10 +179,11 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
             logging.getLogger("acceptfilter.relay").setLevel(logging.INFO)  # one line per relayed connection
         for name, fwd in forwards.items():
             forward(router[name], fwd)
-            print(f"route {name}: {' -> '.join(routes[name]) or '(no filter)'} forwarded to {fwd}", flush=True)
+            print(f"route {name}: {' -> '.join(routes.get(name, [])) or '(rejected connections)'} forwarded to {fwd}",
+                  flush=True)
         if serve_name is not None:
             server.socket = router[serve_name]  # type: ignore[assignment]
-            through = f"route {serve_name} ({' -> '.join(routes[serve_name]) or 'no filter'})"
+            through = f"route {serve_name} ({' -> '.join(routes.get(serve_name, [])) or 'rejected connections'})"
         else:
             through = ""
     host, port = sock.getsockname()[:2]
@@ -264,9 +265,7 @@ def _route_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[st
         # first): silent clients are labelled for it by an extra, last route.
         internal.add(f"{args.default}.silent")
         routes[f"{args.default}.silent"] = [f"silent:to={args.default}"]
-    reject_route = reject.route
-    if reject_route is not None and reject_route not in routes:
-        routes[reject_route] = []  # a target only, like --default was
+    reject_route = reject.route  # route() adds it as a target with no filters if it is not a route
     forwards: dict[str, Forward] = {}
     for text in args.forward:
         name, sep, target = text.partition("=")
@@ -274,7 +273,7 @@ def _route_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[st
             forwards[name.strip()] = parse_forward(target)
         except ValueError as exc:
             raise AcceptFilterError(f"--forward {text!r}: {exc}") from None
-    names = set(routes)
+    names = set(routes) | ({reject_route} if reject_route else set())
     if timeout_action is not None and timeout_action.route is not None and timeout_action.route not in names:
         raise AcceptFilterError(f"--on-timeout names route {timeout_action.route!r}, which is not one of: "
                                 f"{', '.join(sorted(names))}")
@@ -283,7 +282,7 @@ def _route_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[st
         raise AcceptFilterError(f"--forward names route {unknown[0]!r}, which is not one of: {', '.join(sorted(names))}")
     serve_name: str | None = args.serve_route
     if serve_name is None:
-        unforwarded = [n for n in routes if n not in forwards and n not in internal]
+        unforwarded = [n for n in [*routes, *([reject_route] if reject_route else [])] if n not in forwards and n not in internal]
         serve_name = "http" if "http" in unforwarded else (unforwarded[0] if unforwarded else None)
     if serve_name is not None and serve_name not in names:
         raise AcceptFilterError(f"--serve-route {serve_name!r} is not one of the routes: {', '.join(sorted(names))}")

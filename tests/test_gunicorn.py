@@ -336,11 +336,37 @@ def test_the_filter_process_is_restarted_when_it_dies(start_gunicorn) -> None:
     first = server.feeder_pids()[0]
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: len(server.feeder_pids()) == 2, timeout=15)
-    assert "ended (signal 9)" in server.log() or "ended (exited)" in server.log()
+    assert re.search(r"ended \((signal 9|killed or crashed: it did not stop cleanly.*)\) holding 0 connections",
+                     server.log()), server.log()
     held = open_conns(server.port, 5, HEAD)  # held by the new filter process
     try:
         time.sleep(0.3)
         assert {a["reason"] for a in finish_and_read(held)} == {"ready"}
+    finally:
+        close_all(held)
+
+
+def test_a_killed_filter_process_says_how_many_held_connections_were_lost(start_gunicorn) -> None:
+    """Issue 14, item 8: SIGKILL loses what the filter process holds; the arbiter logs and counts it."""
+    server = start_gunicorn("-k", "sync", env={"ACCEPTFILTER_FILTER": "httpready", "ACCEPTFILTER_TIMEOUT": "30"})
+    first = server.feeder_pids()[0]
+    held = open_conns(server.port, 6, HEAD)
+    try:
+        def all_held() -> bool:  # each connection is in the filter process (a socket fd there)
+            fds = os.listdir(f"/proc/{first}/fd")
+            return sum(os.readlink(f"/proc/{first}/fd/{fd}").startswith("socket:") for fd in fds) >= 6 + 4
+        wait_for(all_held, timeout=15)
+        os.kill(first, signal.SIGKILL)
+        for s in held:  # the kernel closed them with the process: each client sees FIN or RST
+            s.settimeout(10)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: "holding 6 connections: they are lost" in server.log(), timeout=15)
+        assert "6 lost this way so far" in server.log()
+        wait_for(lambda: len(server.feeder_pids()) == 2, timeout=15)
+        assert curl(server.port)["reason"] == "ready"
     finally:
         close_all(held)
 

@@ -2,7 +2,7 @@
 from setuptools import setup
 
 setup(
-    cffi_modules=["src/acceptfilter/_core_build.py:ffibuilder"],
+    cffi_modules=["src/acceptfilter/_core_build.py:ffibuilder", "src/acceptfilter/_relay_build.py:ffibuilder"],
     # The core only uses the stable ABI: one wheel serves every CPython >= 3.11.
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

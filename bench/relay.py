@@ -3,9 +3,11 @@
 Two measurements, each alternating the set-ups round by round:
 
 * redis-benchmark GET (persistent connections, one request in flight per
-  connection) against redis-server directly, through the relay with splice(2)
-  (the default), and through the relay copying in Python (recv/sendall, what
-  the relay did before; ``ACCEPTFILTER_RELAY_COPY=1``). Goal: >= 0.8x direct.
+  connection) against redis-server directly and through the relay with each
+  pump (``ACCEPTFILTER_RELAY_PUMP``): ``c`` (the default: one GIL-free C call
+  per connection, splice(2) both ways), ``splice`` (os.splice from two Python
+  threads per connection) and ``copy`` (recv/sendall in Python, what the relay
+  did before). Goal: >= 0.8x direct.
 * A TLS request (connect, handshake, ``GET /``, read to the end) to
   ``openssl s_server -www``, directly and through a ``tlsready`` route;
   median and p90 over sequential requests. Goal: median within 1 ms of direct.
@@ -27,7 +29,9 @@ from typing import Any
 
 from bench.common import free_port, median, percentile
 
-SETUPS = ("direct", "relay-splice", "relay-copy")
+SETUPS = ("direct", "relay-c", "relay-splice", "relay-copy")
+#: ACCEPTFILTER_RELAY_PUMP for each relayed set-up.
+PUMPS = {"relay-c": "c", "relay-splice": "splice", "relay-copy": "copy"}
 
 
 def _wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
@@ -43,11 +47,9 @@ def _wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20.0) ->
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def _relay(route: str, backend: int, *, copy: bool) -> tuple[subprocess.Popen[bytes], int]:
+def _relay(route: str, backend: int, *, pump: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "ACCEPTFILTER_RELAY_COPY"}
-    if copy:
-        env["ACCEPTFILTER_RELAY_COPY"] = "1"
+    env = {**os.environ, "ACCEPTFILTER_RELAY_PUMP": pump}
     proc = subprocess.Popen([sys.executable, "-m", "acceptfilter.cli", "serve", "--port", str(port), "--no-status",
                              "--route", route, "--forward", f"{route.split('=')[0]}=127.0.0.1:{backend}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -95,7 +97,7 @@ def run(*, quick: bool, rounds: int | None = None) -> dict[str, Any]:
     rounds = rounds or (1 if quick else 3)
     requests, clients, tls_count = (5000, 20, 20) if quick else (50000, 50, 200)
     redis: dict[str, list[float]] = {s: [] for s in SETUPS}
-    tls: dict[str, list[float]] = {"direct": [], "relay-splice": []}
+    tls: dict[str, list[float]] = {"direct": [], "relay-c": []}
     with tempfile.TemporaryDirectory() as tmp:
         rport = free_port()
         server = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
@@ -111,17 +113,18 @@ def run(*, quick: bool, rounds: int | None = None) -> dict[str, Any]:
         try:
             _wait_port(rport, server)
             _wait_port(sport, s_server)
-            splice_proc, splice_port = _relay("redis=dataready", rport, copy=False)
-            copy_proc, copy_port = _relay("redis=dataready", rport, copy=True)
-            tls_proc, tls_port = _relay("tls=tlsready", sport, copy=False)
-            relays += [splice_proc, copy_proc, tls_proc]
-            ports = {"direct": rport, "relay-splice": splice_port, "relay-copy": copy_port}
+            ports = {"direct": rport}
+            for setup, pump in PUMPS.items():
+                proc, ports[setup] = _relay("redis=dataready", rport, pump=pump)
+                relays.append(proc)
+            tls_proc, tls_port = _relay("tls=tlsready", sport, pump="c")
+            relays.append(tls_proc)
             redis_rps(rport, 1000, clients)  # warm up
             for _ in range(rounds):
                 for setup in SETUPS:
                     redis[setup].append(redis_rps(ports[setup], requests, clients))
                 tls["direct"] += tls_times(sport, tls_count)
-                tls["relay-splice"] += tls_times(tls_port, tls_count)
+                tls["relay-c"] += tls_times(tls_port, tls_count)
         finally:
             for proc in [*relays, server, s_server]:
                 _stop(proc)
@@ -131,8 +134,8 @@ def run(*, quick: bool, rounds: int | None = None) -> dict[str, Any]:
             [v / d for v, d in zip(values, redis["direct"], strict=True)]), "rounds": values}
     for setup, values in tls.items():
         results["tls"][setup] = {"p50_ms": median(values), "p90_ms": percentile(values, 90), "requests": len(values)}
-    ratio = results["redis"]["relay-splice"]["ratio_to_direct"]
-    extra_ms = results["tls"]["relay-splice"]["p50_ms"] - results["tls"]["direct"]["p50_ms"]
+    ratio = results["redis"]["relay-c"]["ratio_to_direct"]
+    extra_ms = results["tls"]["relay-c"]["p50_ms"] - results["tls"]["direct"]["p50_ms"]
     return {
         "config": {"redis": f"redis-benchmark -t get -n {requests} -c {clients} -P 1", "rounds": rounds,
                    "tls": f"{tls_count} sequential requests per round to openssl s_server -www (new connection each)",

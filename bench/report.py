@@ -167,8 +167,9 @@ def _relay(d: dict[str, Any]) -> list[str]:
     if "unavailable" in d:
         return [f"**Relay** — not run: {d['unavailable']}."]
     c, r = d["config"], d["results"]
-    labels = {"direct": "direct", "relay-splice": "through the relay (splice, the default)",
-              "relay-copy": "through the relay (copy through Python)"}
+    labels = {"direct": "direct", "relay-c": "through the relay (C pump, splice, no GIL: the default)",
+              "relay-splice": "through the relay (os.splice from Python threads)",
+              "relay-copy": "through the relay (recv/sendall in Python: before)"}
     lines = [f"**Relay** — `{c['relay']}`; redis: `{c['redis']}`, {c['rounds']} rounds, alternating; TLS: {c['tls']}.",
              "", "| path | redis GET req/s | x direct | TLS request p50 ms | p90 ms |", "|---|---:|---:|---:|---:|"]
     for setup, red in r["redis"].items():

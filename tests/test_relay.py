@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -65,12 +67,76 @@ def test_forward_option_mistakes(text: str) -> None:
     assert parse_forward("[::1]:80,proxy=v2").send_proxy == 2
 
 
+# -- the C pump -----------------------------------------------------------------------------------
+def test_c_pump_moves_both_ways_and_passes_the_half_close_on() -> None:
+    """One afr_relay call between two socket pairs: data both ways, EOF passed on, counts returned."""
+    from acceptfilter.relay import _c_pump, _lib, _Tally
+
+    if _lib is None:
+        pytest.skip("the C relay (acceptfilter._relay) is not built")
+    client, client_end = socket.socketpair()
+    backend, backend_end = socket.socketpair()
+    tally = _Tally()
+    t = threading.Thread(target=_c_pump, args=(client_end, backend_end, tally))
+    t.start()
+    try:
+        client.sendall(b"x" * 300_000)  # more than one pipe's worth
+        client.shutdown(socket.SHUT_WR)
+        got = b""
+        backend.settimeout(10)
+        while chunk := backend.recv(65536):  # ends: the half-close was passed on
+            got += chunk
+        assert got == b"x" * 300_000
+        backend.sendall(b"answer")  # the other direction still works after the half-close
+        backend.close()
+        client.settimeout(10)
+        assert client.recv(100) == b"answer" and client.recv(100) == b""
+        t.join(10)
+        assert not t.is_alive()
+        assert (tally.up, tally.down, tally.errors) == (300_000, 6, [])
+    finally:
+        for s in (client, client_end, backend, backend_end):
+            s.close()
+
+
+def test_c_pump_ends_both_ways_when_one_side_resets() -> None:
+    from acceptfilter.relay import _c_pump, _lib, _Tally
+
+    if _lib is None:
+        pytest.skip("the C relay (acceptfilter._relay) is not built")
+    front = socket.create_server(("127.0.0.1", 0))
+    back = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(front.getsockname())
+    client_end, _ = front.accept()
+    backend_end = socket.create_connection(back.getsockname())
+    backend, _ = back.accept()
+    tally = _Tally()
+    t = threading.Thread(target=_c_pump, args=(client_end, backend_end, tally))
+    t.start()
+    try:
+        client.sendall(b"partial")
+        backend.settimeout(10)
+        assert backend.recv(100) == b"partial"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        t.join(10)
+        assert not t.is_alive()
+        try:
+            assert backend.recv(100) == b""  # the relay shut the backend down too
+        except ConnectionResetError:
+            pass
+    finally:
+        for s in (client_end, backend_end, backend, front, back):
+            s.close()
+
+
 # -- serve as a relay ----------------------------------------------------------------------------
 class Serve:
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "acceptfilter.cli", "serve", "--port", "0", "--no-status",
                                       "--directory", str(tmp_path), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.lines: list[str] = []
         self.port = 0
@@ -101,8 +167,8 @@ class Serve:
 def serve(tmp_path: Path) -> Iterator:
     started: list[Serve] = []
 
-    def start(*args: str) -> Serve:
-        s = Serve(tmp_path, *args)
+    def start(*args: str, env: dict[str, str] | None = None) -> Serve:
+        s = Serve(tmp_path, *args, env=env)
         started.append(s)
         return s
 
@@ -141,9 +207,11 @@ def redis_cli(port: int, *command: str) -> str:
     return out.stdout.strip()
 
 
-def test_forward_only_relay_in_front_of_redis_with_a_log_line_per_connection(serve, redis: int) -> None:  # type: ignore[no-untyped-def]
-    """No dummy http route: every route is forwarded, serve is a relay only."""
-    relay = serve("--route", "redis=dataready", "--forward", f"redis=127.0.0.1:{redis}")
+@pytest.mark.parametrize("pump", ["c", "splice", "copy"])
+def test_forward_only_relay_in_front_of_redis_with_a_log_line_per_connection(serve, redis: int, pump: str) -> None:  # type: ignore[no-untyped-def]
+    """No dummy http route: every route is forwarded, serve is a relay only (each byte pump)."""
+    relay = serve("--route", "redis=dataready", "--forward", f"redis=127.0.0.1:{redis}",
+                  env={"ACCEPTFILTER_RELAY_PUMP": pump})
     assert relay.lines[-1].startswith("Relaying on ")
     assert redis_cli(relay.port, "SET", "k", "through the relay") == "OK"
     assert redis_cli(relay.port, "GET", "k") == "through the relay"

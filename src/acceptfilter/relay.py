@@ -6,10 +6,13 @@ filters peeked are still unread, so the backend sees the stream from byte 0.
 * ``TCP_NODELAY`` on both sides: a relay that coalesces small writes adds
   Nagle + delayed-ACK stalls of ~40 ms to every small response (a TLS request
   took 48 ms through the relay against 4.8 ms direct before).
-* The bytes never enter Python: each direction is a thread blocked in
-  ``splice(2)`` from the socket into a pipe and from the pipe into the other
-  socket (the kernel moves the pages; the GIL is released in each call). Only
-  the loop around the two calls runs in Python, once per burst of data.
+* The bytes never enter Python, and no Python runs per message: a relayed
+  connection is one thread inside one C call (``acceptfilter._relay``,
+  csrc/afrelay.c) that polls both sockets and moves each direction with
+  ``splice(2)`` socket -> pipe -> socket, the GIL released for the whole connection.
+  Without the C module (or with ``ACCEPTFILTER_RELAY_PUMP=splice``) each
+  direction is a Python thread looping over ``os.splice``; ``=copy`` is the
+  old recv/sendall loop. bench/relay.py measures the three side by side.
 * ``send_proxy=1`` or ``2`` writes a PROXY protocol v1/v2 header first (like
   HAProxy's ``send-proxy``/``send-proxy-v2``), so the backend sees the real
   client address (the one ``accept()`` gave: a ``proxy`` filter's client if a
@@ -38,9 +41,25 @@ __all__ = ["Forward", "forward", "parse_forward", "parse_target", "proxy_header"
 log = logging.getLogger("acceptfilter.relay")
 
 _CHUNK = 1 << 16
-#: splice(2) when the platform has it; ACCEPTFILTER_RELAY_COPY=1 forces the copy
-#: through Python (bench/relay.py measures both side by side).
-_HAVE_SPLICE = hasattr(os, "splice") and not os.environ.get("ACCEPTFILTER_RELAY_COPY")
+
+try:
+    from ._relay import ffi as _ffi
+    from ._relay import lib as _lib
+except ImportError:  # built without the C relay: pump from Python
+    _lib = None
+
+
+def _pump_kind() -> str:
+    """``c`` (one GIL-free C call per connection), ``splice`` (os.splice threads) or ``copy``."""
+    wanted = os.environ.get("ACCEPTFILTER_RELAY_PUMP", "").strip().lower()
+    if wanted == "copy" or not hasattr(os, "splice"):
+        return "copy"
+    if wanted == "splice" or _lib is None:
+        return "splice"
+    return "c"
+
+
+PUMP = _pump_kind()
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
@@ -155,7 +174,7 @@ def _copy_pump(src: socket.socket, dst: socket.socket) -> int:
 def _pump(src: socket.socket, dst: socket.socket, tally: _Tally, up: bool) -> None:
     count = 0
     try:
-        count = _splice_pump(src, dst) if _HAVE_SPLICE else _copy_pump(src, dst)
+        count = _splice_pump(src, dst) if PUMP == "splice" else _copy_pump(src, dst)
     except OSError as exc:
         tally.errors.append(f"{'up' if up else 'down'}: {exc.strerror or exc}")
     finally:
@@ -167,6 +186,17 @@ def _pump(src: socket.socket, dst: socket.socket, tally: _Tally, up: bool) -> No
             dst.shutdown(socket.SHUT_WR)  # pass the half-close on
         except OSError:
             pass
+
+
+def _c_pump(client: socket.socket, backend: socket.socket, tally: _Tally) -> None:
+    """Both directions in one C call without the GIL (csrc/afrelay.c); returns when both ended."""
+    assert _lib is not None
+    counts = _ffi.new("uint64_t[2]")
+    rc = _lib.afr_relay(client.fileno(), backend.fileno(), counts, counts + 1)
+    tally.up += int(counts[0])
+    tally.down += int(counts[1])
+    if rc < 0:
+        tally.errors.append(os.strerror(-rc))
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -199,11 +229,14 @@ def relay(client: socket.socket, address: Any, info: Any, fwd: Forward, route: s
             except OSError:
                 destination = None
             backend.sendall(proxy_header(fwd.send_proxy, address, destination))
-        other = threading.Thread(target=_pump, args=(backend, client, tally, False), daemon=True,
-                                 name=f"acceptfilter-relay-{route}")
-        other.start()
-        _pump(client, backend, tally, True)
-        other.join()
+        if PUMP == "c":
+            _c_pump(client, backend, tally)
+        else:
+            other = threading.Thread(target=_pump, args=(backend, client, tally, False), daemon=True,
+                                     name=f"acceptfilter-relay-{route}")
+            other.start()
+            _pump(client, backend, tally, True)
+            other.join()
     except OSError as exc:
         tally.errors.append(f"proxy header: {exc}")
     finally:

@@ -198,6 +198,37 @@ def test_without_the_filter_idle_connections_starve_sync_workers(start_gunicorn)
         close_all(idle)
 
 
+def _closed_with_fin(sock: socket.socket, seconds: float) -> bool:
+    """True if the peer closed with a FIN (recv gives b""), not an RST, within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return False
+
+
+def test_gunicorn_defaults_close_idle_connections_with_a_fin_and_serve_late_requests(start_gunicorn) -> None:
+    """Issue 14, item 1 and seed 004, with no ACCEPTFILTER_* setting at all."""
+    server = start_gunicorn("-k", "sync", workers=2)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    balancer = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        time.sleep(1.0)  # a balancer's pre-opened connection idles less than the deadline (5 s)...
+        balancer.sendall(b"GET /late HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := balancer.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b"/late" in reply  # ...and is served
+        started = time.monotonic()
+        assert all(_closed_with_fin(s, 20) for s in idle)  # at the deadline: a FIN each, not dropped silently
+        assert time.monotonic() - started < 15
+        # No worker was handed an idle connection: both still answer at once.
+        assert [curl(server.port, f"/after{i}", max_time=5)["path"] for i in range(6)] == [f"/after{i}" for i in range(6)]
+    finally:
+        for s in [*idle, balancer]:
+            s.close()
+
+
 def test_one_garbage_byte_does_not_get_past_httpready_by_default(start_gunicorn) -> None:
     """Issue 14, item 2: eight clients that send one NUL byte each must not pin the sync workers."""
     server = start_gunicorn("-k", "sync", workers=2)  # default settings: httpready, non_http=reject

@@ -324,3 +324,20 @@ def _listening(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
     return False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--on-reject", "route:x"], "--on-reject 'route:x' names a route: it needs --route"),
+        (["--route", "http=httpready", "--on-reject", "surface"], "--on-reject takes close, reset or route:NAME"),
+        (["--route", "http=httpready", "--on-reject", "route:x"], "route 'x' has nowhere to go"),
+        (["--route", "http=httpready", "--forward", "http=127.0.0.1:1,proxy=v9"], "unknown forward option"),
+        (["--route", "http=httpready", "--default", "ssh"], "route 'ssh' has nowhere to go"),
+    ],
+)
+def test_relay_mistakes_are_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "acceptfilter.cli", "serve", "--port", "0", "--directory", str(tmp_path),
+                          *args], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr

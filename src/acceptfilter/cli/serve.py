@@ -178,7 +178,9 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     specs = args.filter or ["httpready"]
     from ..registry import load_chain
 
-    plan = _route_plan(args) if args.route else None
+    plan = _route_plan(args) if (args.route or args.default or args.forward) else None
+    if plan is None and args.on_reject not in ("close", "reset"):
+        raise AcceptFilterError(f"--on-reject {args.on_reject!r} names a route: it needs --route (or --default)")
     for chain in ([specs] if plan is None else plan[0].values()):
         load_chain(chain)  # report a bad spec before binding anything
     sock = _listen(args.bind, args.port, args.backlog)
@@ -193,7 +195,7 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     on_timeout = args.on_timeout or WORKER_ON_TIMEOUT
     if plan is None:
         listener = install(server, specs, timeout=args.timeout, on_timeout=on_timeout,
-                           max_held=args.max_held, core=args.core)
+                           max_held=args.max_held, core=args.core, on_reject=args.on_reject)
         through = " -> ".join(specs)
     else:
         routes, forwards, serve_name, policy = plan

@@ -68,7 +68,7 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     config = d / "sshd_config"
     config.write_text(f"ListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
                       "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-                      "PermitRootLogin prohibit-password\nStrictModes no\nPidFile none\n")
+                      "PermitRootLogin prohibit-password\nStrictModes no\nPidFile none\nSubsystem sftp internal-sftp\n")
     log = (d / "sshd.log").open("wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:

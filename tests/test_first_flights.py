@@ -29,7 +29,7 @@ from acceptfilter.listener import Router, route
 from acceptfilter.testing.corpus import FIRST_FLIGHTS, FirstFlight
 
 from .conftest import wait_for
-from .peers import Exim, Sshd, exim, sshd  # noqa: F401  (fixtures)
+from .peers import SSH_OPTS, Exim, Sshd, exim, sshd  # noqa: F401  (fixtures)
 
 FILTERS = ("dataready", "httpready", "tlsready", "dnsready", "proxy:trusted=127.0.0.0/8", "sshready", "silent")
 PEER = ("127.0.0.1", 40000)
@@ -203,7 +203,7 @@ def serve(tmp_path: Path) -> Iterator:
             pass
 
 
-def test_real_ssh_client_reaches_sshd_behind_http_routing(sshd: Sshd, serve) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_real_ssh_client_reaches_sshd_behind_http_routing(sshd: Sshd, serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """The README's example with Debian's OpenSSH: its commented identification line is not HTTP/0.9.
 
     OpenSSH speaks first, so ``sshready`` recognises it; a client that waits
@@ -216,6 +216,13 @@ def test_real_ssh_client_reaches_sshd_behind_http_routing(sshd: Sshd, serve) -> 
     out = sshd.ssh(port, "echo", "through-the-filter")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "through-the-filter"
+    # scp rides the same SSH connection: a file there and back through the relay.
+    src = tmp_path / "payload.bin"
+    src.write_bytes(bytes(range(256)) * 400)
+    copy = subprocess.run(["scp", *SSH_OPTS, "-i", str(sshd.key), "-P", str(port), str(src),
+                           f"root@127.0.0.1:{tmp_path / 'copied.bin'}"], capture_output=True, text=True, timeout=60)
+    assert copy.returncode == 0, copy.stderr
+    assert (tmp_path / "copied.bin").read_bytes() == src.read_bytes()
     # A client that waits for the server's banner (silent) gets to sshd at the deadline.
     with socket.create_connection(("127.0.0.1", port), timeout=15) as probe:
         banner = probe.recv(100)

@@ -112,3 +112,27 @@ def test_kernel_queue_reads_the_accept_queue_without_netlink() -> None:
             c.close()
     assert "kernel queue ?" in status_line({k: 0 for k in ("accepted", "held", "surfaced", "rejected", "closed_empty",
                                                           "failed", "dropped", "timed_out", "evicted")}, None)
+
+
+def test_evicted_connections_are_closed_not_handed_to_handler_threads(tmp_path: Path) -> None:
+    """More idle clients than --max-held: the oldest are evicted with the default policy (close), legit ones served."""
+    proc, port, err = _start(tmp_path, "--max-held", "20", "--timeout", "30", "--status-interval", "0.2")
+    idle: list[socket.socket] = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]
+        for _ in range(5):
+            assert _get(port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+        closed = 0
+        for s in idle[:40]:  # the 40 oldest were evicted: each got a FIN
+            s.settimeout(10)
+            closed += s.recv(10) == b""
+        assert closed == 40
+        wait_for(lambda: any(re.search(r"evicted (\d+)", line) and int(re.search(r"evicted (\d+)", line).group(1)) >= 40
+                             for line in err), timeout=10)
+        # Only the five legit requests reached http.server (one log line each).
+        assert sum('"GET / HTTP/1.0" 200' in line for line in err) == 5
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        proc.wait(10)

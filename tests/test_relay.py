@@ -341,3 +341,34 @@ def test_relay_mistakes_are_one_clear_line(args: list[str], message: str, tmp_pa
                           *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2, out
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first() -> None:
+    """TCP_NODELAY (a small response must not wait for Nagle + delayed ACK) and PROXY v2 before any byte."""
+    from acceptfilter.relay import Forward, relay
+
+    back = socket.create_server(("127.0.0.1", 0))
+    front = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(front.getsockname())
+    client_end, address = front.accept()
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (relay(client_end, address, None, Forward(back.getsockname(), 2), "t"),
+                                         done.set()))
+    t.start()
+    try:
+        backend, _ = back.accept()
+        backend.settimeout(10)
+        assert client_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        # The backend's own end is the relay's; what it sends first is the header.
+        header = backend.recv(28)
+        d = Proxy(trusted=("127.0.0.0/8",)).peer_session(("127.0.0.1", 1)).check(header, False)
+        assert d.accepted and d.info["client_address"] == client.getsockname()
+        assert d.info["server_address"] == front.getsockname()
+        client.sendall(b"ping")
+        assert backend.recv(10) == b"ping"
+        backend.close()
+        client.close()
+        assert done.wait(10)
+    finally:
+        for s in (client, back, front):
+            s.close()

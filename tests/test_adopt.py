@@ -155,7 +155,9 @@ def test_first_look_decides_on_bytes_already_there(elsewhere: socket.socket) -> 
         verdict, route, consume, info = single.first_look(fd, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")  # type: ignore[misc]
         assert (verdict, route, consume, info["target"]) == (Verdict.ACCEPT, "web", 0, "/a")
         assert single.first_look(fd, b"GET /a HTTP/1.1\r\n") is None  # wants more
-        assert single.first_look(fd, b"\x16\x03\x01garbage")[0] is Verdict.ACCEPT  # type: ignore[index]  # passed through
+        assert single.first_look(fd, b"\x16\x03\x01garbage")[0] is Verdict.REJECT  # type: ignore[index]  # not HTTP
+        passing = Engine.decider((Route("web", load_chain("httpready:non_http=accept")),), Policy.build())
+        assert passing.first_look(fd, b"\x16\x03\x01garbage")[0] is Verdict.ACCEPT  # type: ignore[index]  # passed through
         chain = Engine.decider((Route("web", load_chain(["proxy:trusted=127.0.0.0/8", "httpready"])),), Policy.build())
         header = b"PROXY TCP4 192.0.2.1 10.0.0.1 1111 80\r\n"
         verdict, _, consume, info = chain.first_look(fd, header + b"GET /b HTTP/1.1\r\n\r\n")  # type: ignore[misc]

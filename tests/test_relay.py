@@ -372,3 +372,38 @@ def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first(
     finally:
         for s in (client, back, front):
             s.close()
+
+
+def test_tls_through_the_relay_to_openssl_s_server_is_logged_with_sni_and_ja4(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A real TLS server behind a tlsready route; the log line names the route, SNI, JA4 and bytes each way."""
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl (requirements/apt-test.txt)")
+    key, crt = tmp_path / "key.pem", tmp_path / "crt.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "1", "-subj", "/CN=relay.test"], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen(["openssl", "s_server", "-quiet", "-accept", str(port), "-cert", str(crt), "-key", str(key),
+                               "-www"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: server.poll() is not None or _listening(port), timeout=20)
+        relay = serve("--route", "tls=tlsready:non_tls=reject", "--forward", f"tls=127.0.0.1:{port}")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="relay.test") as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.0 200")
+        wait_for(lambda: any("forwarded route=tls" in line for line in relay.err), timeout=10)
+        line = next(line for line in relay.err if "forwarded route=tls" in line)
+        assert re.search(r"reason=ready sni=relay\.test ja4=t1[23]d\w+ up=\d+ down=\d+", line), line
+        up, down = (int(x) for x in re.search(r"up=(\d+) down=(\d+)", line).groups())  # type: ignore[union-attr]
+        assert up > 200 and down > len(data)  # the hello and more up; the handshake and the page down
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -32,6 +32,7 @@ struct dir {
     int done;          /* nothing more will move this way */
     int want_read;     /* waiting for src to be readable */
     int want_write;    /* waiting for dst to be writable */
+    int drained;       /* the last read was short: src is most likely empty now */
     uint64_t moved;
 };
 
@@ -46,10 +47,18 @@ static int step(struct dir *d, int *err) {
     int progress = 0;
     d->want_read = d->want_write = 0;
     while (!d->done) {
+        if (d->pending == 0 && !d->eof && d->drained) {
+            /* A short read emptied the socket: ask poll(2) rather than spend a
+             * splice(2) on EAGAIN (one syscall less per message each way). */
+            d->drained = 0;
+            d->want_read = 1;
+            return progress;
+        }
         if (d->pending == 0 && !d->eof) {
             ssize_t n = splice(d->src, NULL, d->pipe_w, NULL, AFR_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 d->pending = (size_t)n;
+                d->drained = n < AFR_CHUNK;
                 progress = 1;
             } else if (n == 0) {
                 d->eof = 1;

@@ -14,7 +14,8 @@ from typing import Any
 
 from bench.common import Child, have_wrk, median, py_load, run_wrk
 
-MODES = ["plain", "defer", "dataready-c", "httpready-c", "dataready-python", "httpready-python"]
+MODES = ["plain", "defer", "dataready-c", "httpready-c", "dataready-c-defer", "httpready-c-defer", "dataready-python",
+         "httpready-python", "httpready-python-defer"]
 
 
 def measure(mode: str, *, seconds: float, connections: int, client: str) -> dict[str, Any]:

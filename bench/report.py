@@ -30,6 +30,9 @@ MODE_LABELS = {
     "httpready-c": "`httpready`, C core",
     "dataready-python": "`dataready`, Python core",
     "httpready-python": "`httpready`, Python core",
+    "dataready-c-defer": "`dataready`, C core, `defer_accept=1`",
+    "httpready-c-defer": "`httpready`, C core, `defer_accept=1`",
+    "httpready-python-defer": "`httpready`, Python core, `defer_accept=1`",
 }
 SETUP_LABELS = {
     "no-attack": "no attack",

@@ -27,6 +27,11 @@ MODES: dict[str, tuple[str | None, str, int]] = {
     "httpready-c": ("httpready", "c", 0),
     "dataready-python": ("dataready", "python", 0),
     "httpready-python": ("httpready", "python", 0),
+    # The kernel as stage one (wrap(defer_accept=1)): what accept() finds has sent data,
+    # so the compiled matcher certifies it at accept (the fast path).
+    "dataready-c-defer": ("dataready", "c", 1),
+    "httpready-c-defer": ("httpready", "c", 1),
+    "httpready-python-defer": ("httpready", "python", 1),
 }
 
 

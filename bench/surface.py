@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.common import ROOT, Child, percentile
 
-MODES = ["plain", "httpready-c", "httpready-python"]
+MODES = ["plain", "httpready-c", "httpready-c-defer", "httpready-python"]
 
 
 def client(port: int, rate: float, count: int, max_seconds: float) -> dict[str, int]:

@@ -4,7 +4,9 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -21,19 +23,43 @@
 #define TAG_LISTEN ((uint64_t)1 << 62)
 #define TAG_WAKE ((uint64_t)1 << 61)
 
-/* One held connection, in a table indexed by fd. Kept small: an idle held
- * connection costs this and nothing else (its buffer comes with its first byte). */
+/* Assertions on state transitions (BUG_ON style): on in the sanitizer
+ * build (-DAF_DEBUG), free in the release build. */
+#ifdef AF_DEBUG
+static void af_bug(const char *what, int line) {
+    fprintf(stderr, "afcore.c:%d: BUG: %s\n", line, what);
+    abort();
+}
+#define AF_ASSERT(x) ((x) ? (void)0 : af_bug(#x, __LINE__))
+#else
+#define AF_ASSERT(x) ((void)0)
+#endif
+
+enum conn_state { CS_FREE = 0, CS_HELD = 1, CS_FINAL = 2 };
+
+/* One owned connection, in a table indexed by fd. Kept small: an idle held
+ * connection costs this and nothing else (its buffer comes with its first byte).
+ * HELD connections are linked in the FIFO, FINAL ones in the final list (the
+ * same links: a connection is in at most one of them). */
 typedef struct conn {
-    int32_t prev, next;   /* FIFO links (fds), in accept order = deadline order */
-    int64_t accepted_us;  /* on the core's monotonic clock; deadline = this + timeout */
+    int32_t prev, next;   /* FIFO or final-list links (fds) */
+    int64_t accepted_us;  /* on the core's clock; deadline = this + timeout */
     char *buf;
     uint32_t len, bufsize;
     uint32_t batch;       /* poll number of this connection's last event */
     uint32_t ev_index;    /* its index in that batch */
-    uint8_t in_use, in_fifo, armed, eof;
+    uint8_t state;        /* enum conn_state */
+    uint8_t armed, eof;
+    uint8_t final_kind;   /* FINAL: the event it was reported with */
+    int32_t final_err;    /* ERROR: the errno; READY: the bytes to consume */
     uint8_t addrlen;
+    uint8_t matching;     /* the matcher may still certify this connection (MORE so far) */
+    uint8_t lowat;        /* SO_RCVLOWAT was raised (reset before the fd is handed over) */
+    uint8_t nonblock;     /* adopted with O_NONBLOCK (cleared before the fd is handed over) */
     uint8_t addr[sizeof(struct sockaddr_in6)];
 } conn;
+
+typedef struct list { int32_t head, tail; uint32_t count; } list;
 
 struct af_core {
     int listen_fd, epfd, wakefd;
@@ -41,7 +67,9 @@ struct af_core {
     int64_t timeout_us;
     conn *conns;
     uint32_t nconns;          /* table size */
-    int32_t head, tail;       /* FIFO of held connections */
+    list fifo;                /* HELD, in accept order = deadline order */
+    list finals;              /* FINAL: reported, not yet released or closed */
+    uint32_t fresh_data;      /* HELD connections with a DATA event in this batch */
     int32_t *pending;         /* peeked at accept, to be armed at next poll */
     uint32_t npending, pending_cap;
     af_event *events;
@@ -49,17 +77,24 @@ struct af_core {
     struct epoll_event *epevents;
     uint32_t batch;
     int listening, paused;
-    int64_t resume_at, backoff_us, now;
+    int64_t resume_at, backoff_us, now, fake_now;
+    const afm_prog *prog;     /* the readiness matcher, or NULL */
+    uint32_t ms_hdr;          /* with a matcher: an afm_state in front of each peek buffer */
+    af_ready *fast_out;       /* during af_accept(): where a connection ready at accept goes */
+    char *scratch;            /* af_ready.data: a copy of the peeked bytes */
+    uint32_t scratch_size;
     af_stats stats;
 };
 
-static int64_t now_us(void) {
+static int64_t clock_us(const af_core *c) {
+    if (c->fake_now >= 0) return c->fake_now;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 static int64_t deadline_of(const af_core *c, const conn *k) {
+    /* timeout_us <= 2^40 * 1000 and the clock is far below 2^62: no overflow. */
     return c->timeout_us > 0 ? k->accepted_us + c->timeout_us : INT64_MAX;
 }
 
@@ -76,26 +111,32 @@ static int grow_table(af_core *c, int fd) {
 }
 
 static conn *owned(af_core *c, int fd) {
-    if (fd < 0 || (uint32_t)fd >= c->nconns || !c->conns[fd].in_use) return NULL;
+    if (fd < 0 || (uint32_t)fd >= c->nconns || c->conns[fd].state == CS_FREE) return NULL;
     return &c->conns[fd];
 }
 
-static void fifo_unlink(af_core *c, int fd) {
-    conn *k = &c->conns[fd];
-    if (!k->in_fifo) return;
-    if (k->prev != NIL) c->conns[k->prev].next = k->next; else c->head = k->next;
-    if (k->next != NIL) c->conns[k->next].prev = k->prev; else c->tail = k->prev;
-    k->prev = k->next = NIL;
-    k->in_fifo = 0;
+static list *list_of(af_core *c, const conn *k) {
+    return k->state == CS_HELD ? &c->fifo : &c->finals;
 }
 
-static void fifo_append(af_core *c, int fd) {
+static void list_unlink(af_core *c, int fd) {
     conn *k = &c->conns[fd];
-    k->prev = c->tail;
+    list *l = list_of(c, k);
+    AF_ASSERT(l->count > 0);
+    if (k->prev != NIL) c->conns[k->prev].next = k->next; else l->head = k->next;
+    if (k->next != NIL) c->conns[k->next].prev = k->prev; else l->tail = k->prev;
+    k->prev = k->next = NIL;
+    l->count--;
+}
+
+static void list_append(af_core *c, int fd) {
+    conn *k = &c->conns[fd];
+    list *l = list_of(c, k);
+    k->prev = l->tail;
     k->next = NIL;
-    if (c->tail != NIL) c->conns[c->tail].next = fd; else c->head = fd;
-    c->tail = fd;
-    k->in_fifo = 1;
+    if (l->tail != NIL) c->conns[l->tail].next = fd; else l->head = fd;
+    l->tail = fd;
+    l->count++;
 }
 
 static void disarm(af_core *c, int fd) {
@@ -106,28 +147,60 @@ static void disarm(af_core *c, int fd) {
     }
 }
 
+/* FREE -> HELD */
+static conn *hold(af_core *c, int fd, int64_t now, const void *addr, socklen_t alen) {
+    conn *k = &c->conns[fd];
+    AF_ASSERT(k->state == CS_FREE);
+    memset(k, 0, sizeof *k);
+    k->state = CS_HELD;
+    k->prev = k->next = NIL;
+    k->accepted_us = now;
+    k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
+    if (k->addrlen) memcpy(k->addr, addr, k->addrlen);
+    k->matching = c->prog != NULL;
+    c->stats.held++;
+    list_append(c, fd);
+    return k;
+}
+
+/* A peek buffer is one block: [afm_state, with a matcher][the peeked bytes]. */
+static char *block_of(const af_core *c, const conn *k) { return k->buf - c->ms_hdr; }
+
+static void free_buf(af_core *c, conn *k) {
+    if (k->buf) free(block_of(c, k));
+    k->buf = NULL;
+}
+
+/* HELD or FINAL -> FREE: the slot is empty again (the fd is the caller's business). */
 static void forget(af_core *c, int fd) {
     conn *k = &c->conns[fd];
-    fifo_unlink(c, fd);
+    AF_ASSERT(k->state == CS_HELD || k->state == CS_FINAL);
+    AF_ASSERT(c->stats.held > 0);
+    AF_ASSERT(!k->armed);
+    list_unlink(c, fd);
+    AF_ASSERT(c->stats.buffered >= k->bufsize);
     c->stats.buffered -= k->bufsize;
-    free(k->buf);
+    free_buf(c, k);
     memset(k, 0, sizeof *k);
     k->prev = k->next = NIL;
     c->stats.held--;
 }
 
-/* Add (or upgrade) this connection's event in the current batch. A connection
- * has at most one event per batch; a final kind replaces DATA. */
-static void emit(af_core *c, int fd, int kind, int err) {
+/* This connection's event in the current batch (at most one per batch; a final
+ * kind replaces DATA). Returns NULL when it already has a final one. */
+static af_event *event_for(af_core *c, int fd, int kind, int err) {
     conn *k = &c->conns[fd];
     af_event *ev;
     if (k->batch == c->batch && k->ev_index < c->nevents && c->events[k->ev_index].fd == fd) {
         ev = &c->events[k->ev_index];
-        if (ev->kind != AF_EV_DATA) return; /* already final */
+        if (ev->kind != AF_EV_DATA) return NULL; /* already final */
+        if (kind != AF_EV_DATA) c->fresh_data--;
     } else {
+        AF_ASSERT(c->nevents < c->max_events);
         k->batch = c->batch;
         k->ev_index = c->nevents;
         ev = &c->events[c->nevents++];
+        if (kind == AF_EV_DATA) c->fresh_data++;
     }
     ev->fd = fd;
     ev->kind = kind;
@@ -136,14 +209,40 @@ static void emit(af_core *c, int fd, int kind, int err) {
     ev->data = k->buf;
     int64_t age = c->now - k->accepted_us;
     ev->age_us = age < 0 ? 0 : (age > UINT32_MAX ? UINT32_MAX : (uint32_t)age);
-    if (kind != AF_EV_DATA) {
-        fifo_unlink(c, fd);
-        disarm(c, fd);
+    return ev;
+}
+
+/* Report an event; a final one moves the connection HELD -> FINAL. */
+static void emit(af_core *c, int fd, int kind, int err) {
+    conn *k = &c->conns[fd];
+    AF_ASSERT(k->state == CS_HELD);
+    if (!event_for(c, fd, kind, err) || kind == AF_EV_DATA) return;
+    list_unlink(c, fd);
+    disarm(c, fd);
+    k->state = CS_FINAL;
+    k->final_kind = (uint8_t)kind;
+    k->final_err = err;
+    list_append(c, fd);
+}
+
+/* FINAL connections the caller did not resolve (it was interrupted): report
+ * them again, as they were. */
+static void report_finals(af_core *c) {
+    for (int32_t fd = c->finals.head; fd != NIL && c->nevents < c->max_events; fd = c->conns[fd].next) {
+        conn *k = &c->conns[fd];
+        AF_ASSERT(k->state == CS_FINAL);
+        event_for(c, fd, k->final_kind, k->final_err);
     }
 }
 
-/* Peek everything available (up to max_bytes). Returns the event kind to report,
- * or 0 when nothing changed. */
+/* SO_RCVLOWAT counts unread bytes, peeked ones included. Best effort: 1 is the default. */
+static void set_lowat(conn *k, int fd, int bytes) {
+    if (bytes <= 1 && !k->lowat) return;
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes) == 0) k->lowat = bytes > 1;
+}
+
+/* Peek everything available (up to max_bytes). Returns the final event kind to
+ * report, or -1 when nothing final happened (the caller compares lengths). */
 static int peek(af_core *c, int fd, int hup, int *err) {
     conn *k = &c->conns[fd];
     int more = 1;
@@ -164,8 +263,10 @@ static int peek(af_core *c, int fd, int hup, int *err) {
             k->eof = 1;
             more = 0;
         } else {
-            char *b = malloc(cap);
-            if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+            char *block = malloc((size_t)c->ms_hdr + cap);
+            if (!block) { *err = ENOMEM; return AF_EV_ERROR; }
+            if (c->ms_hdr) afm_init((afm_state *)(void *)block);
+            char *b = block + c->ms_hdr;
             memcpy(b, first, (size_t)n);
             c->stats.buffered += cap;
             c->stats.bytes_peeked += (uint32_t)n;
@@ -176,13 +277,14 @@ static int peek(af_core *c, int fd, int hup, int *err) {
         }
     }
     while (more) {
-        if (k->bufsize == 0 || (k->len == k->bufsize && k->bufsize < c->max_bytes)) {
-            uint32_t want = k->bufsize ? k->bufsize * 2 : FIRST_BUF;
-            if (want > c->max_bytes) want = c->max_bytes;
-            char *b = realloc(k->buf, want);
-            if (!b) { *err = ENOMEM; return AF_EV_ERROR; }
+        if (k->len == k->bufsize && k->bufsize < c->max_bytes) {
+            /* Double, without wrapping: bufsize <= max_bytes <= AF_MAX_BYTES (2^30). */
+            uint32_t want = k->bufsize > c->max_bytes / 2 ? c->max_bytes : k->bufsize * 2;
+            AF_ASSERT(want > k->bufsize);
+            char *block = realloc(block_of(c, k), (size_t)c->ms_hdr + want);
+            if (!block) { *err = ENOMEM; return AF_EV_ERROR; }
             c->stats.buffered += want - k->bufsize;
-            k->buf = b;
+            k->buf = block + c->ms_hdr;
             k->bufsize = want;
         }
         ssize_t n = recv(fd, k->buf, k->bufsize, MSG_PEEK | MSG_DONTWAIT);
@@ -202,14 +304,32 @@ static int peek(af_core *c, int fd, int hup, int *err) {
         /* buffer filled: grow and peek again */
     }
     if (hup) k->eof = 1;
+    if (k->matching && k->len > 0) {
+        /* Resumable: each call continues where the last stopped. Certain, or
+         * never certain (then Python decides, as without a matcher). */
+        afm_state *ms = (afm_state *)(void *)block_of(c, k);
+        int r = afm_run(c->prog, ms, (const uint8_t *)k->buf, k->len);
+        if (r == AFM_DONE && ms->consume <= k->len) { *err = (int)ms->consume; return AF_EV_READY; }
+        if (r != AFM_MORE) {
+            k->matching = 0;
+            set_lowat(k, fd, 1);
+        } else if (ms->need > 1 && !k->eof) {
+            /* The matcher knows how much more it needs (a length field): the
+             * kernel wakes us once that much is there, not on every segment. */
+            uint64_t want = (uint64_t)k->len + ms->need;
+            set_lowat(k, fd, want < c->max_bytes ? (int)want : (int)c->max_bytes);
+        }
+    }
     if (k->len >= c->max_bytes) return AF_EV_FULL;
     if (k->eof) return AF_EV_EOF;
-    return -1; /* no final condition; caller decides whether DATA changed */
+    return -1;
 }
+
+static int release_fast(af_core *c, int fd, uint32_t consume);
 
 static void on_readable(af_core *c, int fd, uint32_t flags) {
     conn *k = owned(c, fd);
-    if (!k || !k->in_fifo) return;
+    if (!k || k->state != CS_HELD) return;
     int err = 0;
     uint32_t before = k->len;
     if ((flags & EPOLLERR) && !(flags & EPOLLIN)) {
@@ -220,7 +340,9 @@ static void on_readable(af_core *c, int fd, uint32_t flags) {
     }
     int kind = peek(c, fd, (flags & (EPOLLRDHUP | EPOLLHUP)) != 0, &err);
     if (kind > 0) emit(c, fd, kind, err);
-    else if (k->len != before) emit(c, fd, AF_EV_DATA, 0);
+    else if (k->len != before && !k->matching) emit(c, fd, AF_EV_DATA, 0);
+    /* While the matcher still says MORE, arrivals wake no Python: it certifies,
+     * gives up (then the filter sees everything), or a final event decides. */
 }
 
 static int arm(af_core *c, int fd) {
@@ -230,6 +352,18 @@ static int arm(af_core *c, int fd) {
     ev.data.u64 = (uint64_t)(uint32_t)fd;
     if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return -errno;
     c->conns[fd].armed = 1;
+    return 0;
+}
+
+static int remember_pending(af_core *c, int fd) {
+    if (c->npending == c->pending_cap) {
+        uint32_t cap = c->pending_cap ? c->pending_cap * 2 : 64;
+        int32_t *p = realloc(c->pending, cap * sizeof *p);
+        if (!p) return -ENOMEM;
+        c->pending = p;
+        c->pending_cap = cap;
+    }
+    c->pending[c->npending++] = fd;
     return 0;
 }
 
@@ -251,13 +385,28 @@ static void pause_accepting(af_core *c, int64_t now) {
     set_listening(c, 0);
 }
 
-/* Room left in the event array, keeping one slot per accepted connection for
- * the eviction it may cause. */
+/* Over max_held: evict the oldest HELD connection that has no fresh data in
+ * this batch (one with data may be decided by the caller before the next poll,
+ * and then it was never undecided). Returns 0 when there is none. */
+static int evict_oldest_undecided(af_core *c) {
+    for (int32_t fd = c->fifo.head; fd != NIL; fd = c->conns[fd].next) {
+        conn *k = &c->conns[fd];
+        if (k->batch == c->batch && k->ev_index < c->nevents && c->events[k->ev_index].fd == fd) continue;
+        emit(c, fd, AF_EV_EVICT, 0);
+        return 1;
+    }
+    return 0;
+}
+
+/* Accept while there is room in the event array, keeping one slot per accepted
+ * connection for the eviction it may cause. */
 static void accept_batch(af_core *c, int64_t now) {
-    while (c->listening && !c->paused && c->nevents + 2 <= c->max_events) {
+    while (c->listening && !c->paused && c->nevents + 2 <= c->max_events && !(c->fast_out && c->fast_out->fd >= 0)) {
         union { struct sockaddr sa; struct sockaddr_in6 in6; struct sockaddr_storage ss; } addr;
         socklen_t alen = sizeof addr;
-        int fd = accept4(c->listen_fd, &addr.sa, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        /* Blocking: every read here says MSG_DONTWAIT, so a connection handed to
+         * the application needs no fcntl/ioctl to become blocking again. */
+        int fd = accept4(c->listen_fd, &addr.sa, &alen, SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -271,36 +420,26 @@ static void accept_batch(af_core *c, int64_t now) {
         if (grow_table(c, fd) < 0) { close(fd); pause_accepting(c, now); break; }
         c->backoff_us = 0;
         c->stats.accepted++;
-        if (c->max_held && c->stats.held >= c->max_held && c->head != NIL)
-            emit(c, c->head, AF_EV_EVICT, 0);
-        conn *k = &c->conns[fd];
-        memset(k, 0, sizeof *k);
-        k->in_use = 1;
-        k->prev = k->next = NIL;
-        k->accepted_us = now;
-        k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
-        if (k->addrlen) memcpy(k->addr, &addr, k->addrlen);
-        c->stats.held++;
-        fifo_append(c, fd);
+        /* The bound counts undecided connections only. */
+        if (c->max_held && c->fifo.count - c->fresh_data >= c->max_held) evict_oldest_undecided(c);
+        conn *k = hold(c, fd, now, &addr, alen);
         /* Opportunistic peek: on a busy server the request is often already
          * here, and the connection never has to enter the epoll set. */
         int err = 0;
         int kind = peek(c, fd, 0, &err);
-        if (kind > 0) { emit(c, fd, kind, err); continue; }
-        if (k->len > 0) {
-            emit(c, fd, AF_EV_DATA, 0);
-            if (c->npending == c->pending_cap) {
-                uint32_t cap = c->pending_cap ? c->pending_cap * 2 : 64;
-                int32_t *p = realloc(c->pending, cap * sizeof *p);
-                if (!p) { int e = arm(c, fd); if (e) emit(c, fd, AF_EV_ERROR, -e); continue; }
-                c->pending = p;
-                c->pending_cap = cap;
-            }
-            c->pending[c->npending++] = fd;
-        } else {
-            int e = arm(c, fd);
-            if (e) emit(c, fd, AF_EV_ERROR, -e);
+        if (kind == AF_EV_READY && c->fast_out) {
+            int rc = release_fast(c, fd, (uint32_t)err);
+            if (rc == 0) return; /* af_accept() returns it now */
+            emit(c, fd, AF_EV_ERROR, -rc);
+            continue;
         }
+        if (kind > 0) { emit(c, fd, kind, err); continue; }
+        if (k->len > 0 && !k->matching) {
+            emit(c, fd, AF_EV_DATA, 0);
+            if (remember_pending(c, fd) == 0) continue;
+        }
+        int e = arm(c, fd);
+        if (e) emit(c, fd, AF_EV_ERROR, -e);
     }
 }
 
@@ -309,12 +448,15 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
     af_core *c = calloc(1, sizeof *c);
     if (!c) { *err = ENOMEM; return NULL; }
     c->listen_fd = listen_fd;
-    c->max_bytes = max_bytes ? max_bytes : 1;
+    c->max_bytes = max_bytes < 1 ? 1 : (max_bytes > AF_MAX_BYTES ? AF_MAX_BYTES : max_bytes);
+    if (timeout_ms > AF_MAX_TIMEOUT_MS) timeout_ms = AF_MAX_TIMEOUT_MS;
     c->timeout_us = timeout_ms > 0 ? timeout_ms * 1000 : 0;
     c->max_held = max_held;
     c->max_events = max_events < 16 ? 16 : max_events;
-    c->head = c->tail = NIL;
+    c->fifo.head = c->fifo.tail = NIL;
+    c->finals.head = c->finals.tail = NIL;
     c->epfd = c->wakefd = -1;
+    c->fake_now = -1;
     c->events = calloc(c->max_events, sizeof *c->events);
     c->epevents = calloc(c->max_events, sizeof *c->epevents);
     if (!c->events || !c->epevents) { *err = ENOMEM; goto fail; }
@@ -340,11 +482,13 @@ fail:
 void af_free(af_core *c) {
     if (!c) return;
     for (uint32_t fd = 0; fd < c->nconns; fd++) {
-        if (c->conns[fd].in_use) {
+        if (c->conns[fd].state != CS_FREE) {
+            if (c->conns[fd].armed) epoll_ctl(c->epfd, EPOLL_CTL_DEL, (int)fd, NULL);
             close((int)fd);
-            free(c->conns[fd].buf);
+            free_buf(c, &c->conns[fd]);
         }
     }
+    free(c->scratch);
     if (c->epfd >= 0) close(c->epfd);
     if (c->wakefd >= 0) close(c->wakefd);
     free(c->conns);
@@ -358,56 +502,75 @@ int af_fileno(const af_core *c) { return c->epfd; }
 
 int64_t af_next_timeout_ms(const af_core *c) {
     int64_t next = INT64_MAX;
-    if (c->head != NIL) next = deadline_of(c, &c->conns[c->head]);
+    if (c->finals.count) return 0; /* unresolved finals: report them again now */
+    if (c->fifo.head != NIL) next = deadline_of(c, &c->conns[c->fifo.head]);
     if (c->paused && c->resume_at < next) next = c->resume_at;
     if (next == INT64_MAX) return -1;
-    int64_t left = next - now_us();
+    int64_t left = next - clock_us(c);
     /* round up: waking a little late is fine, waking early spins */
     return left <= 0 ? 0 : (left + 999) / 1000;
 }
 
-int af_poll(af_core *c, int timeout_ms, af_event **events) {
+static void new_batch(af_core *c, af_event **events) {
     *events = c->events;
     c->nevents = 0;
+    c->fresh_data = 0;
     c->batch++;
+    c->now = clock_us(c);
+}
+
+/* Deadlines due by the core's clock: the oldest HELD connections, in order. */
+static void expire(af_core *c, int64_t now) {
+    while (c->fifo.head != NIL && deadline_of(c, &c->conns[c->fifo.head]) <= now && c->nevents < c->max_events)
+        emit(c, c->fifo.head, AF_EV_TIMEOUT, 0);
+}
+
+static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
+    new_batch(c, events);
+    if (ready) ready->fd = -1;
+    c->fast_out = ready;
+    report_finals(c);
     for (uint32_t i = 0; i < c->npending; i++) {
         int fd = c->pending[i];
         conn *k = owned(c, fd);
-        if (k && k->in_fifo && !k->armed) {
+        if (k && k->state == CS_HELD && !k->armed) {
             int e = arm(c, fd);
             if (e) emit(c, fd, AF_EV_ERROR, -e);
         }
     }
     c->npending = 0;
-    /* af_adopt() may have gone past max_held: evict the oldest, as accepting does. */
-    if (c->max_held && c->stats.held > c->max_held) {
-        uint32_t over = c->stats.held - c->max_held;
-        c->now = now_us();
-        while (over-- && c->head != NIL && c->nevents + 2 <= c->max_events)
-            emit(c, c->head, AF_EV_EVICT, 0);
-    }
+    /* Over the bound (connections the caller kept waiting, adopted ones):
+     * evict the oldest, as FreeBSD does. */
+    while (c->max_held && c->fifo.count > c->max_held && c->fifo.head != NIL && c->nevents + 2 <= c->max_events)
+        emit(c, c->fifo.head, AF_EV_EVICT, 0);
 
-    int64_t now = c->now = now_us();
+    int64_t now = c->now;
     if (c->paused && now >= c->resume_at) {
         c->paused = 0;
         c->stats.paused = 0;
         if (c->listening) set_listening(c, 1);
     }
+    if (ready && !c->nevents) {
+        /* A thread waiting in accept(): the listen queue first. With
+         * TCP_DEFER_ACCEPT what is queued has sent data, often all of it. */
+        accept_batch(c, now);
+        if (ready->fd >= 0 || c->nevents) goto done;
+    }
     int wait = timeout_ms;
     int64_t next = af_next_timeout_ms(c);
     if (next >= 0 && (wait < 0 || next < wait)) wait = next > 0x7fffffff ? 0x7fffffff : (int)next;
     if (c->nevents) wait = 0;
-    if (c->nevents + 2 > c->max_events) return (int)c->nevents;
+    if (c->nevents + 2 > c->max_events) goto done;
 
     /* Half the array for epoll events (each makes at most one event); the rest
      * is for accepted connections (and their evictions) and deadlines. */
     int room = (int)(c->max_events - c->nevents) / 2;
     int n = epoll_wait(c->epfd, c->epevents, room > 0 ? room : 1, wait);
     if (n < 0) {
-        if (errno != EINTR) return -errno;
+        if (errno != EINTR) { c->fast_out = NULL; return -errno; }
         n = 0;
     }
-    now = c->now = now_us();
+    now = c->now = clock_us(c);
     int want_accept = 0;
     for (int i = 0; i < n; i++) {
         uint64_t tag = c->epevents[i].data.u64;
@@ -419,20 +582,23 @@ int af_poll(af_core *c, int timeout_ms, af_event **events) {
         } else on_readable(c, (int)(uint32_t)tag, c->epevents[i].events);
     }
     if (want_accept) accept_batch(c, now);
-    while (c->head != NIL && deadline_of(c, &c->conns[c->head]) <= now && c->nevents < c->max_events)
-        emit(c, c->head, AF_EV_TIMEOUT, 0);
+done:
+    expire(c, c->now);
+    c->fast_out = NULL;
     return (int)c->nevents;
 }
 
-static int remember_pending(af_core *c, int fd) {
-    if (c->npending == c->pending_cap) {
-        uint32_t cap = c->pending_cap ? c->pending_cap * 2 : 64;
-        int32_t *p = realloc(c->pending, cap * sizeof *p);
-        if (!p) return -ENOMEM;
-        c->pending = p;
-        c->pending_cap = cap;
-    }
-    c->pending[c->npending++] = fd;
+int af_poll(af_core *c, int timeout_ms, af_event **events) { return poll_impl(c, timeout_ms, events, NULL); }
+
+int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
+    return poll_impl(c, timeout_ms, events, ready);
+}
+
+int af_set_matcher(af_core *c, const afm_prog *prog) {
+    /* Every peek buffer carries the matcher's state in front: only before the first one. */
+    if (c->stats.held || c->stats.accepted) return -EBUSY;
+    c->prog = prog;
+    c->ms_hdr = prog ? (uint32_t)((sizeof(afm_state) + 15) & ~(size_t)15) : 0;
     return 0;
 }
 
@@ -442,20 +608,42 @@ int af_adopt(af_core *c, int fd) {
     union { struct sockaddr sa; struct sockaddr_in6 in6; struct sockaddr_storage ss; } addr;
     socklen_t alen = sizeof addr;
     if (getpeername(fd, &addr.sa, &alen) < 0) return -errno; /* a connected stream socket only */
-    int on = 1;
-    if (ioctl(fd, FIONBIO, &on) < 0) return -errno;
+    /* Everything that can fail before anything changes: on an error the
+     * caller's fd is as it was. */
     if (grow_table(c, fd) < 0) return -ENOMEM;
     if (remember_pending(c, fd) < 0) return -ENOMEM; /* armed (and so peeked) by the next af_poll() */
-    conn *k = &c->conns[fd];
-    memset(k, 0, sizeof *k);
-    k->in_use = 1;
-    k->prev = k->next = NIL;
-    k->accepted_us = now_us();
-    k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
-    if (k->addrlen) memcpy(k->addr, &addr, k->addrlen);
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0) { c->npending--; return -errno; }
+    conn *k = hold(c, fd, clock_us(c), &addr, alen);
+    k->nonblock = (fl & O_NONBLOCK) != 0; /* left as it is: every read here is MSG_DONTWAIT */
     c->stats.accepted++; /* counted as taken in, so the accounting still adds up */
-    c->stats.held++;
-    fifo_append(c, fd);
+    return 0;
+}
+
+static void fill_addr(const conn *k, af_addr *addr) {
+    /* k->addr is a packed byte array: copy it out before looking at it. */
+    union { struct sockaddr sa; struct sockaddr_in in; struct sockaddr_in6 in6; } u;
+    memset(&u, 0, sizeof u);
+    memcpy(&u, k->addr, k->addrlen);
+    memset(addr, 0, sizeof *addr);
+    if (k->addrlen >= sizeof u.in && u.sa.sa_family == AF_INET) {
+        addr->family = AF_INET;
+        addr->port = ntohs(u.in.sin_port);
+        inet_ntop(AF_INET, &u.in.sin_addr, addr->host, sizeof addr->host);
+    } else if (k->addrlen >= sizeof u.in6 && u.sa.sa_family == AF_INET6) {
+        addr->family = AF_INET6;
+        addr->port = ntohs(u.in6.sin6_port);
+        addr->flowinfo = ntohl(u.in6.sin6_flowinfo);
+        addr->scope_id = u.in6.sin6_scope_id;
+        inet_ntop(AF_INET6, &u.in6.sin6_addr, addr->host, sizeof addr->host);
+    } else {
+        addr->family = k->addrlen ? u.sa.sa_family : 0;
+    }
+}
+
+int af_peer(const af_core *c, int fd, af_addr *addr) {
+    if (fd < 0 || (uint32_t)fd >= c->nconns || c->conns[fd].state == CS_FREE) return -EBADF;
+    fill_addr(&c->conns[fd], addr);
     return 0;
 }
 
@@ -463,7 +651,6 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
     conn *k = owned(c, fd);
     if (!k) return -EBADF;
     disarm(c, fd);
-    fifo_unlink(c, fd);
     char sink[512];
     while (consume > 0) {
         ssize_t n = recv(fd, sink, consume < sizeof sink ? consume : sizeof sink, MSG_DONTWAIT);
@@ -471,28 +658,15 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
         if (n <= 0) return n < 0 ? -errno : -EPIPE;
         consume -= (uint32_t)n;
     }
-    int off = 0;
-    if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
-    if (addr) {
-        /* k->addr is a packed byte array: copy it out before looking at it. */
-        union { struct sockaddr sa; struct sockaddr_in in; struct sockaddr_in6 in6; } u;
-        memset(&u, 0, sizeof u);
-        memcpy(&u, k->addr, k->addrlen);
-        memset(addr, 0, sizeof *addr);
-        if (k->addrlen >= sizeof u.in && u.sa.sa_family == AF_INET) {
-            addr->family = AF_INET;
-            addr->port = ntohs(u.in.sin_port);
-            inet_ntop(AF_INET, &u.in.sin_addr, addr->host, sizeof addr->host);
-        } else if (k->addrlen >= sizeof u.in6 && u.sa.sa_family == AF_INET6) {
-            addr->family = AF_INET6;
-            addr->port = ntohs(u.in6.sin6_port);
-            addr->flowinfo = ntohl(u.in6.sin6_flowinfo);
-            addr->scope_id = u.in6.sin6_scope_id;
-            inet_ntop(AF_INET6, &u.in6.sin6_addr, addr->host, sizeof addr->host);
-        } else {
-            addr->family = k->addrlen ? u.sa.sa_family : 0;
-        }
+    if (k->nonblock) {
+        int off = 0;
+        if (ioctl(fd, FIONBIO, &off) < 0) return -errno;
     }
+    if (k->lowat) {
+        int one = 1; /* the application's socket: the default low-water mark again */
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one) < 0) return -errno;
+    }
+    if (addr) fill_addr(k, addr);
     forget(c, fd);
     return 0;
 }
@@ -511,13 +685,43 @@ int af_close(af_core *c, int fd, int reset) {
         uint32_t left = c->max_bytes;
         while (left > 0) {
             ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
+            if (r < 0 && errno == EINTR) continue;
             if (r <= 0) break;
             left -= (uint32_t)r;
         }
     }
-    k->armed = 0; /* close() removes it from the epoll set */
+    /* Leave the epoll set explicitly: close() only removes it when no other
+     * descriptor (dup, fork) refers to the same open file. */
+    disarm(c, fd);
     forget(c, fd);
     return close(fd) < 0 ? -errno : 0;
+}
+
+/* af_accept(): hand a connection certified at accept straight to the caller.
+ * Returns 0, or -errno (the connection is then still owned: the caller closes it). */
+static int release_fast(af_core *c, int fd, uint32_t consume) {
+    conn *k = &c->conns[fd];
+    af_ready *out = c->fast_out;
+    AF_ASSERT(k->state == CS_HELD && consume <= k->len);
+    uint32_t len = k->len; /* the whole prefix, consumed header included: info is parsed from it */
+    if (len > c->scratch_size) {
+        char *s = realloc(c->scratch, len);
+        if (!s) return -ENOMEM;
+        c->scratch = s;
+        c->scratch_size = len;
+    }
+    if (len) memcpy(c->scratch, k->buf, len); /* the buffer goes with the slot */
+    int rc = af_release(c, fd, consume, &out->addr);
+    if (rc < 0) return rc;
+    out->fd = fd;
+    out->consume = consume;
+    out->len = len;
+    out->data = c->scratch;
+    /* The caller counts it (accepted and surfaced at once, from one number of its
+     * own), so that the counters it reads between two calls always add up. */
+    c->stats.accepted--;
+    c->stats.fast++;
+    return 0;
 }
 
 void af_wake(af_core *c) {
@@ -534,12 +738,10 @@ int af_stop_accepting(af_core *c) {
 }
 
 int af_drain(af_core *c, af_event **events) {
-    *events = c->events;
-    c->nevents = 0;
-    c->batch++;
-    c->now = now_us();
-    while (c->head != NIL && c->nevents < c->max_events) {
-        int fd = c->head;
+    new_batch(c, events);
+    report_finals(c);
+    while (c->fifo.head != NIL && c->nevents < c->max_events) {
+        int fd = c->fifo.head;
         int err = 0;
         conn *k = &c->conns[fd];
         if (!k->eof) peek(c, fd, 0, &err);
@@ -549,3 +751,5 @@ int af_drain(af_core *c, af_event **events) {
 }
 
 void af_get_stats(const af_core *c, af_stats *out) { *out = c->stats; }
+
+void af_set_clock(af_core *c, int64_t now_us) { c->fake_now = now_us < 0 ? -1 : now_us; }

@@ -14,17 +14,20 @@
 
 #include <stdint.h>
 
+#include "afmatch.h"
+
 /* Event kinds. DATA is the only non-final one: the connection stays held.
  * After any other event the connection has left the epoll set and the FIFO,
  * and the caller must af_release() or af_close() it. */
-enum {
+enum af_event_kind {
     AF_EV_DATA = 1,     /* more bytes were peeked */
     AF_EV_EOF = 2,      /* the peer sent FIN (data: what it sent before) */
     AF_EV_FULL = 3,     /* the peeked prefix reached max_bytes */
     AF_EV_TIMEOUT = 4,  /* the connection's deadline passed */
     AF_EV_EVICT = 5,    /* pushed out: too many held connections */
     AF_EV_ERROR = 6,    /* the connection failed (err: an errno, e.g. ECONNRESET) */
-    AF_EV_SHUTDOWN = 7  /* af_drain(): the core is shutting down */
+    AF_EV_SHUTDOWN = 7, /* af_drain(): the core is shutting down */
+    AF_EV_READY = 8     /* the matcher certified the peeked bytes (err: the bytes to consume) */
 };
 
 typedef struct af_event {
@@ -43,6 +46,7 @@ typedef struct af_stats {
     uint64_t peeks;          /* recv(MSG_PEEK) calls */
     uint64_t bytes_peeked;   /* new bytes seen by peeks */
     uint64_t buffered;       /* peek buffer bytes allocated now (<= held * max_bytes) */
+    uint64_t fast;           /* ready at accept, released by af_accept(): not in accepted (the caller counts them) */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;
@@ -55,7 +59,26 @@ typedef struct af_addr {
     char host[64];
 } af_addr;
 
+/* A connection af_accept() released: ready at accept, the caller owns fd. */
+typedef struct af_ready {
+    int fd;           /* -1: none */
+    uint32_t consume; /* bytes read off before the caller sees the stream */
+    uint32_t len;     /* the peeked prefix (consumed bytes included), for parsing info later */
+    const char *data; /* valid until the next call on this core */
+    af_addr addr;
+} af_ready;
+
 typedef struct af_core af_core;
+
+/* Bounds on what the caller may ask for; larger values are clamped. */
+#define AF_MAX_BYTES 1073741824
+#define AF_MAX_TIMEOUT_MS 1099511627776 /* 2^40 ms, ~35 years: deadline arithmetic never overflows */
+
+/* A connection's states (one per slot of the fd-indexed table):
+ *   FREE -accept/adopt-> HELD (in the FIFO, maybe in epoll) -final event-> FINAL
+ *   HELD or FINAL -af_release/af_close-> FREE
+ * A FINAL connection not released or closed by the next af_poll()/af_drain()
+ * is reported again, so an interrupted caller strands nothing. */
 
 /* Take over a listening socket (made non-blocking). timeout_ms <= 0: no deadline.
  * Returns NULL with *err set on failure. */
@@ -70,7 +93,8 @@ int af_fileno(const af_core *c);
 int af_poll(af_core *c, int timeout_ms, af_event **events);
 /* Milliseconds until the next deadline or accept resume (0 if due), -1 if none. */
 int64_t af_next_timeout_ms(const af_core *c);
-/* Hand a connection over: leave epoll, discard `consume` bytes, make it blocking.
+/* Hand a connection over: leave epoll, discard `consume` bytes, blocking (as accepted; an
+ * adopted one that was non-blocking is made blocking).
  * Returns 0 or -errno (then the connection is still owned and must be closed). */
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
 /* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). */
@@ -84,8 +108,26 @@ int af_adopt(af_core *c, int fd);
 void af_wake(af_core *c);
 /* Stop taking new connections (the listen fd leaves the epoll set). */
 int af_stop_accepting(af_core *c);
-/* Final events (AF_EV_SHUTDOWN) for every held connection, oldest first. */
+/* Final events (AF_EV_SHUTDOWN) for every held connection, oldest first,
+ * after any FINAL connection still unresolved (reported again, as it was). */
 int af_drain(af_core *c, af_event **events);
 void af_get_stats(const af_core *c, af_stats *out);
+/* The peer address taken at accept (or adoption): it stays known after the
+ * peer reset. 0, or -EBADF if fd is not owned. */
+int af_peer(const af_core *c, int fd, af_addr *addr);
+/* Run a compiled readiness matcher on every connection's peeked bytes (NULL: none).
+ * The program belongs to the caller and must outlive the core (or the next
+ * af_set_matcher). A connection it certifies is reported AF_EV_READY. Only before
+ * the first connection: -EBUSY after. */
+int af_set_matcher(af_core *c, const afm_prog *prog);
+/* af_poll() for a thread blocked in accept(): it first accepts, and returns at
+ * once with the first connection the matcher certifies at accept, released
+ * into *ready (blocking, consumed; the caller owns ready->fd, counts it: it is
+ * in stats.fast, not in stats.accepted; no event). Otherwise as af_poll();
+ * ready->fd is -1. */
+int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready);
+/* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
+ * real monotonic clock again. */
+void af_set_clock(af_core *c, int64_t now_us);
 
 #endif

@@ -8,6 +8,7 @@ nothing is left to the engine's policy.
 from __future__ import annotations
 
 from acceptfilter.filter import ACCEPT, DEFAULT_MAX_BYTES, REJECT, WAIT, Decision, Filter
+from acceptfilter.matcher import Program, min_bytes
 
 
 class DataReady(Filter):
@@ -33,3 +34,7 @@ class DataReady(Filter):
         if final:
             return ACCEPT if data else REJECT
         return WAIT
+
+    def matcher(self) -> Program:
+        """Compiled: ready at ``min_bytes`` bytes (the check ACCEPTs exactly there)."""
+        return min_bytes(self.min_bytes, self.max_bytes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from acceptfilter.filter import WAIT, Decision, Filter
+from acceptfilter.matcher import Builder, Program, length_prefixed
 
 #: DNS-over-TCP messages are at most 65535 bytes, plus the 2-byte length.
 DNS_MAX_BYTES = 65537
@@ -56,6 +57,25 @@ class DnsReady(Filter):
         if problem and self.strict:
             return Decision.reject(f"malformed DNS message: {problem}")
         return Decision.accept(info)
+
+    def matcher(self) -> Program:
+        """Compiled: one whole length-prefixed message; with ``strict`` also what ``_parse`` demands.
+
+        strict: length >= 12, QR clear, QDCOUNT >= 1, and the first question's labels
+        (uncompressed, each inside the message) plus type and class inside the message.
+        Anything else is left to :meth:`check`.
+        """
+        if not self.strict:
+            return length_prefixed(self.max_bytes, width=2, adjust=2)
+        b = Builder(self.max_bytes)
+        b.push(0, 2, adjust=2, lo=12).need_frame().skip(2)  # the message frame (2 + length <= max_bytes), all of it
+        b.field(2, 1, mask=0x80, lo=0, hi=0)  # QR clear: a query
+        b.field(4, 2, lo=1, hi=0xFFFF)  # QDCOUNT >= 1
+        b.skip(12)
+        b.label("label").jeq(0, 1, 0, "root")
+        b.field(0, 1, mask=0xC0, lo=0, hi=0).vec(1).jump("label")  # a plain label inside the message
+        b.label("root").skip(1 + 4)  # the root label, QTYPE and QCLASS
+        return b.pop(exact=False).ready().build()
 
 
 def _parse(msg: bytes) -> tuple[dict[str, Any], str]:

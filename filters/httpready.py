@@ -41,6 +41,7 @@ import re
 from typing import Any
 
 from acceptfilter.filter import DEFAULT_MAX_BYTES, WAIT, Decision, Filter
+from acceptfilter.matcher import Builder, Program, byte_range
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -88,6 +89,24 @@ class HttpReady(Filter):
     def check(self, data: bytes, final: bool) -> Decision:
         """One-shot check (a fresh session): handy in tests and the REPL."""
         return _HttpSession(self).check(data, final)
+
+    def matcher(self) -> Program | None:
+        """Compiled: a complete ``METHOD SP target SP HTTP/1.0|1.1 CRLF ... CRLF CRLF`` head; None with ``body=N``.
+
+        The request line's shape (a 1..32-byte token, a space, a printable target,
+        `` HTTP/1.0`` or `` HTTP/1.1``, CRLF) starts at byte 0, then the first CRLF CRLF
+        (counting the request line's own CRLF) ends within ``max_bytes``. Nothing else is
+        certified: bare-LF heads, other versions, HTTP/0.9 lines, the h2 preface, leading
+        empty lines and non-HTTP bytes are left to :meth:`check`, so the matcher stays sound
+        whatever those rules become. ``body=N`` may wait past the head: no matcher.
+        """
+        if self.body:
+            return None
+        token = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+        b = Builder(self.max_bytes)
+        b.run(token, 1, _MAX_METHOD).lit(b" ").run(byte_range(0x21, 0x7E), 1, self.max_bytes)
+        b.lit(b" HTTP/1.").run(b"01", 1, 1).lit(b"\r\n")
+        return b.search([b"\r\n\r\n"], back=2).ready().build()
 
 
 class _HttpSession:

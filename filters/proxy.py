@@ -15,7 +15,8 @@ client address and ``info`` carries:
   non-IP families), ``transport`` (``"tcp4"``, ``"tcp6"``, ...),
 * ``balancer`` (the TCP peer that sent the header),
 * ``tlvs`` (v2: ``{type: bytes}``), plus ``authority`` and ``proxy_alpn``
-  when the TLVs carry them, and ``ssl`` for the SSL TLV (0x20): a dict with
+  when the TLVs carry them, and ``ssl`` for the SSL TLV (0x20; ``{"malformed": True}``
+  when it cannot be parsed, the header being sound otherwise): a dict with
   ``client`` (the PP2_CLIENT_* bit field), ``verify`` (0: the client
   certificate verified), ``tls`` (the connection used TLS), ``client_cert``
   (a certificate was presented, on this connection or its session) and its
@@ -51,6 +52,7 @@ import re
 from typing import Any
 
 from acceptfilter.filter import WAIT, Decision, Filter
+from acceptfilter.matcher import Builder, Program
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -106,6 +108,36 @@ class Proxy(Filter):
 
     def check(self, data: bytes, final: bool) -> Decision:
         return self.session().check(data, final)
+
+    def peer_matcher(self, peer: Any) -> Program | None:
+        """Compiled, for trusted peers only (the check rejects everyone else): see :meth:`matcher`.
+
+        None with ``verify_crc=1``: the check then rejects a header whose
+        CRC32C is wrong, which the matcher cannot compute.
+        """
+        return self._matcher() if self.is_trusted(peer) and not self.verify_crc else None
+
+    def matcher(self) -> Program | None:
+        """None: without a peer nobody is trusted; the engine asks :meth:`peer_matcher`."""
+        return None
+
+    def _matcher(self) -> Program:
+        """v2 PROXY over TCP4/TCP6 (address block, TLVs exactly to the end) and v1 UNKNOWN; consumed.
+
+        v2 LOCAL, other families and v1 TCP4/TCP6 (whose addresses need ``ipaddress``) are
+        left to :meth:`check`, so the matcher stays sound whatever those rules become.
+        """
+        b = Builder(self.max_bytes)
+        b.jeq(0, 1, ord("P"), "v1")
+        b.lit(V2_SIGNATURE).eq(0, 1, 0x21)  # version 2, command PROXY
+        b.jeq(1, 1, 0x11, "tcp4").jeq(1, 1, 0x21, "tcp6").fail()
+        b.label("tcp4").push(2, 2, adjust=4).need_frame().skip(4 + 12).jump("tlv")  # frame: 16 + length
+        b.label("tcp6").push(2, 2, adjust=4).need_frame().skip(4 + 36)
+        b.label("tlv").jge_end("end").skip(1).vec(2).jump("tlv")  # (type, vec2) exactly to the end
+        b.label("end").pop().ready(consume=True)
+        no_crlf = [c for c in range(256) if c not in (0x0D, 0x0A)]
+        b.label("v1").lit(b"PROXY UNKNOWN").run(no_crlf, 0, V1_MAX - 15).lit(b"\r\n")
+        return b.ready(consume=True).build()
 
 
 class _ProxySession:
@@ -217,10 +249,10 @@ class _ProxySession:
         if 0x01 in tlvs:
             info["proxy_alpn"] = tlvs[0x01].decode("latin-1")
         if 0x20 in tlvs:
+            # A malformed SSL TLV is reported, not rejected: the header itself is
+            # well formed (the compiled matcher accepts it), only its TLS details are lost.
             ssl = _ssl_info(tlvs[0x20])
-            if ssl is None:
-                return Decision.reject("PROXY v2: malformed SSL TLV")
-            info["ssl"] = ssl
+            info["ssl"] = ssl if ssl is not None else {"malformed": True}
         if self._filter.verify_crc and 0x03 in tlvs:
             if len(tlvs[0x03]) != 4:
                 return Decision.reject("PROXY v2: CRC32C TLV is not 4 bytes")

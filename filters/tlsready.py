@@ -30,6 +30,7 @@ import hashlib
 from typing import Any
 
 from acceptfilter.filter import DEFAULT_MAX_BYTES, WAIT, Decision, Filter
+from acceptfilter.matcher import Builder, Program
 
 _RECORD_MAX = 16384 + 2048  # TLSCiphertext bound; a ClientHello record is plaintext (2^14)
 _VERSION_NAMES = {0x0304: "TLSv1.3", 0x0303: "TLSv1.2", 0x0302: "TLSv1.1", 0x0301: "TLSv1.0", 0x0300: "SSLv3"}
@@ -107,6 +108,41 @@ class TlsReady(Filter):
         if self.sni and not _sni_allowed(info["sni"], self.sni):
             return Decision.reject(f"SNI {info['sni']!r} not allowed")
         return Decision.accept(info)
+
+    def matcher(self) -> Program | None:
+        """Compiled: a ClientHello in ONE record whose structure ``_parse`` accepts; None with ``sni=``.
+
+        The check rejects a malformed ClientHello, so the matcher walks the same structure:
+        record header, handshake header, the fixed fields, the extension block exactly,
+        and inside the extensions the check parses (server_name, ALPN,
+        supported_versions, signature_algorithms) the vectors it reads. A ClientHello
+        spread over several records, and every SNI allow-list, is left to :meth:`check`.
+        """
+        if self.sni:
+            return None
+        b = Builder(self.max_bytes)
+        b.eq(0, 1, 0x16).eq(1, 1, 0x03)
+        b.push(3, 2, adjust=5, lo=1, hi=_RECORD_MAX).need_frame().skip(5)  # frame 1: the record, all of it
+        b.eq(0, 1, 0x01)  # a ClientHello
+        b.push(1, 3, adjust=4).skip(4)  # frame 2: the handshake message, inside this one record
+        b.skip(2 + 32).vec(1).vec(2).vec(1)  # version, random, session id, cipher suites, compression
+        b.jge_end("hello_end")
+        b.push(0, 2, adjust=2).skip(2)  # frame 3: the extension block
+        b.label("ext").jge_end("ext_end")
+        b.jeq(0, 2, 0, "sni").jeq(0, 2, 16, "alpn").jeq(0, 2, 43, "versions").jeq(0, 2, 13, "sigalgs")
+        b.skip(2).vec(2).jump("ext")  # any other extension: type, opaque data
+        # server_name: data (frame 4) holding a list (frame 5) of (type, vec2) up to its end
+        b.label("sni").skip(2).push(0, 2, adjust=2).skip(2).push(0, 2, adjust=2).skip(2)
+        b.label("sni_item").jge_end("list_end").skip(1).vec(2).jump("sni_item")
+        # ALPN: data (frame 4) holding a list (frame 5) of vec1 up to its end
+        b.label("alpn").skip(2).push(0, 2, adjust=2).skip(2).push(0, 2, adjust=2).skip(2)
+        b.label("alpn_item").jge_end("list_end").vec(1).jump("alpn_item")
+        b.label("list_end").pop().pop(exact=False).jump("ext")
+        b.label("versions").skip(2).push(0, 2, adjust=2).skip(2).vec(1).pop(exact=False).jump("ext")
+        b.label("sigalgs").skip(2).push(0, 2, adjust=2).skip(2).vec(2).pop(exact=False).jump("ext")
+        b.label("ext_end").pop()  # the block ends exactly at its length
+        b.label("hello_end").pop()  # no trailing bytes after the extensions
+        return b.pop(exact=False).ready().build()  # the whole record is there
 
 
 def _sni_allowed(sni: str | None, allowed: tuple[str, ...]) -> bool:

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any
 
+from acceptfilter.engine import OUTCOMES
 from acceptfilter.integrations.socketserver import install
 
 
@@ -246,7 +247,7 @@ def main() -> int:
     while soak.running():
         time.sleep(min(1.0, max(0.0, soak.until - time.monotonic())))
         s = listener.stats()
-        outcomes = s["surfaced"] + s["rejected"] + s["closed_empty"] + s["failed"] + s["dropped"]
+        outcomes = sum(s[name] for name in OUTCOMES)
         # The engine thread may be mid-batch: accepted can run ahead by at most one batch.
         if not 0 <= s["accepted"] - (outcomes + s["held"]) <= 512:
             invariant_breaks.append({"accepted": s["accepted"], "outcomes": outcomes, "held": s["held"]})
@@ -261,7 +262,7 @@ def main() -> int:
     deadline = time.monotonic() + 10
     while fd_count() > baseline_fds and time.monotonic() < deadline:
         time.sleep(0.1)
-    outcomes = final["surfaced"] + final["rejected"] + final["closed_empty"] + final["failed"] + final["dropped"]
+    outcomes = sum(final[name] for name in OUTCOMES)
     warm = rss[len(rss) // 4] if rss else 0
     report = {
         "seconds": round(time.monotonic() - start, 1),

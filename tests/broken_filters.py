@@ -10,6 +10,7 @@ import itertools
 import time
 
 from acceptfilter.filter import ACCEPT, REJECT, WAIT, Checker, Decision, Filter
+from acceptfilter.matcher import Builder, Program
 
 
 class Raises(Filter):
@@ -117,6 +118,20 @@ class Slow(Filter):
         return ACCEPT if data else REJECT
 
 
+class UnsoundMatcher(Filter):
+    """Declares a matcher for a line ending in LF, but the check wants CRLF: 'matcher => check'."""
+
+    name = "broken-matcher"
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        if b"\r\n" in data:
+            return ACCEPT
+        return REJECT if final or len(data) >= self.max_bytes else WAIT
+
+    def matcher(self) -> Program:
+        return Builder(self.max_bytes).search([b"\n"]).ready().build()  # bug: a bare LF is certified too
+
+
 BROKEN: dict[str, tuple[type[Filter], str]] = {
     "broken-raises": (Raises, "raises"),
     "broken-chunking": (ChunkingDependent, "chunking"),
@@ -126,4 +141,5 @@ BROKEN: dict[str, tuple[type[Filter], str]] = {
     "broken-consume": (BadConsume, "consume"),
     "broken-info": (NondeterministicInfo, "deterministic"),
     "broken-slow": (Slow, "slow"),
+    "broken-matcher": (UnsoundMatcher, "matcher"),
 }

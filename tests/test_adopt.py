@@ -141,32 +141,34 @@ def test_detach_held_hands_connections_on_undecided_and_unconsumed(core: str, li
     assert open_fds() <= before | {listen_sock.fileno()}
 
 
-def test_first_look_decides_on_bytes_already_there(elsewhere: socket.socket) -> None:
-    from acceptfilter.engine import Engine
-    from acceptfilter.filter import Verdict
-    from acceptfilter.policy import Policy, Route
+def test_first_look_decides_on_bytes_already_there() -> None:
+    """A worker's first look goes through the engine's own decision rules (Decider.look)."""
+    from acceptfilter.decision import Decider, Phase
+    from acceptfilter.policy import Route
     from acceptfilter.registry import load_chain
 
     from .broken_filters import Raises
 
-    client, fd = _connection(elsewhere, b"")
-    try:
-        single = Engine.decider((Route("web", load_chain("httpready")),), Policy.build())
-        verdict, route, consume, info = single.first_look(fd, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")  # type: ignore[misc]
-        assert (verdict, route, consume, info["target"]) == (Verdict.ACCEPT, "web", 0, "/a")
-        assert single.first_look(fd, b"GET /a HTTP/1.1\r\n") is None  # wants more
-        assert single.first_look(fd, b"\x16\x03\x01garbage")[0] is Verdict.REJECT  # type: ignore[index]  # not HTTP
-        passing = Engine.decider((Route("web", load_chain("httpready:non_http=accept")),), Policy.build())
-        assert passing.first_look(fd, b"\x16\x03\x01garbage")[0] is Verdict.ACCEPT  # type: ignore[index]  # passed through
-        chain = Engine.decider((Route("web", load_chain(["proxy:trusted=127.0.0.0/8", "httpready"])),), Policy.build())
-        header = b"PROXY TCP4 192.0.2.1 10.0.0.1 1111 80\r\n"
-        verdict, _, consume, info = chain.first_look(fd, header + b"GET /b HTTP/1.1\r\n\r\n")  # type: ignore[misc]
-        assert (verdict, consume, info["client_address"]) == (Verdict.ACCEPT, len(header), ("192.0.2.1", 1111))
-        assert chain.first_look(fd, b"GET /b HTTP/1.1\r\n\r\n")[0] is Verdict.REJECT  # type: ignore[index]  # no header
-        raising = Engine.decider((Route("web", (Raises(),)),), Policy.build())
-        assert raising.first_look(fd, b"a line with too many words\n") is None  # the holder decides (on_error)
-        with pytest.raises(RuntimeError, match="only decides"):  # holding needs a core this engine lacks
-            raising.stats()
-    finally:
-        os.close(fd)
-        client.close()
+    single = Decider((Route("web", load_chain("httpready")),))
+    ready = single.look(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert ready is not None
+    assert (ready.phase, ready.route, ready.consume, ready.info["target"]) == (Phase.ACCEPTED, "web", 0, "/a")
+    assert single.look(b"GET /a HTTP/1.1\r\n") is None  # wants more
+    garbage = single.look(b"\x16\x03\x01garbage")
+    assert garbage is not None and garbage.phase is Phase.REJECTED  # not HTTP: rejected by default
+    passing = Decider((Route("web", load_chain("httpready:non_http=accept")),)).look(b"\x16\x03\x01garbage")
+    assert passing is not None and passing.phase is Phase.ACCEPTED  # FreeBSD's pass, on request
+    peer = ("127.0.0.1", 40000)
+    chain = Decider((Route("web", load_chain(["proxy:trusted=127.0.0.0/8", "httpready"])),))
+    header = b"PROXY TCP4 192.0.2.1 10.0.0.1 1111 80\r\n"
+    proxied = chain.look(header + b"GET /b HTTP/1.1\r\n\r\n", peer)
+    assert proxied is not None and proxied.phase is Phase.ACCEPTED
+    assert (proxied.consume, proxied.info["client_address"]) == (len(header), ("192.0.2.1", 1111))
+    missing = chain.look(b"GET /b HTTP/1.1\r\n\r\n", peer)
+    assert missing is not None and missing.phase is Phase.REJECTED  # no header
+    untrusted = chain.look(header + b"GET /b HTTP/1.1\r\n\r\n", ("192.0.2.9", 40000))
+    assert untrusted is not None and untrusted.phase is Phase.REJECTED
+    reports: list[str] = []
+    raising = Decider((Route("web", (Raises(),)),), on_error=lambda name, what, exc: reports.append(name))
+    failed = raising.look(b"a line with too many words\n")
+    assert failed is not None and failed.phase is Phase.FAILED and failed.filter == reports[0]

@@ -166,7 +166,7 @@ def test_close_detaches_the_reader() -> None:
         loop = asyncio.get_running_loop()
         listener = acceptfilter.wrap(socket.create_server(("127.0.0.1", 0)), "httpready", driver="none")
         driver = af_asyncio.attach(listener)
-        fd = listener.engine.core.fileno()
+        fd = listener.engine.fileno()
         assert loop.remove_reader(fd) is True  # attached ...
         loop.add_reader(fd, driver._run)
         listener.close()

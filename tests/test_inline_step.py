@@ -24,7 +24,14 @@ def test_blocking_accept_surfaces_in_the_calling_thread(core: str) -> None:
         stepped_in.append(threading.current_thread().name)
         return real_step(timeout)
 
+    real_accept_ready = engine.accept_ready
+
+    def accept_ready(timeout: float | None) -> object:  # the fast path: a step that may take one at accept
+        stepped_in.append(threading.current_thread().name)
+        return real_accept_ready(timeout)
+
     engine.step = step  # type: ignore[method-assign]
+    engine.accept_ready = accept_ready  # type: ignore[method-assign,assignment]
     try:
         for i in range(10):
             with socket.create_connection(("127.0.0.1", port)) as c:

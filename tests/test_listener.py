@@ -11,8 +11,9 @@ import pytest
 
 import acceptfilter
 from acceptfilter import Decision, Filter, FilteredListener
+from acceptfilter.engine import OUTCOMES
 
-from .conftest import open_fds
+from .conftest import open_fds, wait_for
 
 HEAD = b"GET /index.html HTTP/1.1\r\nHost: example.test\r\nUser-Agent: t\r\n\r\n"
 
@@ -52,7 +53,7 @@ def test_head_in_pieces_surfaces_only_after_last_piece(make) -> None:  # type: i
         client.sendall(piece)
         assert accept_within(listener, 0.15) is None, "surfaced before the head was complete"
     client.sendall(pieces[-1])
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None
     # The application reads the complete request from byte 0.
     sock.settimeout(2)
@@ -82,12 +83,11 @@ def test_accepted_socket_is_exact_and_blocking(make) -> None:  # type: ignore[no
 
 def test_idle_connection_surfaced_after_deadline(make) -> None:  # type: ignore[no-untyped-def]
     listener = make(timeout=0.4)
+    start = time.monotonic()  # before connect: the deadline starts after this, however late we run
     client = connect(listener)
-    start = time.monotonic()
-    assert accept_within(listener, 0.25) is None
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None
-    assert time.monotonic() - start >= 0.35
+    assert time.monotonic() - start >= 0.4  # never before the deadline (a busy machine may be late)
     info = acceptfilter.connection_info(sock)
     assert info is not None and info.reason == "timeout"
     # A load balancer's pre-opened connection still works after the deadline.
@@ -103,31 +103,49 @@ def test_idle_connection_surfaced_after_deadline(make) -> None:  # type: ignore[
 def test_idle_connection_closed_by_policy(make, policy: str) -> None:  # type: ignore[no-untyped-def]
     listener = make(timeout=0.3, on_timeout=policy)
     client = connect(listener)
-    assert accept_within(listener, 0.8) is None
-    client.settimeout(2)
+    client.settimeout(10)
     if policy == "close":
         assert client.recv(10) == b""
     else:
         with pytest.raises(ConnectionResetError):
             client.recv(10)
+    assert listener.queued == 0  # closed, never surfaced
+    wait_for(lambda: listener.stats()["dropped"] == 1)
     stats = listener.stats()
     assert stats["timed_out"] == 1 and stats["dropped"] == 1 and stats["surfaced"] == 0
     client.close()
 
 
 def test_trickling_client_is_treated_like_idle(make) -> None:  # type: ignore[no-untyped-def]
+    """A new byte resets nothing: the deadline is per connection, however slowly it trickles."""
     listener = make(timeout=0.5, on_timeout="close")
     client = connect(listener)
     start = time.monotonic()
-    for byte in HEAD[:12]:
-        if time.monotonic() - start > 0.4:
-            break
-        client.sendall(bytes([byte]))  # a new byte resets nothing: the deadline is per connection
-        assert accept_within(listener, 0.07) is None
-    client.settimeout(2)
-    assert client.recv(10) == b""
-    assert time.monotonic() - start < 1.5
-    assert listener.stats()["timed_out"] == 1
+    closed = threading.Event()
+
+    def trickle() -> None:  # one header byte every 50 ms: the head would take 1.5 s to complete
+        for byte in HEAD:
+            if closed.is_set():
+                return
+            try:
+                client.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    client.settimeout(20)
+    try:
+        assert client.recv(10) == b""
+    except ConnectionResetError:
+        pass  # closed while a trickled byte was still unread there: the same verdict
+    closed.set()
+    sender.join(10)
+    elapsed = time.monotonic() - start
+    assert elapsed < len(HEAD) * 0.05, f"closed after {elapsed:.2f} s: the trickle extended the deadline"
+    wait_for(lambda: listener.stats()["timed_out"] == 1)
+    assert listener.stats()["surfaced"] == 0
     client.close()
 
 
@@ -137,7 +155,7 @@ def test_many_idle_connections_do_not_delay_a_real_request(make) -> None:  # typ
     client = connect(listener)
     start = time.monotonic()
     client.sendall(HEAD)
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     elapsed = time.monotonic() - start
     assert sock is not None and sock.recv(4096) == HEAD
     assert elapsed < 1.0
@@ -162,7 +180,7 @@ def test_http_variants_surface_with_every_byte(make, payload: bytes, expect_meth
     listener = make(timeout=10)
     client = connect(listener)
     client.sendall(payload)
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None
     sock.settimeout(2)
     got = b""
@@ -189,7 +207,7 @@ def test_garbage_is_rejected_by_default_and_passed_on_request(listen_sock: socke
     with acceptfilter.wrap(other, "httpready:non_http=accept", core=core) as listener:
         client = connect(listener)
         client.sendall(b"\x16\x03\x01\x00\xa5\x01")
-        sock = accept_within(listener, 2)
+        sock = accept_within(listener, 10)
         assert sock is not None
         assert acceptfilter.connection_info(sock)["protocol"] == "unknown"  # type: ignore[index]
         sock.close()
@@ -213,7 +231,7 @@ def test_oversize_accept_lets_the_app_answer(make) -> None:  # type: ignore[no-u
     listener = make("httpready:max_bytes=1024,oversize=accept", timeout=10)
     client = connect(listener)
     client.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 2000)
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None
     assert acceptfilter.connection_info(sock)["method"] == "GET"  # type: ignore[index]
     sock.close()
@@ -225,7 +243,7 @@ def test_half_close_after_complete_request(make) -> None:  # type: ignore[no-unt
     client = connect(listener)
     client.sendall(HEAD)
     client.shutdown(socket.SHUT_WR)
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None
     sock.settimeout(2)
     assert sock.recv(4096) == HEAD
@@ -287,7 +305,7 @@ def test_held_bound_evicts_the_oldest(make) -> None:  # type: ignore[no-untyped-
         c.settimeout(2)
         assert c.recv(10) == b""
     clients[2].sendall(HEAD)  # the others are still held and work
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None and sock.recv(4096) == HEAD
     sock.close()
     for c in clients:
@@ -299,7 +317,7 @@ def test_evicted_connection_surfaces_by_default(make) -> None:  # type: ignore[n
     first = connect(listener)
     time.sleep(0.05)
     second = connect(listener)
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None and sock.getpeername() == first.getsockname()
     assert acceptfilter.connection_info(sock).reason == "evicted"  # type: ignore[union-attr]
     sock.close()
@@ -325,7 +343,7 @@ def test_raising_filter_is_contained(make, caplog: pytest.LogCaptureFixture, on_
     clients = [connect(listener) for _ in range(3)]
     for c in clients:
         c.sendall(b"ab!")
-    got = [accept_within(listener, 1 if surfaced else 0.4) for _ in clients]
+    got = [accept_within(listener, 10 if surfaced else 0.4) for _ in clients]
     if surfaced:
         assert all(s is not None for s in got)
         assert {acceptfilter.connection_info(s).reason for s in got if s} == {"filter_error"}  # type: ignore[union-attr]
@@ -336,7 +354,7 @@ def test_raising_filter_is_contained(make, caplog: pytest.LogCaptureFixture, on_
     assert sum("raised RuntimeError" in r.getMessage() for r in caplog.records) == 1  # logged once per filter
     good = connect(listener)  # the engine keeps working
     good.sendall(b"abcd")
-    sock = accept_within(listener, 2)
+    sock = accept_within(listener, 10)
     assert sock is not None and sock.recv(10) == b"abcd"
     for s in [*got, sock]:
         if s:
@@ -461,9 +479,9 @@ def test_accounting_invariant(make) -> None:  # type: ignore[no-untyped-def]
     bad = connect(listener)
     bad.sendall(b"\x00\x01garbage")
     connect(listener).close()  # closed empty
-    time.sleep(0.8)
+    wait_for(lambda: listener.stats()["held"] == 0 and listener.stats()["accepted"] == 7, timeout=20)
     s = listener.stats()
-    outcomes = s["surfaced"] + s["rejected"] + s["closed_empty"] + s["failed"] + s["dropped"]
+    outcomes = sum(s[name] for name in OUTCOMES)
     assert s["accepted"] == 7 == outcomes + s["held"]
     assert (s["surfaced"], s["rejected"], s["closed_empty"], s["dropped"], s["timed_out"]) == (1, 1, 1, 4, 4)
     for c in [*clients, good, bad]:

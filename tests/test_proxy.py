@@ -133,8 +133,11 @@ def test_ssl_tlv_sub_tlvs_in_info() -> None:
                              "key_alg": "RSA2048"}
     plain = flt().check(v2(tlvs=_ssl_tlv(client=0, subs={})), False)
     assert plain.info["ssl"] == {"client": 0, "verify": 0, "tls": False, "client_cert": False}
-    assert flt().check(v2(tlvs=b"\x20\x00\x02\x01\x00"), False).verdict is R  # shorter than client + verify
-    assert flt().check(v2(tlvs=b"\x20\x00\x07\x01\x00\x00\x00\x00\x21\x00"), False).verdict is R  # sub-TLV cut
+    for bad in (b"\x20\x00\x02\x01\x00", b"\x20\x00\x07\x01\x00\x00\x00\x00\x21\x00"):  # short; a sub-TLV cut
+        d = flt().check(v2(tlvs=bad), False)
+        assert d.verdict is A and d.info["ssl"] == {"malformed": True}  # the header is sound: reported, not rejected
+    assert Proxy(trusted=("127.0.0.0/8",), verify_crc=True).peer_matcher(LB) is None  # the matcher cannot check a CRC
+    assert Proxy(trusted=("127.0.0.0/8",)).peer_matcher(LB) is not None
 
 
 def _with_crc(header: bytes, *, corrupt: bool = False) -> bytes:

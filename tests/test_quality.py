@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
-def test_c_core_compiles_without_warnings(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [["-O2"], ["-O1", "-DAF_DEBUG"]], ids=["release", "assertions"])
+def test_c_core_compiles_without_warnings(tmp_path: Path, flags: list[str]) -> None:
     out = subprocess.run(
-        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc/afcore.c"), "-o", str(tmp_path / "afcore.o")],
+        ["cc", "-std=c11", *flags, "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc/afcore.c"), "-o", str(tmp_path / "afcore.o")],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_cffi_declarations_come_from_the_header() -> None:
+    """The cdef is generated from csrc/afcore.h: every function the header declares is callable."""
+    import re
+
+    from acceptfilter import _core
+
+    header = (ROOT / "csrc/afcore.h").read_text()
+    declared = set(re.findall(r"^\w[\w\s\*]*?\b(af_\w+)\(", header, re.MULTILINE))
+    assert {"af_new", "af_poll", "af_peer", "af_set_clock"} <= declared
+    missing = [name for name in declared if not hasattr(_core.lib, name)]
+    assert not missing, f"declared in afcore.h but not built: {missing}"
 
 
 def test_c_core_has_no_protocol_knowledge() -> None:
@@ -45,3 +60,19 @@ def test_mypy_strict_clean() -> None:
     _tool("mypy")
     out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+def test_c_matcher_compiles_without_warnings(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc/afmatch.c"), "-o", str(tmp_path / "afmatch.o")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_c_matcher_has_no_protocol_knowledge() -> None:
+    """Matchers are declared by filters; the interpreter knows bytes, lengths and frames only."""
+    source = ((ROOT / "csrc/afmatch.c").read_text() + (ROOT / "csrc/afmatch.h").read_text()).lower()
+    for word in ("http", "tls", "proxy", "get ", "dns", "clienthello"):
+        assert not re.search(rf"\b{word}", source), f"the C matcher mentions {word!r}: protocol logic belongs in filters"

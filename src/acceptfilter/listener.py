@@ -84,6 +84,14 @@ def _index_peer(sock: socket.socket, addr: Address) -> None:
             _socket_by_peer[(str(addr[0]), int(addr[1]))] = sock
 
 
+def _client_address(info: ConnectionInfo) -> Address:
+    """The real client a PROXY header named, or None. Metadata a matcher certified is left
+    unparsed unless a header was consumed (only a header-reading filter consumes)."""
+    if not info.parsed and not info.consumed:
+        return None
+    return info.info.get("client_address")
+
+
 def _closed_error() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
@@ -92,12 +100,17 @@ class SurfaceQueue:
     """Ready connections of one route, with an eventfd token per entry.
 
     The entry is appended before its token is written, so a consumer that got a
-    token always finds an entry, whichever thread produced it.
+    token always finds an entry, whichever thread produced it. Producing,
+    taking and closing share one lock: closing a route from the application
+    thread while the engine thread queues into it loses nothing. The eventfd
+    outlives :meth:`close` (waiters see ``closed``) and is closed by
+    :meth:`free`, once nothing can write to it any more (the driver stopped).
     """
 
     def __init__(self) -> None:
         self._items: deque[Surfaced] = deque()
         self._efd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
         self.closed = False
 
     def fileno(self) -> int:
@@ -105,21 +118,21 @@ class SurfaceQueue:
 
     def put_many(self, items: list[Surfaced]) -> int:
         """Queue ``items``; returns how many had to be closed because the queue is closed."""
-        if self.closed:
-            for fd, _, _ in items:
-                os.close(fd)
-            return len(items)
-        self._items.extend(items)
-        os.eventfd_write(self._efd, len(items))
-        return 0
+        with self._lock:
+            if self.closed:
+                for fd, _, _ in items:
+                    os.close(fd)
+                return len(items)
+            self._items.extend(items)
+            os.eventfd_write(self._efd, len(items))
+            return 0
 
     def get_nowait(self) -> Surfaced:
-        if self.closed:
-            raise _closed_error()
-        os.eventfd_read(self._efd)  # BlockingIOError when empty
-        if self.closed:
-            raise _closed_error()
-        return self._items.popleft()
+        with self._lock:
+            if self.closed:
+                raise _closed_error()
+            os.eventfd_read(self._efd)  # BlockingIOError when empty
+            return self._items.popleft()
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until an entry may be there; False on timeout."""
@@ -133,19 +146,30 @@ class SurfaceQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
     def close(self) -> int:
         """Close every queued connection; wake blocked acceptors. Returns how many were closed."""
-        if self.closed:
-            return 0
-        self.closed = True
-        os.eventfd_write(self._efd, 1 << 30)  # wake every waiter; they see `closed`
-        count = 0
-        while self._items:
-            fd, _, _ = self._items.popleft()
-            os.close(fd)
-            count += 1
-        os.close(self._efd)
-        return count
+        with self._lock:
+            if self.closed:
+                return 0
+            self.closed = True
+            os.eventfd_write(self._efd, 1 << 30)  # wake every waiter; they see `closed`
+            count = 0
+            while self._items:
+                fd, _, _ = self._items.popleft()
+                os.close(fd)
+                count += 1
+            return count
+
+    def free(self) -> None:
+        """Close the eventfd (after :meth:`close`, once no driver can queue into it). Idempotent."""
+        with self._lock:
+            if self._efd >= 0:
+                self.closed = True
+                os.close(self._efd)
+                self._efd = -1
 
 
 #: The smallest default bound on held connections. FreeBSD bounds its held
@@ -208,14 +232,12 @@ class _Hub:
             raise ValueError("the socket is not listening: call bind() and listen() (or socket.create_server) first")
         if driver not in ("thread", "asyncio", "none"):
             raise ValueError(f"driver must be 'thread', 'asyncio' or 'none', not {driver!r}")
-        if defer_accept:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(defer_accept))
         self.sock = sock
         self.timeout = sock.gettimeout()
         self.queues = {r.name: SurfaceQueue() for r in routes}
         self.max_held = policy.max_held or _default_max_held(sock)
-        self.deadline = policy.effective_timeout(routes)
-        self.core: IOCore = make_core(
+        self.deadline = policy.deadline(routes)
+        io_core: IOCore = make_core(
             core,
             sock,
             max_bytes=max(1, max(r.max_bytes for r in routes)),
@@ -223,9 +245,9 @@ class _Hub:
             max_held=self.max_held,
         )
         try:
-            self.engine = Engine(self.core, routes, policy, self._sink, default_route=default_route)
+            self.engine = Engine(io_core, routes, policy, self._sink, default_route=default_route)
         except Exception:
-            self.core.free()
+            io_core.free()
             raise
         self._lock = threading.Lock()
         self._open = set(self.queues)
@@ -237,19 +259,40 @@ class _Hub:
         #: driver and one route (with several, one route's acceptor must not sit
         #: in a wait while another route's connection is queued).
         self.inline: ThreadDriver | None = None
+        #: A compiled readiness matcher runs in the core: a thread blocked in accept() takes
+        #: connections it certifies at accept straight from the core (ThreadDriver.accept_inline).
+        try:
+            self.fast = self.engine.use_matcher()
+        except Exception:
+            self.engine.free()
+            raise
+        #: The inline driver when accept() may take certified connections straight from the core.
+        self.fast_inline: ThreadDriver | None = None
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.defer_accept = int(defer_accept or 0)
+        if self.defer_accept:
+            try:
+                if not tcp:
+                    raise OSError(errno.EOPNOTSUPP, "TCP_DEFER_ACCEPT is for TCP listeners")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self.defer_accept)
+            except OSError as exc:
+                self.engine.free()
+                raise ValueError(f"cannot set defer_accept={self.defer_accept}: {exc.strerror or exc}") from None
         if driver == "thread":
             thread_driver = ThreadDriver(self.engine)
             thread_driver.start()
             self.driver = thread_driver
             if len(self.queues) == 1:
                 self.inline = thread_driver
+                if self.fast:
+                    self.fast_inline = thread_driver
         elif driver == "asyncio":
             from .drivers.asyncio import AsyncioDriver
 
             try:
                 self.driver = AsyncioDriver(self.engine)  # needs a running loop
             except Exception:
-                self.core.free()
+                self.engine.free()
                 raise
 
     def attach_driver(self, driver: Driver) -> None:
@@ -271,6 +314,8 @@ class _Hub:
         if last:
             self.close()
         else:
+            # The engine may be queueing into it right now: the queue's lock
+            # orders the two, and its eventfd stays open until close().
             self.engine.note_unclaimed(self.queues[name].close())
 
     def release_held(self, action: Action) -> None:
@@ -298,8 +343,8 @@ class _Hub:
                 raise _closed_error()
             if isinstance(self.driver, ThreadDriver):
                 raise ValueError("adopt() needs the thread that runs the engine: use driver='none' or 'asyncio'")
-            self.core.adopt(fd)
-        self.core.wake()
+            self.engine.adopt(fd)
+        self.engine.wake()
 
     def close(self) -> None:
         with self._lock:
@@ -313,7 +358,8 @@ class _Hub:
         finally:
             for queue in self.queues.values():
                 self.engine.note_unclaimed(queue.close())
-            self.core.free()
+                queue.free()
+            self.engine.free()
             self.sock.close()
 
 
@@ -335,20 +381,34 @@ class FilteredListener:
         if self._closed:
             raise _closed_error()
         timeout = self._timeout
+        queue = self._queue
         if timeout == 0:
-            return self._queue.get_nowait()
+            return queue.get_nowait()
+        fast = self._hub.fast_inline
+        if fast is not None and not queue:
+            got = fast.try_accept()  # the fast path: one C call, no filter, nothing queued
+            if got is not None:
+                return got
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                return self._queue.get_nowait()
-            except BlockingIOError:
-                pass
+            if queue:
+                try:
+                    return queue.get_nowait()
+                except BlockingIOError:  # the entry is there, its token about to be
+                    pass
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")
             inline = self._hub.inline
-            if inline is not None and inline.step_inline(remaining, self._queue.__len__):
-                continue  # the step may have surfaced a connection (or timed out)
+            if inline is not None:
+                if self._hub.fast:
+                    took = inline.accept_inline(remaining, self._queue.__len__)
+                    if took is not True and took is not False:
+                        return took  # certified at accept: no filter ran, nothing was queued
+                    if took:
+                        continue
+                elif inline.step_inline(remaining, self._queue.__len__):
+                    continue  # the step may have surfaced a connection (or timed out)
             self._queue.wait(remaining)
 
     def accept_fd(self) -> tuple[int, Address, ConnectionInfo]:
@@ -358,7 +418,7 @@ class FilteredListener:
         connection along (the gunicorn filter process does, per connection).
         """
         fd, addr, info = self._take()
-        proxied = info.info.get("client_address")
+        proxied = _client_address(info)
         return fd, (addr if proxied is None else proxied), info
 
     def accept_with_info(self) -> tuple[socket.socket, Address, ConnectionInfo]:
@@ -376,7 +436,7 @@ class FilteredListener:
             _index_peer(sock, addr)
         # A PROXY protocol header names the real client: it wins over the
         # balancer's address, which stays in ``info.peer``.
-        proxied = info.info.get("client_address")
+        proxied = _client_address(info)
         if proxied is not None:
             addr = proxied
         return sock, addr, info
@@ -565,7 +625,11 @@ def wrap(
     ``driver="thread"`` runs the engine in a background thread, ``"asyncio"``
     on the running event loop with no thread (call ``wrap`` inside the loop),
     ``"none"``: you call ``listener.engine.step()`` yourself;
-    ``defer_accept`` sets ``TCP_DEFER_ACCEPT`` seconds as a kernel first stage.
+    ``defer_accept`` sets ``TCP_DEFER_ACCEPT`` seconds as a kernel first stage: the
+    kernel queues a connection only once it has sent data, so what ``accept()`` finds is
+    usually complete and taken by the fast path (an idle client waits in the kernel for
+    about that long, is then surfaced with no data, never dropped, and the deadline
+    starts; ``stats()`` does not see it meanwhile: ``diag`` shows it as ``syn_recv``).
     """
     policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject, on_error=on_error)
     chain = load_chain(filter)

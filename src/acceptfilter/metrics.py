@@ -32,6 +32,7 @@ _COUNTERS = {
     "closed_empty": "connections closed by the client before sending anything",
     "failed": "connections that failed while held",
     "dropped": "connections closed by a timeout/eviction/error policy",
+    "detached": "held connections given up undecided for another holder (detach_held)",
     "filter_errors": "filter exceptions and contract violations",
     "unclaimed": "surfaced connections the application never accepted",
     "fd_exhaustion": "EMFILE/ENFILE events while accepting",

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from .errors import FilterSpecError
 from .filter import Filter
 
-__all__ = ["DEFAULT_TIMEOUT", "WORKER_ON_TIMEOUT", "Action", "Policy", "Route", "parse_action"]
+__all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "WORKER_ON_TIMEOUT", "Action", "Policy", "Route", "parse_action"]
 
 #: Seconds a connection may be held before the timeout policy applies.
 DEFAULT_TIMEOUT = 5.0
+#: The longest deadline a core keeps (about 35 years, the C core's AF_MAX_TIMEOUT_MS):
+#: longer ones are clamped, so deadline arithmetic can never overflow.
+MAX_TIMEOUT = float(1 << 40) / 1000
 
 #: The ``on_timeout`` default of the integrations whose server gives every
 #: accepted connection a worker that blocks reading it (gunicorn sync and
@@ -106,11 +109,21 @@ class Policy:
             on_error=None if on_error is None else parse_action(on_error, "on_error"),
         )
 
-    def effective_timeout(self, routes: tuple[Route, ...]) -> float:
+    def deadline(self, routes: tuple[Route, ...]) -> float:
+        """The one place deadline semantics live: seconds a connection may be held.
+
+        The listener's ``timeout`` if set; else the longest ``timeout`` a filter
+        asks for (a chain must give its slowest filter the time it needs); else
+        :data:`DEFAULT_TIMEOUT`. Never infinite, clamped to :data:`MAX_TIMEOUT`.
+        Deadlines are uniform per listener (so held connections form one FIFO
+        that is also the deadline order), counted from accept or adoption.
+        """
         if self.timeout is not None:
-            return self.timeout
-        asked = [f.timeout for r in routes for f in r.chain if f.timeout is not None]
-        return max(asked) if asked else DEFAULT_TIMEOUT
+            seconds = self.timeout
+        else:
+            asked = [f.timeout for r in routes for f in r.chain if f.timeout is not None]
+            seconds = max(asked) if asked else DEFAULT_TIMEOUT
+        return min(seconds, MAX_TIMEOUT)
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,20 @@ import struct
 import time
 from collections import OrderedDict
 
-from .events import DATA, EOF, ERROR, EVICT, FULL, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, MAX_BYTES, READY, SHUTDOWN, TIMEOUT, Address, Event, Ready
+from .matcher import DONE, MORE, MatchState, Program
+from .policy import MAX_TIMEOUT
 
 __all__ = ["PyCore"]
 
 _EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 
 
 class _Conn:
-    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "sock")
+    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "final", "lowat", "match", "nonblock", "sock", "state")
 
     def __init__(self, sock: socket.socket, addr: Address, now: float) -> None:
         self.sock = sock
@@ -34,10 +37,24 @@ class _Conn:
         self.data = b""
         self.eof = False
         self.armed = False
+        self.state = HELD
+        self.final: tuple[int, int] = (0, 0)  # FINAL: the (kind, errno) it was reported with
+        self.match: MatchState | None = None  # the matcher's state while it may still certify
+        self.lowat = False  # SO_RCVLOWAT raised (reset before the socket is handed over)
+        self.nonblock = False  # adopted with O_NONBLOCK (made blocking when handed over)
+
+
+#: A connection's states, as in the C core: HELD (in the FIFO) -> FINAL (reported) -> gone.
+HELD, FINAL = "held", "final"
 
 
 class PyCore:
-    """select.epoll + recv(MSG_PEEK); see :class:`acceptfilter.iocore.IOCore`."""
+    """select.epoll + recv(MSG_PEEK); see :class:`acceptfilter.iocore.IOCore`.
+
+    The reference the C core is tested against: the same states (HELD in the
+    FIFO, FINAL in the final list, reported again until resolved), the same
+    eviction rule (undecided connections only) and the same clamps.
+    """
 
     def __init__(
         self,
@@ -51,33 +68,61 @@ class PyCore:
         listen_sock.setblocking(False)
         self._lsock = listen_sock
         self._lfd = listen_sock.fileno()
-        self._max_bytes = max(1, max_bytes)
-        self._timeout = timeout if timeout and timeout > 0 else None
+        self._max_bytes = min(max(1, max_bytes), MAX_BYTES)
+        self._timeout = min(timeout, MAX_TIMEOUT) if timeout and timeout > 0 else None
         self._max_held = max_held
         self._max_events = max(16, max_events)
         self._ep = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._lfd, select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
-        self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # held, in accept order
-        self._owned: dict[int, _Conn] = {}  # held + reported final, not yet released
+        self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # HELD, in accept order
+        self._finals: OrderedDict[int, _Conn] = OrderedDict()  # FINAL: reported, not yet resolved
+        self._owned: dict[int, _Conn] = {}  # HELD + FINAL
         self._pending: list[int] = []
         self._listening = True
         self._paused_until: float | None = None
         self._backoff = 0.0
         self._events: dict[int, tuple[int, int]] = {}  # this batch: fd -> (kind, errno)
-        self._stats = dict.fromkeys(("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked"), 0)
+        self._fresh_data = 0  # HELD connections with a DATA event in this batch
+        self._fake_now: float | None = None
+        self._program: Program | None = None
+        self._fast: Ready | None = None  # during accept_ready(): the connection certified at accept
+        self._fast_mode = False
+        self._stats = dict.fromkeys(("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "fast"), 0)
+        self._buffered = 0  # peeked bytes kept for owned connections
+        self._saved: dict[str, int] = {}
+        self.snapshot()
+
+    def _now(self) -> float:
+        return time.monotonic() if self._fake_now is None else self._fake_now
 
     # -- helpers ---------------------------------------------------------
     def _emit(self, fd: int, kind: int, err: int = 0) -> None:
+        """Report an event; a final one moves the connection HELD -> FINAL."""
         conn = self._owned[fd]
+        assert conn.state == HELD, f"event {kind} for a {conn.state} connection"
         prev = self._events.get(fd)
         if prev is not None and prev[0] != DATA:
             return  # already final in this batch
+        if kind == DATA:
+            if prev is None:
+                self._fresh_data += 1
+        elif prev is not None:
+            self._fresh_data -= 1
         self._events[fd] = (kind, err)
         if kind != DATA:
-            self._fifo.pop(fd, None)
+            del self._fifo[fd]
             self._disarm(fd, conn)
+            conn.state = FINAL
+            conn.final = (kind, err)
+            self._finals[fd] = conn
+
+    def _report_finals(self) -> None:
+        for fd, conn in self._finals.items():
+            if len(self._events) >= self._max_events:
+                break
+            self._events[fd] = conn.final
 
     def _disarm(self, fd: int, conn: _Conn) -> None:
         if conn.armed:
@@ -91,11 +136,18 @@ class PyCore:
         except OSError as exc:
             self._emit(fd, ERROR, exc.errno or errno.EIO)
 
+    def _forget(self, fd: int) -> _Conn:
+        conn = self._owned.pop(fd)
+        (self._fifo if conn.state == HELD else self._finals).pop(fd)
+        self._buffered -= len(conn.data)
+        self._disarm(fd, conn)
+        return conn
+
     def _peek(self, conn: _Conn, hup: bool) -> tuple[int, int]:
         """(kind, errno): kind 0 when nothing final happened."""
         self._stats["peeks"] += 1
         try:
-            data = conn.sock.recv(self._max_bytes, socket.MSG_PEEK)
+            data = conn.sock.recv(self._max_bytes, _PEEK)
         except (BlockingIOError, InterruptedError):
             data = None
         except OSError as exc:
@@ -105,17 +157,48 @@ class PyCore:
                 conn.eof = True
             elif len(data) > len(conn.data):
                 self._stats["bytes_peeked"] += len(data) - len(conn.data)
+                self._buffered += len(data) - len(conn.data)
                 conn.data = data
         if hup:
             conn.eof = True
+        if conn.match is not None and conn.data:
+            # Resumable, like afm_run: certain, or never certain (then Python decides).
+            m = conn.match.run(conn.data)
+            if m.status == DONE and m.consume <= len(conn.data):
+                return READY, m.consume
+            if m.status != MORE:
+                conn.match = None
+                self._set_lowat(conn, 1)
+            elif m.need > 1 and not conn.eof:
+                # The matcher knows how much more it needs: wake once that much is there.
+                self._set_lowat(conn, min(len(conn.data) + m.need, self._max_bytes))
         if len(conn.data) >= self._max_bytes:
             return FULL, 0
         if conn.eof:
             return EOF, 0
         return 0, 0
 
+    @staticmethod
+    def _set_lowat(conn: _Conn, size: int) -> None:
+        """SO_RCVLOWAT counts unread bytes, peeked ones included. Best effort, as in the C core."""
+        if size <= 1 and not conn.lowat:
+            return
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+        except OSError:
+            return
+        conn.lowat = size > 1
+
+    def _evict_oldest_undecided(self) -> None:
+        """Over max_held: the oldest HELD connection without fresh data in this batch."""
+        for fd in self._fifo:
+            if fd not in self._events:
+                self._emit(fd, EVICT)
+                return
+
     def _accept_batch(self, now: float) -> None:
-        while self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events:
+        while (self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events
+               and self._fast is None):
             try:
                 sock, addr = self._lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -133,21 +216,33 @@ class PyCore:
                 return
             self._backoff = 0.0
             self._stats["accepted"] += 1
-            sock.setblocking(False)
-            if self._max_held and len(self._owned) >= self._max_held and self._fifo:
-                self._emit(next(iter(self._fifo)), EVICT)
+            # Left blocking, as in the C core: every read here says MSG_DONTWAIT.
+            if self._max_held and len(self._fifo) - self._fresh_data >= self._max_held:
+                self._evict_oldest_undecided()
             fd = sock.fileno()
             conn = _Conn(sock, addr, now)
+            if self._program is not None:
+                conn.match = self._program.start()
             self._owned[fd] = conn
             self._fifo[fd] = conn
             kind, err = self._peek(conn, False)
+            if kind == READY and self._fast_mode:
+                try:
+                    self.release(fd, err)
+                except OSError as exc:
+                    self._emit(fd, ERROR, exc.errno or errno.EIO)
+                    continue
+                self._stats["fast"] += 1
+                self._stats["accepted"] -= 1  # the caller counts it, as with the C core
+                self._fast = (fd, addr, conn.data, err)
+                return
             if kind:
                 self._emit(fd, kind, err)
-            elif conn.data:
+            elif conn.data and conn.match is None:
                 self._emit(fd, DATA)
                 self._pending.append(fd)
             else:
-                self._arm(fd, conn)
+                self._arm(fd, conn)  # nothing yet, or the matcher still says MORE: no Python
 
     def _next_deadline(self) -> float | None:
         nxt = None
@@ -164,6 +259,7 @@ class PyCore:
             for fd, (kind, err) in self._events.items()
         ]
         self._events = {}
+        self._fresh_data = 0
         return out
 
     # -- the interface ---------------------------------------------------
@@ -171,16 +267,46 @@ class PyCore:
         return self._ep.fileno()
 
     def poll(self, timeout: float | None) -> list[Event]:
+        return self._poll(timeout, False)
+
+    def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
+        events = self._poll(timeout, True)
+        ready, self._fast = self._fast, None
+        return events, ready
+
+    def set_matcher(self, program: Program | None) -> None:
+        if self._stats["accepted"]:
+            raise OSError(errno.EBUSY, "set matcher: only before the first connection")
+        self._program = program
+
+    def _poll(self, timeout: float | None, fast: bool) -> list[Event]:
+        self._events = {}
+        self._fresh_data = 0
+        self._fast = None
+        self._fast_mode = fast
+        try:
+            return self._poll_once(timeout, fast)
+        finally:
+            self._fast_mode = False
+
+    def _poll_once(self, timeout: float | None, fast: bool) -> list[Event]:
+        self._report_finals()
         for fd in self._pending:
             conn = self._fifo.get(fd)
             if conn is not None and not conn.armed:
                 self._arm(fd, conn)
         self._pending = []
-        now = time.monotonic()
+        while self._max_held and len(self._fifo) > self._max_held and len(self._events) + 2 <= self._max_events:
+            self._emit(next(iter(self._fifo)), EVICT)
+        now = self._now()
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
             if self._listening:
                 self._ep.modify(self._lfd, select.EPOLLIN)
+        if fast and not self._events:
+            self._accept_batch(now)  # a thread waiting in accept(): the listen queue first
+            if self._fast is not None or self._events:
+                return self._finish(now)
         wait = -1.0 if timeout is None else timeout
         nxt = self._next_deadline()
         if nxt is not None and (wait < 0 or nxt - now < wait):
@@ -192,7 +318,7 @@ class PyCore:
             ready = self._ep.poll(wait, room)
         except InterruptedError:
             ready = []
-        now = time.monotonic()
+        now = self._now()
         want_accept = False
         for fd, flags in ready:
             if fd == self._lfd:
@@ -206,6 +332,9 @@ class PyCore:
                 self._on_readable(fd, flags)
         if want_accept:
             self._accept_batch(now)
+        return self._finish(now)
+
+    def _finish(self, now: float) -> list[Event]:
         if self._timeout is not None:
             while self._fifo and len(self._events) < self._max_events:
                 fd, conn = next(iter(self._fifo.items()))
@@ -226,39 +355,46 @@ class PyCore:
         kind, err = self._peek(conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)))
         if kind:
             self._emit(fd, kind, err)
-        elif len(conn.data) != before:
-            self._emit(fd, DATA)
+        elif len(conn.data) != before and conn.match is None:
+            self._emit(fd, DATA)  # while the matcher says MORE, arrivals wake no Python
 
     def next_timeout(self) -> float | None:
+        if self._finals:
+            return 0.0  # unresolved finals: report them again now
         nxt = self._next_deadline()
-        return None if nxt is None else max(0.0, nxt - time.monotonic())
+        return None if nxt is None else max(0.0, nxt - self._now())
 
     def release(self, fd: int, consume: int = 0) -> Address:
         conn = self._owned.get(fd)
         if conn is None:
             raise OSError(errno.EBADF, "release: not a held connection")
         self._disarm(fd, conn)
-        self._fifo.pop(fd, None)
         while consume > 0:
             try:
-                chunk = conn.sock.recv(min(consume, 65536))
+                chunk = conn.sock.recv(min(consume, 65536), socket.MSG_DONTWAIT)
             except InterruptedError:
                 continue
             if not chunk:
                 raise OSError(errno.EPIPE, "release: connection closed while consuming")
             consume -= len(chunk)
-        conn.sock.setblocking(True)
-        del self._owned[fd]
+        if conn.nonblock:
+            conn.sock.setblocking(True)
+        if conn.lowat:  # the application's socket: the default low-water mark again
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self._forget(fd)
         conn.sock.detach()
         return conn.addr
 
-    def close(self, fd: int, reset: bool = False) -> None:
-        conn = self._owned.pop(fd, None)
+    def peer(self, fd: int) -> Address:
+        conn = self._owned.get(fd)
         if conn is None:
+            raise OSError(errno.EBADF, "peer: not a held connection")
+        return conn.addr
+
+    def close(self, fd: int, reset: bool = False) -> None:
+        if fd not in self._owned:
             raise OSError(errno.EBADF, "close: not a held connection")
-        self._fifo.pop(fd, None)
-        if conn.armed:
-            self._ep.unregister(fd)
+        conn = self._forget(fd)
         try:
             if reset:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -285,14 +421,12 @@ class PyCore:
         except OSError:
             sock.detach()  # still the caller's
             raise
-        sock.setblocking(False)
         self._stats["accepted"] += 1  # taken in, so the accounting still adds up
-        conn = _Conn(sock, addr, time.monotonic())
+        conn = _Conn(sock, addr, self._now())
+        conn.nonblock = not os.get_blocking(fd)  # left as it is; made blocking when released
         self._owned[fd] = conn
         self._fifo[fd] = conn
-        self._pending.append(fd)  # armed, and so peeked, by the next poll()
-        if self._max_held and len(self._owned) > self._max_held:
-            self._emit(next(iter(self._fifo)), EVICT)
+        self._pending.append(fd)  # armed, and so peeked, by the next poll(); evicted there if over the bound
 
     def stop_accepting(self) -> None:
         if self._listening:
@@ -300,7 +434,10 @@ class PyCore:
             self._ep.unregister(self._lfd)
 
     def drain(self) -> list[Event]:
-        now = time.monotonic()
+        self._events = {}
+        self._fresh_data = 0
+        self._report_finals()
+        now = self._now()
         while self._fifo and len(self._events) < self._max_events:
             fd, conn = next(iter(self._fifo.items()))
             if not conn.eof:
@@ -308,15 +445,23 @@ class PyCore:
             self._emit(fd, SHUTDOWN)
         return self._collect(now)
 
-    def stats(self) -> dict[str, int]:
-        buffered = sum(len(conn.data) for conn in self._owned.values())
-        return {**self._stats, "buffered": buffered, "held": len(self._owned), "paused": int(self._paused_until is not None)}
+    def snapshot(self) -> None:
+        self._saved = {**self._stats, "buffered": self._buffered, "held": len(self._owned),
+                       "paused": int(self._paused_until is not None)}
+
+    def saved_stats(self) -> dict[str, int]:
+        return dict(self._saved)
+
+    def set_clock(self, now: float | None) -> None:
+        self._fake_now = now
 
     def free(self) -> None:
+        self.snapshot()
         for conn in self._owned.values():
             conn.sock.close()
         self._owned.clear()
         self._fifo.clear()
+        self._finals.clear()
         if not self._ep.closed:
             self._ep.close()
             os.close(self._wakefd)

@@ -79,6 +79,20 @@ def _register_defined(module: ModuleType) -> None:
         register_filter(obj, replace=True)
 
 
+def _matcher_note(flt: Filter) -> str:
+    """Say whether the matcher invariant had a matcher to check (and through which interpreters)."""
+    from ..cmatcher import available
+    from ..testing.check import DEFAULT_PEER
+
+    try:
+        program = flt.peer_matcher(DEFAULT_PEER)
+    except Exception:  # reported by check_filter already; this is only a note
+        return ""
+    if program is None:
+        return ", no matcher"
+    return ", matcher agreed (C and Python mirror)" if available() else ", matcher agreed (Python mirror; no C core)"
+
+
 def _targets(names: list[str]) -> list[str]:
     if "all" not in names:
         return names
@@ -133,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"FAIL  {spec}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
             continue
         took = time.monotonic() - start
-        print(f"ok    {spec}: {rounds * args.examples} examples in {rounds} round(s), {took:.1f}s", flush=True)
+        print(
+            f"ok    {spec}: {rounds * args.examples} examples in {rounds} round(s), {took:.1f}s{_matcher_note(flt)}",
+            flush=True,
+        )
     print(f"{len(filters) - failed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return 1 if failed else 0

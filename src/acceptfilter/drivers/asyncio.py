@@ -26,7 +26,7 @@ class AsyncioDriver:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.engine = engine
         self.loop = loop or asyncio.get_running_loop()
-        self._fd = engine.core.fileno()
+        self._fd = engine.fileno()
         self._timer: asyncio.TimerHandle | None = None
         self._soon: asyncio.Handle | None = None
         self._stopped = False
@@ -52,7 +52,7 @@ class AsyncioDriver:
             log.exception("acceptfilter: engine step failed; retrying in 50 ms")
             self._timer = self.loop.call_later(0.05, self._run)
             return
-        delay = self.engine.core.next_timeout()
+        delay = self.engine.next_timeout()
         if delay is not None:
             self._timer = self.loop.call_at(self.loop.time() + delay, self._run)
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..engine import Engine
+from ..engine import Engine, Surfaced
 
 __all__ = ["INLINE_GRACE", "ThreadDriver"]
 
@@ -77,12 +77,40 @@ class ThreadDriver:
         """Step the engine in the calling thread, waiting at most ``timeout`` seconds (None: until
         something happens), unless ``queued()`` says a connection is already waiting (another
         thread's step surfaced it). Returns False once the driver is stopping (do not retry)."""
+        return self._inline_step(timeout, queued, take=False) is not False
+
+    def try_accept(self) -> Surfaced | None:
+        """The fast path's first try, for a thread entering ``accept()``: if nobody else is in
+        the core, one non-blocking C call that returns a connection certified at accept (or
+        handles whatever else happened, as a step would). None: use the queue and the
+        blocking paths."""
+        lock = self._step_lock
+        if not lock.acquire(False):
+            return None
+        try:
+            self._last_inline = time.monotonic()  # keeps the background thread standing down
+            if self._stopping or self._polling:
+                return None
+            return self.engine.accept_ready(0)
+        except Exception:
+            log.exception("acceptfilter: engine step failed")
+            return None
+        finally:
+            lock.release()
+
+    def accept_inline(self, timeout: float | None, queued: Callable[[], int] | None = None) -> Surfaced | bool:
+        """Like :meth:`step_inline`, but a connection the core's matcher certifies at accept comes
+        straight back (one C call, no filter run, nothing queued): the fast path of ``accept()``.
+        Returns it, True when the caller should look at its queue again, False once stopping."""
+        return self._inline_step(timeout, queued, take=True)
+
+    def _inline_step(self, timeout: float | None, queued: Callable[[], int] | None, *, take: bool) -> Surfaced | bool:
         with self._cond:
             if self._stopping:
                 return False
             self._inline += 1
             if self._polling:
-                self.engine.core.wake()  # get the background thread out of its wait
+                self.engine.wake()  # get the background thread out of its wait
         try:
             if not self._step_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
                 return True
@@ -91,7 +119,12 @@ class ThreadDriver:
                     return False
                 if queued is None or not queued():
                     try:
-                        self.engine.step(timeout)
+                        if take:
+                            got = self.engine.accept_ready(timeout)
+                            if got is not None:
+                                return got
+                        else:
+                            self.engine.step(timeout)
                     except Exception:
                         # As in the background thread: accept() never raises an engine failure.
                         log.exception("acceptfilter: engine step failed; retrying in 50 ms")
@@ -109,7 +142,7 @@ class ThreadDriver:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self.engine.core.wake()
+        self.engine.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._thread.is_alive():

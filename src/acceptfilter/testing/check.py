@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 from ..filter import Checker, Decision, Filter, Verdict
+from ..matcher import DONE, MORE, Match, MatchState, Program
 from ..registry import load_filter
 from . import strategies
 
@@ -48,6 +49,7 @@ INVARIANTS = (
     "deterministic",
     "slow",
     "sockets",
+    "matcher",
 )
 
 
@@ -127,6 +129,23 @@ class _Runner:
         if not (isinstance(d.consume, int) and 0 <= d.consume <= len(data)):
             raise ContractViolation("consume", f"consume={d.consume!r} outside 0..{len(data)} for {data!r}")
 
+    def matcher(self) -> _MatcherProbe | None:
+        """A probe running the filter's matcher for this peer (C and Python), or None when it declares none."""
+        try:
+            if self.peer is not None and callable(getattr(self.flt, "peer_matcher", None)):
+                program = self.flt.peer_matcher(self.peer)
+            elif callable(getattr(self.flt, "matcher", None)):
+                program = self.flt.matcher()
+            else:
+                return None
+        except Exception as exc:
+            raise ContractViolation("matcher", f"matcher() raised {type(exc).__name__}: {exc}") from exc
+        if program is None:
+            return None
+        if not isinstance(program, Program):
+            raise ContractViolation("matcher", f"matcher() returned {program!r}, not a Program or None")
+        return _MatcherProbe(program)
+
     def fresh(self, data: bytes, final: bool) -> Decision:
         """One-shot on a new session, twice: the answer must be the same (info included)."""
         first = self.call(self.session(), data, final)
@@ -136,6 +155,57 @@ class _Runner:
                 "deterministic", f"same bytes, two answers: {_show(first)} then {_show(second)} for {data!r}"
             )
         return first
+
+
+def _c_program(program: Program) -> Any:
+    """The C form of ``program``, or None where the C core is not built (pure-Python installs)."""
+    from .. import cmatcher
+
+    return cmatcher.compile_program(program) if cmatcher.available() else None
+
+
+class _MatcherProbe:
+    """Runs a filter's matcher along one connection's growing prefix, through BOTH interpreters.
+
+    At every prefix: the C matcher and the Python mirror give the same answer, the
+    incremental answer equals the one-shot one (resumability), a ``need`` hint is never
+    beaten, and -- the point of it all -- a certified prefix is one the filter's check
+    ACCEPTs with the same consume.
+    """
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.cprog = _c_program(program)
+        self.py: MatchState = program.start()
+        self.c = self.cprog.start() if self.cprog is not None else None
+        self.waiting: tuple[int, Match] | None = None  # (length, MORE answer) of the last step
+
+    def step(self, data: bytes, check: Decision, chunks: object) -> None:
+        m = self.py.run(data)
+        where = f"on {data[:200]!r} (fed in chunks ending at {chunks})"
+        if self.c is not None:
+            mc = self.c.run(data)
+            if mc != m:
+                raise ContractViolation("matcher", f"C matcher says {mc}, the Python mirror {m} {where}")
+        one_shot = self.program.match(data)
+        if one_shot != m:
+            raise ContractViolation("matcher", f"matcher fed in chunks says {m}, one-shot {one_shot} {where}")
+        if self.cprog is not None:
+            c_one_shot = self.cprog.match(data)
+            if c_one_shot != m:
+                raise ContractViolation("matcher", f"C matcher one-shot says {c_one_shot}, fed in chunks {m} {where}")
+        if self.waiting is not None and m.status == DONE:
+            length, before = self.waiting
+            if len(data) < length + before.need:
+                raise ContractViolation(
+                    "matcher", f"matcher said {before} at {length} bytes but certified at {len(data)} {where}"
+                )
+        self.waiting = (len(data), m) if m.status == MORE else None
+        if m.ready and not (check.verdict is Verdict.ACCEPT and check.consume == m.consume):
+            raise ContractViolation(
+                "matcher",
+                f"matcher certified {data!r} (consume={m.consume}) but check(final=False) says {_show(check)}",
+            )
 
 
 def check_payload(
@@ -157,10 +227,13 @@ def check_payload(
     ends = sorted({c for c in cuts if 0 < c < len(data)} | {len(data)})
     prefixes = [data[:end] for end in ends if end > 0] or [data]
     session = run.session()
+    probe = run.matcher()
     decided_at: tuple[bytes, Decision] | None = None
     chunks = [len(p) for p in prefixes]
     for prefix in prefixes:
         one_shot = run.fresh(prefix, False)
+        if probe is not None:
+            probe.step(prefix, one_shot, chunks)
         if decided_at is not None:
             # Extension rule, on fresh sessions since the engine stops asking a decided one.
             base, d0 = decided_at
@@ -212,6 +285,7 @@ def filter_state_machine(
         def __init__(self) -> None:
             super().__init__()
             self.run = _Runner(flt, time_limit, peer)
+            self.probe = self.run.matcher()
             self.session: Checker | None = None
             self.data = b""
             self.pending = b""
@@ -232,6 +306,8 @@ def filter_state_machine(
                 raise ContractViolation(
                     "chunking", f"session says {_show(d)} after arrivals, one-shot {_show(expected)} on {self.data!r}"
                 )
+            if self.probe is not None:
+                self.probe.step(self.data, expected, "arrivals")
             self.last = d
             self.done = d.decided
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ..engine import OUTCOMES
 from ..filter import Checker, Filter
 from ..listener import wrap
 from ..registry import load_filter
@@ -24,7 +25,7 @@ from .check import ContractViolation, _settings
 
 __all__ = ["check_sockets", "expected_decision", "send_and_check"]
 
-_OUTCOMES = ("surfaced", "rejected", "closed_empty", "failed", "dropped", "held")
+_OUTCOMES = (*OUTCOMES, "held")
 
 
 def expected_decision(flt: Filter, data: bytes) -> tuple[bool, int]:

@@ -174,7 +174,7 @@ class _Pair:
         self.holds = holds  # connections to hold come in here ...
         self.holds_out = holds_out  # ... and go back in here for a successor
         # Workers accept and look first; only what they pass on is held here.
-        listener.engine.core.stop_accepting()
+        listener.engine.stop_accepting()
         self.pending: deque[tuple[int, Address, ConnectionInfo]] = deque()
         #: The channel refused for a reason writability will not signal (ETOOMANYREFS).
         self.retry_soon = False
@@ -243,7 +243,7 @@ class _Pair:
         return passed
 
     def next_timeout(self) -> float | None:
-        return self.listener.engine.core.next_timeout()
+        return self.listener.engine.next_timeout()
 
 
 class _Feeder:
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     selector = selectors.DefaultSelector()
     selector.register(wake_r, selectors.EVENT_READ, None)
     for pair in pairs:
-        selector.register(pair.listener.engine.core.fileno(), selectors.EVENT_READ, pair)
+        selector.register(pair.listener.engine.fileno(), selectors.EVENT_READ, pair)
         selector.register(pair.holds.fileno(), selectors.EVENT_READ, pair)
     log.info("filtering %s with %s for gunicorn's workers",
              ", ".join(str(p.listener.getsockname()) for p in pairs), " -> ".join(settings.filters))

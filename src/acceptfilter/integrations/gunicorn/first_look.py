@@ -9,10 +9,11 @@ import socket
 import time
 from typing import Any
 
-from ...engine import ConnectionInfo, Engine
+from ...decision import Decider, Phase
+from ...engine import ConnectionInfo
 from ...events import Address
-from ...filter import Verdict
 from ...listener import _remember
+from ...policy import Policy
 from ..handoff import _DONTWAIT, MAX_LOOKS, HandoffListener, offer_fd
 
 __all__ = ["FirstLookListener"]
@@ -30,7 +31,7 @@ class FirstLookListener(HandoffListener):
     """A worker's listener that accepts by itself and serves at once what is already complete.
 
     On the fast path the worker accepts from the real listen socket, peeks,
-    and runs the filters (:meth:`Engine.first_look`): a connection whose
+    and runs the filters (:meth:`.Decider.look`, the engine's own rules): a connection whose
     request is already complete is served by this worker with no other
     process involved. One that has sent too little goes to the filter process
     over ``offload`` (``SCM_RIGHTS``), which holds it until the filters are
@@ -40,14 +41,17 @@ class FirstLookListener(HandoffListener):
     """
 
     def __init__(self, channel: socket.socket, listener: Any, *, listen: socket.socket, offload: socket.socket,
-                 decider: Engine, max_bytes: int) -> None:
+                 decider: Decider, policy: Policy, max_bytes: int, matcher: Any = None) -> None:
         super().__init__(channel, listener)
+        #: The route's compiled readiness matcher (C, or the Python mirror), if it has one:
+        #: a head it certifies is served without running the filter; info is parsed on demand.
+        self._matcher = matcher
         self._listen = listen
         self._offload = offload
         self._decider = decider
         self._max_bytes = max_bytes
-        self._reset_rejects = decider.policy.on_reject.kind == "reset"
-        self._surface_overflow = decider.policy.on_timeout.kind == "surface"
+        self._reset_rejects = policy.on_reject.kind == "reset"
+        self._surface_overflow = policy.on_timeout.kind == "surface"
         listen.setblocking(False)
         self._poller = select.epoll()
         self._poller.register(channel.fileno(), select.EPOLLIN)
@@ -104,18 +108,31 @@ class FirstLookListener(HandoffListener):
         if data == b"":
             conn.close()  # closed before a byte
             return None
-        if data:
-            look = self._decider.first_look(conn.fileno(), data)
-            if look is not None:
-                verdict, route, consume, info = look
-                if verdict is Verdict.REJECT:
-                    _close_read(conn, len(data), reset=self._reset_rejects)
-                    return None
+        if data and self._matcher is not None:
+            match = self._matcher.match(data)
+            if match.ready:
+                route = self._decider.routes[0].name
+                consume = match.consume
                 while consume > 0:  # already in the socket buffer: this does not block
                     consume -= len(conn.recv(consume))
-                ready = ConnectionInfo(route, info, "ready", 0.0, look[2], addr)
+                ready = ConnectionInfo.lazy(route, data, self._decider, "ready", 0.0, match.consume, addr)
                 _remember(conn, ready)
-                proxied = info.get("client_address")
+                return conn, addr, ready
+        if data:
+            # Undecided (WAITING) and FAILED go to the filter process, which
+            # decides with the same filters and applies the policies.
+            outcome = self._decider.look(data, addr)
+            if outcome is not None and outcome.phase is Phase.REJECTED and self._decider.default_route is None:
+                _close_read(conn, len(data), reset=self._reset_rejects)
+                return None
+            if outcome is not None and outcome.phase is Phase.ACCEPTED:
+                assert outcome.route is not None
+                consume = outcome.consume
+                while consume > 0:  # already in the socket buffer: this does not block
+                    consume -= len(conn.recv(consume))
+                ready = ConnectionInfo(outcome.route, outcome.info, "ready", 0.0, outcome.consume, addr)
+                _remember(conn, ready)
+                proxied = outcome.info.get("client_address")
                 return conn, (addr if proxied is None else proxied), ready
         return self._hold_elsewhere(conn, addr)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from ...engine import Engine
+from ...decision import Decider
 from ...errors import AcceptFilterError
 from ...policy import Policy, Route
 from ...registry import load_chain
@@ -100,8 +100,10 @@ class Supervisor:
     def worker_sockets(self, sockets: list[Any]) -> list[Any]:
         """The worker's listen sockets, each replaced by a :class:`FirstLookListener`."""
         route = Route("default", load_chain(list(self.config.filters)))
-        decider = Engine.decider((route,), Policy.build(timeout=self.config.timeout, on_timeout=self.config.on_timeout,
-                                                        max_held=self.config.max_held))
+        policy = Policy.build(timeout=self.config.timeout, on_timeout=self.config.on_timeout,
+                              max_held=self.config.max_held)
+        decider = Decider((route,), on_error=_filter_failed)
+        matcher = _compiled_matcher(route)
         by_fd = {lst.fileno(): i for i, lst in enumerate(self.listeners)}
         replaced = []
         for sock in sockets:
@@ -110,7 +112,7 @@ class Supervisor:
             i = by_fd[sock.fileno()]
             lst, ready, offload = self.listeners[i], self.channels[i][1], self.offloads[i][0]
             replaced.append(FirstLookListener(ready, lst, listen=lst.sock, offload=offload, decider=decider,
-                                              max_bytes=route.max_bytes))
+                                              policy=policy, max_bytes=route.max_bytes, matcher=matcher))
         for (send, _), (_, recv) in zip(self.channels, self.offloads, strict=True):
             send.close()  # a worker receives ready connections and sends incomplete ones
             recv.close()
@@ -285,3 +287,25 @@ def _reap(pidfd: int) -> str:
     if result.si_code == os.CLD_EXITED:
         return f"exit status {result.si_status}"
     return f"signal {result.si_status}"
+
+
+def _filter_failed(name: str, what: str, exc: BaseException | None) -> None:
+    """In a worker: the connection goes to the filter process, which counts and applies on_error."""
+    _fallback_log.debug("acceptfilter: filter %r %s on a first look; passing the connection on", name, what)
+
+
+def _compiled_matcher(route: Route) -> Any:
+    """The route's readiness matcher for a worker's first look: the C one when the core is built."""
+    if len(route.chain) != 1 or route.chain[0].needs_peer:
+        return None
+    try:
+        program = route.chain[0].matcher()
+    except Exception:
+        _fallback_log.warning("acceptfilter: could not build the filter's matcher; first looks run the filter",
+                              exc_info=True)
+        return None
+    if program is None:
+        return None
+    from ...cmatcher import available, compile_program
+
+    return compile_program(program) if available() else program

@@ -1,0 +1,214 @@
+"""The fast path: a connection that is ready when accepted runs no Python filter.
+
+httpready declares a compiled matcher; the core runs it on the bytes peeked at
+accept, and a thread blocked in accept() gets a certified connection straight
+from the core (one C call), with its metadata parsed only when asked for. What
+the matcher cannot certify goes to the filter exactly as before. Both cores.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from acceptfilter.filters.httpready import HttpReady
+
+import acceptfilter
+from acceptfilter import Decision, FilteredListener
+from acceptfilter.drivers import thread as thread_driver
+from acceptfilter.engine import unaccounted
+
+from .conftest import wait_for
+
+HEAD = b"GET /fast HTTP/1.1\r\nHost: example.test\r\n\r\n"
+
+
+class CountingHttp(HttpReady):
+    """httpready that counts its Python checks (its matcher is httpready's)."""
+
+    name = "counting-http"
+    checks = 0
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        CountingHttp.checks += 1
+        return super().check(data, final)
+
+    def session(self) -> Any:
+        outer = super().session()
+
+        class Counted:
+            def check(self, data: bytes, final: bool) -> Decision:
+                CountingHttp.checks += 1
+                return outer.check(data, final)
+
+        return Counted()
+
+
+@pytest.fixture
+def listener(listen_sock: socket.socket, core: str) -> Iterator[FilteredListener]:
+    CountingHttp.checks = 0
+    lst = acceptfilter.wrap(listen_sock, CountingHttp(), core=core, timeout=10)
+    lst.settimeout(10)
+    yield lst
+    lst.close()
+
+
+def test_ready_at_accept_runs_no_filter(listener: FilteredListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The background thread stands down while a thread steps inline; make "a while" long,
+    # so that no connection reaches it instead however slow this machine is right now.
+    monkeypatch.setattr(thread_driver, "INLINE_GRACE", 60.0)
+    listener.settimeout(0.01)
+    with pytest.raises(TimeoutError):
+        listener.accept()  # an inline step: the background thread stands down from here on
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    for i in range(20):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(HEAD)
+            conn, addr = listener.accept()
+            with conn:
+                assert addr == client.getsockname()
+                assert conn.recv(4096) == HEAD  # every byte still there
+                info = acceptfilter.connection_info(conn)
+                assert info is not None and info.reason == "ready" and info.route == "default"
+                assert not info.parsed  # nobody asked yet: nothing parsed
+                assert CountingHttp.checks == 0, f"connection {i}: the filter ran"
+                assert info["target"] == "/fast" and info["host"] == "example.test"  # parsed now
+                assert info.parsed and dict(info)["method"] == "GET"
+                CountingHttp.checks = 0  # the parse just ran the filter once, on request
+    stats = listener.stats()
+    assert stats["surfaced_at_accept"] == 20 and stats["surfaced"] == 20
+    assert stats["surfaced_by_reason"] == {"ready": 20} and stats["surfaced_by_route"] == {"default": 20}
+    assert stats["time_to_surface"]["count"] == 20 and unaccounted(stats) == 0
+
+
+def test_what_the_matcher_cannot_certify_goes_to_the_filter(listener: FilteredListener) -> None:
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(HEAD[:10])  # incomplete: held, the filter decides on each arrival
+    wait_for(lambda: listener.stats()["waiting_with_data"] == 1 or listener.stats()["held"] == 1, timeout=10)
+    client.sendall(HEAD[10:])
+    conn, _ = listener.accept()
+    info = acceptfilter.connection_info(conn)
+    assert info is not None and info.reason == "ready" and info["target"] == "/fast"
+    assert conn.recv(4096) == HEAD
+    assert CountingHttp.checks >= 1  # the partial head was the filter's to judge
+    conn.close()
+    client.close()
+    h09 = socket.create_connection(("127.0.0.1", port))
+    h09.sendall(b"GET /old\r\n")  # HTTP/0.9: not the matcher's shape, the filter's rules
+    conn, _ = listener.accept()
+    info = acceptfilter.connection_info(conn)
+    assert info is not None and info.parsed and info["protocol"] == "http/0.9"
+    conn.close()
+    h09.close()
+    assert unaccounted(listener.stats()) == 0
+
+
+def test_selector_servers_and_the_background_thread_still_get_them(listen_sock: socket.socket, core: str) -> None:
+    """Nobody blocked in accept(): the background thread surfaces certified connections (READY events)."""
+    import selectors
+
+    CountingHttp.checks = 0
+    lst = acceptfilter.wrap(listen_sock, CountingHttp(), core=core)
+    try:
+        port = lst.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        for c in clients:
+            c.sendall(HEAD)
+        sel = selectors.DefaultSelector()
+        sel.register(lst, selectors.EVENT_READ)
+        got = 0
+        lst.setblocking(False)
+        while got < 5:
+            assert sel.select(10), "the listener's fd never became readable"
+            conn, _ = lst.accept()
+            with conn:
+                assert conn.recv(4096) == HEAD
+                info = acceptfilter.connection_info(conn)
+                assert info is not None and info["target"] == "/fast"
+            got += 1
+        assert CountingHttp.checks <= 5  # only the lazy info parse of each; no check per arrival
+        for c in clients:
+            c.close()
+        assert unaccounted(lst.stats()) == 0
+    finally:
+        lst.close()
+
+
+DNS_QUERY = bytes.fromhex("001d" "abcd01000001000000000000" "076578616d706c6503636f6d0000010001")
+
+
+def test_a_length_framed_message_wakes_once_not_per_segment(listen_sock: socket.socket, core: str) -> None:
+    """The matcher knows how much more it needs (the DNS length): the core sets SO_RCVLOWAT and
+    arrivals in between wake nothing, neither the core nor Python; the application's socket gets
+    the default low-water mark back."""
+    import time
+
+    lst = acceptfilter.wrap(listen_sock, "dnsready", core=core, timeout=30)
+    lst.settimeout(30)
+    try:
+        client = socket.create_connection(("127.0.0.1", lst.getsockname()[1]))
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.sendall(DNS_QUERY[:4])  # the length and two bytes of the id
+        wait_for(lambda: lst.stats()["held"] == 1, timeout=20)
+        time.sleep(0.05)
+        before = lst.stats()["peeks"]
+        pieces = [DNS_QUERY[4:10], DNS_QUERY[10:16], DNS_QUERY[16:22], DNS_QUERY[22:28], DNS_QUERY[28:]]
+        for piece in pieces[:-1]:
+            client.sendall(piece)
+            time.sleep(0.02)  # separate segments (not a sync point: nothing waits on it)
+        assert lst.stats()["surfaced"] == 0 and lst.stats()["waiting_with_data"] == 0  # no Python woke
+        client.sendall(pieces[-1])
+        conn, _ = lst.accept()
+        with conn:
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+            assert conn.recv(100) == DNS_QUERY
+            info = acceptfilter.connection_info(conn)
+            assert info is not None and info["qname"] == "example.com." and info.reason == "ready"
+        stats = lst.stats()
+        # need is a lower bound per field (header, then the question), so some segments still
+        # wake the core; without SO_RCVLOWAT every one of them would (one peek each).
+        assert stats["peeks"] - before < len(pieces), f"{stats['peeks'] - before} peeks for {len(pieces)} segments"
+        assert unaccounted(stats) == 0
+        client.close()
+    finally:
+        lst.close()
+
+
+def test_kernel_defer_accept_as_stage_one(listen_sock: socket.socket, core: str) -> None:
+    """defer_accept=1: the kernel queues connections that have sent data; idle ones wait there
+    (invisible to stats) and are surfaced later with no data, never dropped."""
+    lst = acceptfilter.wrap(listen_sock, "httpready", core=core, defer_accept=1, timeout=0.5)
+    lst.settimeout(30)
+    try:
+        assert listen_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) >= 1
+        port = lst.getsockname()[1]
+        idle = socket.create_connection(("127.0.0.1", port))
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(HEAD)
+            conn, _ = lst.accept()
+            assert conn.recv(4096) == HEAD
+            conn.close()
+        conn, _ = lst.accept()  # the idle one: after the kernel's period and the deadline
+        info = acceptfilter.connection_info(conn)
+        assert info is not None and info.reason == "timeout"
+        idle.sendall(HEAD)  # a load balancer's pre-opened connection still works
+        conn.settimeout(10)
+        assert conn.recv(4096) == HEAD
+        conn.close()
+        idle.close()
+        assert unaccounted(lst.stats()) == 0
+    finally:
+        lst.close()
+
+
+def test_defer_accept_on_a_unix_socket_is_a_clear_error(tmp_path: Any) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "s"))
+    sock.listen()
+    with pytest.raises(ValueError, match="cannot set defer_accept=1: TCP_DEFER_ACCEPT is for TCP listeners"):
+        acceptfilter.wrap(sock, "httpready", defer_accept=1)
+    sock.close()

@@ -106,7 +106,7 @@ def run(*, quick: bool, rounds: int | None = None) -> dict[str, Any]:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                         str(crt), "-days", "1", "-subj", "/CN=bench.test"], check=True, capture_output=True)
         sport = free_port()
-        s_server = subprocess.Popen(["openssl", "s_server", "-quiet", "-accept", str(sport), "-cert", str(crt),
+        s_server = subprocess.Popen(["openssl", "s_server", "-quiet", "-accept", f"127.0.0.1:{sport}", "-cert", str(crt),
                                      "-key", str(key), "-www"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     stdin=subprocess.DEVNULL)
         relays: list[subprocess.Popen[bytes]] = []

@@ -384,10 +384,11 @@ def test_tls_through_the_relay_to_openssl_s_server_is_logged_with_sni_and_ja4(se
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
                     "-days", "1", "-subj", "/CN=relay.test"], check=True, capture_output=True)
     port = free_port()
-    server = subprocess.Popen(["openssl", "s_server", "-quiet", "-accept", str(port), "-cert", str(crt), "-key", str(key),
-                               "-www"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(["openssl", "s_server", "-quiet", "-accept", f"127.0.0.1:{port}", "-cert", str(crt),
+                               "-key", str(key), "-www"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: server.poll() is not None or _listening(port), timeout=20)
+        assert server.poll() is None, "openssl s_server did not start"
         relay = serve("--route", "tls=tlsready:non_tls=reject", "--forward", f"tls=127.0.0.1:{port}")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False

@@ -21,7 +21,7 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 PLOT = RESULTS / "bench.png"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-NAMES = ("overhead", "slowclient", "scale", "surface", "defaults", "relay")
+NAMES = ("overhead", "slowclient", "scale", "surface", "syscalls", "defaults", "relay")
 
 MODE_LABELS = {
     "plain": "plain `accept()`",
@@ -36,6 +36,7 @@ MODE_LABELS = {
 }
 SETUP_LABELS = {
     "no-attack": "no attack",
+    "no-attack-acceptfilter": "no attack, acceptfilter `httpready`",
     "attack-unprotected": "attack, no protection",
     "attack-acceptfilter": "attack, acceptfilter `httpready`",
     "attack-nginx": "attack, nginx in front",
@@ -136,6 +137,22 @@ def _surface(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _syscalls(d: dict[str, Any]) -> list[str]:
+    if "unavailable" in d:
+        return [f"**System calls per connection** — unavailable: {d['unavailable']}"]
+    modes = list(d["results"])
+    names = sorted({n for r in d["results"].values() for n, v in r["per_connection"].items() if v >= 0.05})
+    lines = [f"**System calls per connection** — `strace -c -f` on the overhead benchmark's server, "
+             f"{d['config']['client']}; calls / completed requests (below 0.05 left out).", "",
+             "| call | " + " | ".join(MODE_LABELS.get(m, m) for m in modes) + " |",
+             "|---|" + "---:|" * len(modes)]
+    for name in names:
+        lines.append(f"| `{name}` | " + " | ".join(f"{d['results'][m]['per_connection'].get(name, 0):.2f}"
+                                                    for m in modes) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{d['results'][m]['total_per_connection']:.2f}**" for m in modes) + " |")
+    return lines
+
+
 DEFAULTS_LABELS = {
     "gunicorn-sync": "gunicorn sync x4",
     "gunicorn-gthread": "gunicorn gthread 2x4",
@@ -188,7 +205,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     if results:
         out += [f"![benchmark plot](bench/results/{PLOT.name})", ""]
     for name, fn in (("overhead", _overhead), ("slowclient", _slowclient), ("scale", _scale), ("surface", _surface),
-                     ("defaults", _defaults), ("relay", _relay)):
+                     ("syscalls", _syscalls), ("defaults", _defaults), ("relay", _relay)):
         if name in results:
             out += [*fn(results[name]), ""]
         else:

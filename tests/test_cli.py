@@ -32,33 +32,6 @@ def test_list_shows_builtins_with_distribution() -> None:
     assert {d["name"] for d in data} >= {"dataready", "httpready"}
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["serve", "--filter", "nope"], "unknown filter 'nope'"),
-        (["serve", "--filter", "httpready:bogus=1"], "has no argument 'bogus'"),
-        (["serve", "--filter", "httpready:"], "no arguments after it"),
-        (["serve", "--directory", "/no/such/dir"], "is not a directory"),
-        (["serve", "--on-timeout", "later", "--port", "0"], "on_timeout must be one of"),
-    ],
-)
-def test_serve_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
-    out = run(*args)
-    assert out.returncode == 2
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
-
-
-def test_serve_port_in_use() -> None:
-    taken = socket.create_server(("127.0.0.1", 0))
-    port = taken.getsockname()[1]
-    out = run("serve", "--port", str(port))
-    taken.close()
-    assert out.returncode == 2
-    assert f"cannot listen on 127.0.0.1:{port}: the port is already in use" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
 @needs_exe
 def test_serve_serves_files_through_httpready(tmp_path: Path) -> None:
     (tmp_path / "hello.txt").write_text("hello from acceptfilter\n")

@@ -56,8 +56,11 @@ def test_load_filter_converts_types_and_reports_bad_values() -> None:
     flt = acceptfilter.load_filter("httpready:timeout=2.5,max_bytes=0x2000,non_http=reject")
     assert isinstance(flt, HttpReady)
     assert (flt.timeout, flt.max_bytes, flt.non_http) == (2.5, 8192, "reject")
-    with pytest.raises(acceptfilter.FilterSpecError, match="max_bytes='lots'.*not a valid int"):
+    with pytest.raises(acceptfilter.FilterSpecError, match=r"max_bytes='lots'.*expected a whole number \(like 5") as bad:
         acceptfilter.load_filter("httpready:max_bytes=lots")
+    assert "int()" not in str(bad.value)  # never Python's own wording
+    with pytest.raises(acceptfilter.FilterSpecError, match=r"timeout='soon'.*expected a number"):
+        acceptfilter.load_filter("httpready:timeout=soon")
     with pytest.raises(acceptfilter.FilterSpecError, match="has no argument 'colour'.*it takes: body, max_bytes"):
         acceptfilter.load_filter("httpready:colour=blue")
     with pytest.raises(acceptfilter.FilterSpecError, match="non_http must be"):
@@ -67,6 +70,16 @@ def test_load_filter_converts_types_and_reports_bad_values() -> None:
     assert acceptfilter.load_filter(same) is same
     with pytest.raises(acceptfilter.FilterSpecError, match="not the class"):
         acceptfilter.load_filter(HttpReady)  # type: ignore[arg-type]
+
+
+def test_typos_get_the_closest_name() -> None:
+    with pytest.raises(acceptfilter.FilterSpecError, match=r"no argument 'timout'.*\(did you mean 'timeout'\?\)"):
+        acceptfilter.load_filter("httpready:timout=5")
+    with pytest.raises(acceptfilter.UnknownFilterError, match=r"unknown filter 'htpready' \(did you mean 'httpready'\?\)"):
+        acceptfilter.load_filter("htpready")
+    with pytest.raises(acceptfilter.FilterSpecError) as far:
+        acceptfilter.load_filter("httpready:colour=blue")
+    assert "did you mean" not in str(far.value)  # nothing close: no guess
 
 
 def test_unknown_filter_names_the_registered_ones() -> None:

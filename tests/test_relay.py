@@ -329,7 +329,7 @@ def _listening(port: int) -> bool:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--on-reject", "route:x"], "--on-reject 'route:x' names a route: it needs --route"),
+        (["--on-reject", "route:x"], "--on-reject route:x needs --route"),
         (["--route", "http=httpready", "--on-reject", "surface"], "--on-reject takes close, reset or route:NAME"),
         (["--route", "http=httpready", "--on-reject", "route:x"], "route 'x' has nowhere to go"),
         (["--route", "http=httpready", "--forward", "http=127.0.0.1:1,proxy=v9"], "unknown forward option"),

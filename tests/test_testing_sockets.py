@@ -51,3 +51,10 @@ def test_consuming_filter_keeps_contract() -> None:
 def test_consume_over_real_sockets(core: str) -> None:
     send_and_check(StripFirstLine(), [b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r", b"\nGET / HTTP/1.1\r\n\r\n"], core=core)
     check_sockets(StripFirstLine(), max_examples=6, cores=(core,))
+
+
+def test_check_sockets_takes_a_list_of_payloads_like_check_filter() -> None:
+    """Issue 15, item 4: a list crashed with AttributeError: 'list' object has no attribute 'filter'."""
+    seeds = [b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nGET / HTTP/1.1\r\n\r\n", b"hello\n"]
+    check_sockets(StripFirstLine(), seeds, max_examples=4, cores=("c",))
+    check_filter(StripFirstLine(max_bytes=128), seeds, max_examples=50)

@@ -104,3 +104,44 @@ def test_cli_all_names_filters_it_cannot_build(tmp_path: Path) -> None:
     assert skipped >= 1 and f"{skipped} skipped" in proc.stdout  # every skip is named and counted
     proc = run_cli("fuzz", "--import", str(plugin), "needsarg:word=hi", "--examples", "20")
     assert proc.returncode == 0 and "ok    needsarg:word=hi" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_cli_all_goes_on_past_a_broken_plugin(tmp_path: Path) -> None:
+    """Issue 15, item 6: one plugin that fails to import is reported; every other filter is still fuzzed."""
+    site = tmp_path / "site"
+    dist = site / "brokenplugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[acceptfilter.filters]\nbrokenready = brokenplugin:BrokenReady\n")
+    (site / "brokenplugin.py").write_text("import no_such_dependency_xyz\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([*CLI, "fuzz", "all", "--examples", "20"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a broken plugin is a failure, but not a stop
+    assert "BROKEN brokenready: filter 'brokenready' from brokenplugin 1.0 failed to load" in proc.stdout
+    assert "ok    httpready" in proc.stdout and "ok    dataready" in proc.stdout
+    assert "1 broken (failed to load)" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_cli_payloads_file_seeds_the_fuzzer(tmp_path: Path) -> None:
+    """--payloads FILE: escaped seeds, one a line, added to the built-in inputs (here they reach the bug)."""
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("# greetings\nHELLO bob\\n\nHELLO \\x00\\xff\\n\n")
+    plugin = tmp_path / "picky.py"
+    plugin.write_text(
+        "from acceptfilter import ACCEPT, REJECT, WAIT, Filter\n"
+        "class Picky(Filter):\n"
+        "    name = 'picky'\n"
+        "    def check(self, data, final):\n"
+        "        if data.startswith(b'HELLO ') and b'\\n' in data:\n"
+        "            data.split(b' ')[1].decode('ascii')  # planted: raises on a non-ASCII name\n"
+        "            return ACCEPT\n"
+        "        return REJECT if final or len(data) >= self.max_bytes or not b'HELLO '.startswith(data[:6]) else WAIT\n"
+    )
+    proc = run_cli("fuzz", "--import", str(plugin), "--payloads", str(seeds), "picky", "--examples", "300")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL  picky: [raises]" in proc.stdout and "UnicodeDecodeError" in proc.stdout
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    proc = run_cli("fuzz", "--payloads", str(empty), "dataready")
+    assert proc.returncode == 2 and "no payloads in it" in proc.stderr

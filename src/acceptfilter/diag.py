@@ -204,10 +204,9 @@ def listeners(port: int | None = None, host: str | None = None, *, requested_bac
         wanted = _resolve(host)
         records = [r for r in records if str(r["idiag_src"]) in wanted]
     limit = somaxconn()
+    # Each view carries its warnings for the caller to show (stats prints them): no
+    # log line as well, or a terminal shows every warning twice.
     views = [_view(r, syn, syn_by_port, limit, requested_backlog) for r in records]
-    for view in views:
-        for warning in view.warnings:
-            log.warning("%s:%d: %s", view.address, view.port, warning)
     return sorted(views, key=lambda v: (v.port, v.family, v.address))
 
 

@@ -158,6 +158,12 @@ class Filter:
     #: protocol: trusted balancers). The engine then looks the peer address up
     #: (``getpeername``) and calls :meth:`peer_session` instead of :meth:`session`.
     needs_peer: ClassVar[bool] = False
+    #: Example inputs of this filter's protocol (complete, partial, malformed).
+    #: ``check_filter`` and ``acceptfilter fuzz`` add them, their mutations and
+    #: cap-sized versions of them to the built-in inputs: the built-ins are
+    #: HTTP, TLS, DNS and PROXY, so without examples a filter for another
+    #: protocol (RESP, memcached ...) is only ever fed foreign bytes.
+    examples: ClassVar[tuple[bytes, ...]] = ()
 
     def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float | None = None) -> None:
         if max_bytes < 1:

@@ -24,6 +24,7 @@ optionally ``| None``). Every filter accepts ``max_bytes`` and ``timeout``.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 import types
@@ -41,6 +42,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "FilterInfo",
     "available_filters",
+    "did_you_mean",
     "filter_class",
     "load_chain",
     "load_filter",
@@ -155,9 +157,10 @@ def filter_class(name: str) -> type[Filter]:
         return _runtime[name]
     eps = _entry_points().get(name)
     if not eps:
-        known = ", ".join(sorted(set(_entry_points()) | set(_runtime))) or "none"
+        names = sorted(set(_entry_points()) | set(_runtime))
+        known = ", ".join(names) or "none"
         raise UnknownFilterError(
-            f"unknown filter {name!r}; registered filters: {known}. "
+            f"unknown filter {name!r}{did_you_mean(name, names)}; registered filters: {known}. "
             f"A plugin registers one under the entry-point group {ENTRY_POINT_GROUP!r} "
             "(re-install an editable package after adding entry points)."
         )
@@ -165,6 +168,20 @@ def filter_class(name: str) -> type[Filter]:
         owners = " and ".join(f"{_dist_name(ep)} ({ep.value})" for ep in eps)
         raise FilterLoadError(f"filter name {name!r} is registered twice, by {owners}; uninstall one of them")
     return _load_entry_point(name, eps[0])
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'timeout'?)"`` for the closest choice to a typo (difflib), or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+#: What a value of each annotated type looks like, for the message when it is not one.
+_EXPECTED = {
+    bool: "one of 1/0, true/false, yes/no, on/off",
+    int: "a whole number (like 5 or 0x10)",
+    float: "a number (like 5 or 0.5)",
+}
 
 
 def _convert(key: str, raw: str, annotation: Any, spec: str) -> Any:
@@ -183,7 +200,7 @@ def _convert(key: str, raw: str, annotation: Any, spec: str) -> Any:
                 return True
             if low in _FALSE:
                 return False
-            raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+            raise ValueError(raw)
         if annotation is int:
             return int(raw, 0)
         if annotation is float:
@@ -191,9 +208,11 @@ def _convert(key: str, raw: str, annotation: Any, spec: str) -> Any:
         if origin is tuple or annotation is tuple:
             return tuple(item.strip() for item in raw.split("|") if item.strip())
         return raw
-    except ValueError as exc:
+    except ValueError:
+        # Python's wording ("invalid literal for int() with base 0") means nothing to a user.
         type_name = getattr(annotation, "__name__", str(annotation))
-        raise FilterSpecError(f"argument {key}={raw!r} in spec {spec!r} is not a valid {type_name}: {exc}") from None
+        expected = _EXPECTED.get(annotation, f"a {type_name}")
+        raise FilterSpecError(f"argument {key}={raw!r} in spec {spec!r} is not valid: expected {expected}") from None
 
 
 def _keyword_types(cls: type[Filter]) -> dict[str, Any]:
@@ -218,8 +237,9 @@ def _instantiate(cls: type[Filter], text_args: Mapping[str, str], py_args: Mappi
     accepted = _keyword_types(cls)
     unknown = sorted((set(text_args) | set(py_args)) - set(accepted))
     if unknown:
+        hint = did_you_mean(unknown[0], accepted) if len(unknown) == 1 else ""
         raise FilterSpecError(
-            f"filter {cls.name!r} has no argument {', '.join(map(repr, unknown))} (in spec {spec!r}); "
+            f"filter {cls.name!r} has no argument {', '.join(map(repr, unknown))} (in spec {spec!r}){hint}; "
             f"it takes: {', '.join(sorted(accepted)) or 'no arguments'}"
         )
     kwargs = {key: _convert(key, raw, accepted[key], spec) for key, raw in text_args.items()}

@@ -18,9 +18,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import AcceptFilterError, FilterSpecError
+from ..errors import AcceptFilterError, FilterLoadError, FilterSpecError
 from ..filter import Filter
 from ..registry import available_filters, filter_class, register_filter
+from .args import positive_int
+
+#: Examples per round: enough that the five bugs of issue 15 (chunking, WAIT when final,
+#: raising on a bad length, deciding twice, WAIT past the cap) are found in a filter
+#: that declares its examples, in about 5 s per filter.
+DEFAULT_EXAMPLES = 1000
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +36,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "names", nargs="+", metavar="NAME|all", help="filter specs to fuzz, or 'all' for every registered one"
     )
-    p.add_argument("--examples", type=int, default=200, metavar="N", help="examples per round (default 200)")
+    p.add_argument("--examples", type=positive_int, default=DEFAULT_EXAMPLES, metavar="N",
+                   help=f"examples per round (default {DEFAULT_EXAMPLES})")
     p.add_argument("--seconds", type=float, default=0.0, metavar="S", help="keep running fresh rounds for S seconds")
     p.add_argument(
         "--import",
@@ -39,6 +46,14 @@ def register(subparsers: Any) -> None:
         default=[],
         metavar="MODULE_OR_FILE",
         help="import a module or .py file that defines or registers filters (repeatable)",
+    )
+    p.add_argument(
+        "--payloads",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="seed inputs, added to the built-in ones and the filter's examples: a file with one payload per line "
+        "(backslash escapes such as \\r\\n; '#' starts a comment) or a directory of raw files (repeatable)",
     )
     p.add_argument("--sockets", action="store_true", help="also run payloads through real loopback listeners (slower)")
     p.set_defaults(func=run)
@@ -79,6 +94,30 @@ def _register_defined(module: ModuleType) -> None:
         register_filter(obj, replace=True)
 
 
+def read_payloads(target: str) -> list[bytes]:
+    """Seeds from ``--payloads``: one escaped payload per line of a file, or each file of a directory raw."""
+    import codecs
+
+    path = Path(target)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        seeds = [p.read_bytes() for p in files]
+    elif path.is_file():
+        seeds = []
+        for number, line in enumerate(path.read_text("utf-8", errors="surrogateescape").splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                seeds.append(codecs.escape_decode(line.encode("utf-8", errors="surrogateescape"))[0])
+            except ValueError as exc:
+                raise AcceptFilterError(f"--payloads {target}, line {number}: {exc}") from None
+    else:
+        raise AcceptFilterError(f"--payloads {target}: no such file or directory")
+    if not seeds:
+        raise AcceptFilterError(f"--payloads {target}: no payloads in it")
+    return seeds
+
+
 def _matcher_note(flt: Filter) -> str:
     """Say whether the matcher invariant had a matcher to check (and through which interpreters)."""
     from ..cmatcher import available
@@ -108,18 +147,24 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import load_filter
     from ..testing.check import ContractViolation, check_filter
 
-    if args.examples < 1:
-        raise AcceptFilterError("--examples must be at least 1")
     for target in args.imports:
         _register_defined(_import(target))
+    seeds = [seed for target in args.payloads for seed in read_payloads(target)] or None
     specs = _targets(args.names)
     filters: list[tuple[str, Filter]] = []
-    skipped = 0
+    skipped = broken = 0
     for spec in specs:  # unknown names and bad specs fail here, before any fuzzing
+        explicit = "all" not in args.names or spec in args.names
         try:
             filters.append((spec, load_filter(spec)))
+        except FilterLoadError as exc:
+            if explicit:
+                raise
+            # One broken plugin must not stop the others from being fuzzed (like `list`, which marks it).
+            broken += 1
+            print(f"BROKEN {spec}: {exc}", flush=True)
         except FilterSpecError as exc:
-            if "all" not in args.names or spec in args.names:
+            if explicit:
                 raise
             # "all" cannot guess required arguments (proxy's trusted=...): say so, never skip silently.
             skipped += 1
@@ -130,11 +175,11 @@ def run(args: argparse.Namespace) -> int:
         rounds = 0
         try:
             while True:
-                check_filter(flt, max_examples=args.examples)
+                check_filter(flt, seeds, max_examples=args.examples)
                 if args.sockets:
                     from ..testing.sockets import check_sockets
 
-                    check_sockets(flt, max_examples=max(1, args.examples // 20))
+                    check_sockets(flt, seeds, max_examples=max(1, args.examples // 100))
                 rounds += 1
                 if time.monotonic() - start >= args.seconds:
                     break
@@ -151,5 +196,6 @@ def run(args: argparse.Namespace) -> int:
             f"ok    {spec}: {rounds * args.examples} examples in {rounds} round(s), {took:.1f}s{_matcher_note(flt)}",
             flush=True,
         )
-    print(f"{len(filters) - failed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
-    return 1 if failed else 0
+    print(f"{len(filters) - failed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else "")
+          + (f", {broken} broken (failed to load)" if broken else ""))
+    return 1 if failed or broken else 0

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import AcceptFilterError
 from ..policy import DEFAULT_TIMEOUT
+from .args import on_timeout, positive_float, positive_int
 
 SERVERS = ("uvicorn", "hypercorn", "gunicorn")
 
@@ -36,11 +37,12 @@ def register(subparsers: Any) -> None:
         "behind an accept filter.",
     )
     p.add_argument("--filter", "-f", action="append", metavar="SPEC", help="filter spec; repeat for a chain (default: httpready)")
-    p.add_argument("--timeout", type=float, default=None, help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--on-timeout", default=None, metavar="ACTION",
-                   help="surface, close or reset (default: close for gunicorn, whose workers a surfaced idle "
+    p.add_argument("--timeout", type=positive_float, default=None,
+                   help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--on-timeout", type=on_timeout, default=None, metavar="ACTION",
+                   help="surface, close or reset (RST) (default: close for gunicorn, whose workers a surfaced idle "
                         "client would pin; surface for uvicorn and hypercorn)")
-    p.add_argument("--max-held", type=int, default=None, help="bound on held connections (default: the listen backlog)")
+    p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn|hypercorn|gunicorn ...")
     p.set_defaults(func=run)
@@ -55,6 +57,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.on_timeout and args.on_timeout.startswith("route:"):
+        raise AcceptFilterError(f"--on-timeout {args.on_timeout}: acceptfilter run has no routes; use surface, close or reset")
     command = list(args.server)
     if command and command[0] == "--":
         command = command[1:]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from .. import diag
 from ..errors import AcceptFilterError
+from .args import port, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -16,9 +18,9 @@ def register(subparsers: Any) -> None:
         help="kernel view of a listening port (accept queue, backlog, SYN_RECV, drops)",
         description="One-shot kernel view of the TCP listener(s) on PORT, IPv4 and IPv6, via sock_diag.",
     )
-    p.add_argument("port", type=int, metavar="PORT")
+    p.add_argument("port", type=port, metavar="PORT")
     p.add_argument("--host", default=None, help="only listeners bound to this address (default: any)")
-    p.add_argument("--backlog", type=int, default=None, metavar="N",
+    p.add_argument("--backlog", type=positive_int, default=None, metavar="N",
                    help="the backlog the server asked for: warns when somaxconn cut it")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
@@ -45,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0 if views else 1
     if not views:
-        print(f"nothing is listening on port {args.port}" + (f" at {args.host}" if args.host else ""))
+        # One line on stderr, like every other "there is nothing to show" of the command.
+        print(f"acceptfilter: nothing is listening on port {args.port}" + (f" at {args.host}" if args.host else ""),
+              file=sys.stderr)
         return 1
     for view in views:
         print(format_view(view))

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import diag
 from ..errors import AcceptFilterError
+from .args import positive_float, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -18,8 +19,8 @@ def register(subparsers: Any) -> None:
         description="Every local TCP listener (IPv4 and IPv6): accept queue, backlog, SYN_RECV, drops; "
                     "refreshed in place on a terminal, one block per interval otherwise.",
     )
-    p.add_argument("--interval", "-i", type=float, default=1.0, metavar="S", help="seconds between refreshes (default: 1)")
-    p.add_argument("--count", "-n", type=int, default=None, metavar="N", help="stop after N refreshes (default: never)")
+    p.add_argument("--interval", "-i", type=positive_float, default=1.0, metavar="S", help="seconds between refreshes (default: 1)")
+    p.add_argument("--count", "-n", type=positive_int, default=None, metavar="N", help="stop after N refreshes (default: never)")
     p.set_defaults(func=run)
 
 

@@ -27,9 +27,13 @@ _run_machine: Callable[..., None] = run_state_machine_as_test
 __all__ = [
     "DEFAULT_TIME_LIMIT",
     "ContractViolation",
+    "check_cap",
     "check_filter",
     "check_payload",
+    "check_tails",
     "filter_state_machine",
+    "input_strategy",
+    "seeded",
 ]
 
 #: Seconds one check() call may take. Generous: a filter is on the hot path, but CI machines stall.
@@ -67,7 +71,19 @@ def _key(d: Decision) -> tuple[Verdict, tuple[tuple[str, Any], ...], int, str | 
 
 
 def _show(d: Decision) -> str:
-    return f"{d.verdict.name}(info={dict(d.info)!r}, consume={d.consume}, route={d.route!r})"
+    """A decision as a counterexample shows it: only the fields that differ from their defaults.
+
+    ``ACCEPT(info={}, consume=0, route=None)`` buries what matters; ``ACCEPT`` or
+    ``ACCEPT(info={'command': 'SET'})`` does not.
+    """
+    parts = []
+    if d.info:
+        parts.append(f"info={dict(d.info)!r}")
+    if d.consume:
+        parts.append(f"consume={d.consume}")
+    if d.route is not None:
+        parts.append(f"route={d.route!r}")
+    return f"{d.verdict.name}({', '.join(parts)})" if parts else d.verdict.name
 
 
 class _Runner:
@@ -267,6 +283,56 @@ def check_payload(
             )
 
 
+#: What :func:`check_cap` fills an undecided input up to the cap with.
+CAP_FILLERS = (b"a", b"\x00")
+
+
+def check_cap(
+    flt: Filter, data: bytes, *, time_limit: float = DEFAULT_TIME_LIMIT, peer: tuple[Any, ...] | None = DEFAULT_PEER
+) -> None:
+    """An input the filter WAITs on, filled up to ``max_bytes``, must get a decision.
+
+    Random inputs seldom reach the cap while still undecided (a length field announcing
+    more than the cap, then that many bytes): this builds that input from any undecided
+    one, so a filter that keeps WAITing for a declared length is caught on its first
+    partial example.
+    """
+    if len(data) >= flt.max_bytes or flt.max_bytes > 1 << 20:
+        return
+    run = _Runner(flt, time_limit, peer)
+    if run.fresh(data, False).decided:
+        return
+    for filler in CAP_FILLERS:
+        run.fresh(data + filler * (flt.max_bytes - len(data)), False)
+
+
+#: What :func:`check_tails` appends to an input the filter has decided on.
+TAILS = (b"\x00", b"\r\n", b" x")
+
+
+def check_tails(
+    flt: Filter, data: bytes, *, time_limit: float = DEFAULT_TIME_LIMIT, peer: tuple[Any, ...] | None = DEFAULT_PEER
+) -> None:
+    """A decision must survive whatever comes next: ``data`` plus a few junk tails decides the same.
+
+    Random extensions of a decided input are mostly more well-formed bytes; the bug a
+    filter that decides early has (ACCEPT on a command name, REJECT once a later
+    argument turns out malformed) shows on a junk byte right after the decision.
+    """
+    if not data or len(data) >= flt.max_bytes:  # the engine never asks about no bytes before EOF
+        return
+    run = _Runner(flt, time_limit, peer)
+    first = run.fresh(data, False)
+    if not first.decided:
+        return
+    for tail in TAILS:
+        later = run.fresh(data + tail, False)
+        if _key(later) != _key(first):
+            raise ContractViolation(
+                "extension", f"decided {_show(first)} on {data!r} but {_show(later)} on its extension {data + tail!r}"
+            )
+
+
 def filter_state_machine(
     flt: Filter,
     payloads: st.SearchStrategy[bytes] | None = None,
@@ -279,7 +345,7 @@ def filter_state_machine(
     Run it with ``run_state_machine_as_test(machine)`` (check_filter does). ``repeek`` has
     no precondition so every state has an enabled rule.
     """
-    source = payloads if payloads is not None else strategies.payloads(flt.max_bytes)
+    source = payloads if payloads is not None else input_strategy(None, flt)
 
     class FilterMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -353,16 +419,65 @@ def filter_state_machine(
     return FilterMachine
 
 
-def _as_strategy(payloads: st.SearchStrategy[bytes] | Iterable[bytes] | None, flt: Filter) -> st.SearchStrategy[bytes]:
-    if payloads is None:
-        return strategies.payloads(flt.max_bytes)
-    if isinstance(payloads, st.SearchStrategy):
-        return payloads
-    items = [bytes(p) for p in payloads]
+Payloads = st.SearchStrategy[bytes] | Iterable[bytes] | None
+
+
+def seeded(seeds: Iterable[bytes], max_bytes: int | None = None) -> st.SearchStrategy[bytes]:
+    """Inputs grown from a protocol's own examples: as is, mutated, pipelined, and cap-sized.
+
+    The cap-sized ones (a seed padded or cut to about ``max_bytes``) are what finds a
+    filter that keeps WAITing for a declared length past its cap; the mutations find
+    unchecked parsing (an ``int()`` on a flipped digit); pipelined seeds, and seeds
+    broken off part-way with junk after, find decisions that change when more bytes follow.
+    """
+    items = sorted({bytes(p) for p in seeds})
     if not items:
         raise ValueError("payloads is empty")
-    # Given examples are checked as is and as seeds for mutations.
-    return st.one_of(st.sampled_from(items), strategies.mutated(st.sampled_from(items)))
+    base = st.sampled_from(items)
+    options = [
+        base,
+        strategies.mutated(base),
+        st.lists(base, min_size=2, max_size=3).map(b"".join),
+        strategies.broken_off(base),
+    ]
+    if max_bytes is not None and max_bytes <= 1 << 20:
+        options += [strategies.padded(base, max_bytes), strategies.padded(st.one_of(base, strategies.mutated(base)), max_bytes)]
+    return st.one_of(options)
+
+
+def input_strategy(payloads: Payloads, flt: Filter, *, defaults: bool = True) -> st.SearchStrategy[bytes]:
+    """What check_filter feeds ``flt``: ``payloads`` and the filter's ``examples`` *added* to the built-ins.
+
+    ``payloads`` is a strategy (used as is) or a list of seeds (see :func:`seeded`).
+    Your protocol's inputs come first, so hypothesis shrinks towards them.
+    ``defaults=False`` leaves the built-in inputs out.
+    """
+    options: list[st.SearchStrategy[bytes]] = []
+    if isinstance(payloads, st.SearchStrategy):
+        options.append(payloads)
+    elif payloads is not None:
+        items = [bytes(p) for p in payloads]
+        if not items:
+            raise ValueError("payloads is empty")
+        options.append(seeded(items, flt.max_bytes))
+    examples = tuple(getattr(flt, "examples", ()) or ())
+    if examples:
+        options.append(seeded(examples, flt.max_bytes))
+    builtin = strategies.payloads(flt.max_bytes)
+    if not options:
+        return builtin
+    ours = options[0] if len(options) == 1 else st.one_of(options)
+    return _mostly_ours(ours, builtin) if defaults else ours
+
+
+@st.composite
+def _mostly_ours(draw: st.DrawFn, ours: st.SearchStrategy[bytes], builtin: st.SearchStrategy[bytes]) -> bytes:
+    """Two examples in three from ``ours``, which shrinks first.
+
+    ``st.one_of`` would flatten both into one list of branches, and the built-ins have
+    a dozen: a filter's own examples would then get one draw in ten.
+    """
+    return draw(builtin) if draw(st.integers(0, 2)) == 2 else draw(ours)
 
 
 def _settings(max_examples: int | None, deadline_free: bool = True) -> settings:
@@ -386,17 +501,20 @@ def check_filter(
     stateful: bool = True,
     byte_by_byte: int = 256,
     peer: tuple[Any, ...] | None = DEFAULT_PEER,
+    defaults: bool = True,
 ) -> None:
     """Fuzz a filter against the whole contract; raise ContractViolation with a minimal counterexample.
 
-    ``payloads`` is a strategy or a list of example inputs (default: random bytes plus
-    well-formed and mutated HTTP, TLS, DNS and PROXY inputs, plus inputs the size of
-    ``max_bytes``). ``max_examples`` overrides the active hypothesis profile. Payloads up
-    to ``byte_by_byte`` bytes are also fed one byte at a time (every prefix is compared).
-    A filter with ``peer_session(peer)`` gets its sessions for ``peer`` (None: ``session()``).
+    The built-in inputs are random bytes, well-formed and mutated HTTP, TLS, DNS and PROXY
+    inputs, and inputs the size of ``max_bytes``. ``payloads`` (a strategy, or a list of
+    seeds that are also mutated, pipelined and padded to the cap) and the filter's own
+    ``examples`` are *added* to them (``defaults=False``: only yours). ``max_examples``
+    overrides the active hypothesis profile. Payloads up to ``byte_by_byte`` bytes are
+    also fed one byte at a time (every prefix is compared). A filter with
+    ``peer_session(peer)`` gets its sessions for ``peer`` (None: ``session()``).
     """
     flt = load_filter(filter_or_spec)
-    source = _as_strategy(payloads, flt)
+    source = input_strategy(payloads, flt, defaults=defaults)
     cfg = _settings(max_examples)
 
     @cfg
@@ -406,6 +524,8 @@ def check_filter(
         check_payload(flt, data, cuts, time_limit=time_limit, peer=peer)
         if len(data) <= byte_by_byte:
             check_payload(flt, data, range(1, len(data)), time_limit=time_limit, peer=peer)
+        check_cap(flt, data, time_limit=time_limit, peer=peer)
+        check_tails(flt, data, time_limit=time_limit, peer=peer)
 
     contract()
     if stateful:

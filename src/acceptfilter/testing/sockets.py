@@ -11,7 +11,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +21,7 @@ from ..filter import Checker, Filter
 from ..listener import wrap
 from ..registry import load_filter
 from . import strategies
-from .check import ContractViolation, _settings
+from .check import ContractViolation, _settings, seeded
 
 __all__ = ["check_sockets", "expected_decision", "send_and_check"]
 
@@ -121,19 +121,28 @@ def send_and_check(
 
 def check_sockets(
     filter_or_spec: Filter | str,
-    payloads: st.SearchStrategy[bytes] | None = None,
+    payloads: st.SearchStrategy[bytes] | Iterable[bytes] | None = None,
     *,
     cores: Sequence[str] = ("c", "python"),
     max_examples: int | None = None,
     max_chunks: int = 6,
 ) -> None:
-    """Fuzz the filter through real listeners on both I/O cores (slow: keep max_examples small)."""
+    """Fuzz the filter through real listeners on both I/O cores (slow: keep max_examples small).
+
+    ``payloads`` takes what :func:`check_filter` takes: a strategy, or a list of seeds
+    (mutated too); the filter's ``examples`` are added, and so are well-formed and
+    mutated HTTP, TLS, DNS and PROXY inputs.
+    """
     flt = load_filter(filter_or_spec)
-    source = (
-        payloads
-        if payloads is not None
-        else st.one_of(strategies.well_formed(), strategies.mutated(strategies.well_formed()))
-    )
+    builtin = st.one_of(strategies.well_formed(), strategies.mutated(strategies.well_formed()))
+    options: list[st.SearchStrategy[bytes]] = []
+    if isinstance(payloads, st.SearchStrategy):
+        options.append(payloads)
+    elif payloads is not None:
+        options.append(seeded(payloads))
+    if flt.examples:
+        options.append(seeded(flt.examples))
+    source = st.one_of([*options, builtin])
     source = source.filter(lambda b: len(b) < 8192)  # past a small cap too: the engine must stop at it
 
     @_settings(max_examples)

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 
 __all__ = [
     "any_bytes",
+    "broken_off",
     "chunked",
     "chunkings",
     "dns_queries",
     "h2_prefaces",
     "http_requests",
     "mutated",
+    "padded",
     "payloads",
     "proxy_headers",
     "proxy_v1_headers",
@@ -250,10 +252,27 @@ def mutated(base: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
     return base.flatmap(_mutate)
 
 
-def _padded(base: st.SearchStrategy[bytes], size: int) -> st.SearchStrategy[bytes]:
-    """Inputs of about ``size`` bytes (the filter's cap) starting like ``base``."""
+def broken_off(base: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    """A prefix of ``base`` cut anywhere, then a few random bytes: valid, then suddenly not.
+
+    A filter that decides early (on a command name, a method) must keep that decision
+    whatever follows; this is the input that shows whether it does.
+    """
+    return base.flatmap(
+        lambda data: st.tuples(st.integers(0, len(data)), st.binary(min_size=1, max_size=8)).map(
+            lambda t: data[: t[0]] + t[1]
+        )
+    )
+
+
+def padded(base: st.SearchStrategy[bytes], size: int) -> st.SearchStrategy[bytes]:
+    """Inputs of about ``size`` bytes (a filter's cap, give or take two) starting like ``base``.
+
+    A filter that waits for a length its input declared must stop waiting at its cap:
+    these are the inputs that show whether it does.
+    """
     filler = st.sampled_from([b"a", b" ", b"\x00", b"\r\n"])
-    return st.tuples(base, filler, st.integers(-2, 2)).map(
+    return st.tuples(base, filler, st.sampled_from([0, 1, -1, 2, -2])).map(
         lambda t: (t[0] + t[1] * (size // len(t[1]) + 4))[: max(0, size + t[2])]
     )
 
@@ -262,5 +281,5 @@ def payloads(max_bytes: int | None = None) -> st.SearchStrategy[bytes]:
     """The default input mix of check_filter: random, well-formed, mutated, and cap-sized inputs."""
     options = [any_bytes(), well_formed(), mutated(well_formed())]
     if max_bytes is not None and max_bytes <= 1 << 20:
-        options.append(_padded(st.one_of(any_bytes(32), well_formed()), max_bytes))
+        options.append(padded(st.one_of(any_bytes(32), well_formed()), max_bytes))
     return st.one_of(options)

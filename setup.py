@@ -8,11 +8,11 @@ class BuildPyWithoutBuilder(build_py):
 
     def find_package_modules(self, package: str, package_dir: str) -> list[tuple[str, str, str]]:
         modules = super().find_package_modules(package, package_dir)
-        return [m for m in modules if (m[0], m[1]) != ("acceptfilter", "_core_build")]
+        return [m for m in modules if (m[0], m[1]) not in (("acceptfilter", "_core_build"), ("acceptfilter", "_relay_build"))]
 
 
 setup(
-    cffi_modules=["src/acceptfilter/_core_build.py:ffibuilder"],
+    cffi_modules=["src/acceptfilter/_core_build.py:ffibuilder", "src/acceptfilter/_relay_build.py:ffibuilder"],
     cmdclass={"build_py": BuildPyWithoutBuilder},
     # The core only uses the stable ABI: one wheel serves every CPython >= 3.11.
     options={"bdist_wheel": {"py_limited_api": "cp311"}},

@@ -7,10 +7,17 @@ end only at the tail of the buffer. This one:
 * finds the end of the head (``\\r\\n\\r\\n``, or a bare ``\\n\\n``/``\\n\\r\\n``)
   anywhere in the buffer, so a GET with a body or a pipelined second request
   does not keep the first one waiting;
-* surfaces an HTTP/0.9 request line (``GET /\\r\\n``) at its line end;
+* surfaces an HTTP/0.9 simple request at its line end — ``GET`` only, as
+  RFC 1945 defines it, with a path or absolute URI (``SSH-2.0-OpenSSH_9.2p1
+  Debian-2\\r\\n``, ``EHLO x\\r\\n`` or redis's ``GET key\\r\\n`` look like
+  "token SP word CRLF" too, and are not HTTP);
 * recognises the HTTP/2 prior-knowledge preface and surfaces it whole;
-* passes first bytes that cannot be HTTP (TLS, SSH, garbage) at once, like
-  FreeBSD — or rejects them with ``non_http=reject``;
+* rejects first bytes that cannot be HTTP (TLS, SSH, one NUL byte) at once
+  (``non_http=reject``, the default). FreeBSD passes them through instead;
+  ``non_http=accept`` does that, but then one garbage byte is enough to get
+  a connection past the filter and pin a worker of a thread- or
+  process-per-connection server, which is what the filter is there to
+  prevent. Behind a router either setting means "no match" for this route;
 * scans each byte once per connection (incremental state), never the whole
   head again on each arrival;
 * with ``body=N``, also waits for a request body of at most N bytes when the
@@ -43,6 +50,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
 _MAX_METHOD = 32
 # The request line once its end is known: method SP target [SP HTTP/x.y].
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+)(?: (HTTP/[0-9]\.[0-9]))?\r?$")
+# An HTTP/0.9 Request-URI: an abs_path or an absoluteURI (scheme "://").
+_SIMPLE_URI = re.compile(rb"/|[A-Za-z][A-Za-z0-9+.-]*://")
 _HOST = re.compile(rb"^host[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -56,7 +65,7 @@ class HttpReady(Filter):
     def __init__(
         self,
         *,
-        non_http: str = "accept",
+        non_http: str = "reject",
         oversize: str = "reject",
         body: int = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
@@ -193,6 +202,10 @@ class _HttpSession:
         self._scanned = nl
         self._line = (match.group(1), match.group(2), match.group(3))
         if match.group(3) is None:  # HTTP/0.9: the line is the whole request
+            if match.group(1) != b"GET" or not _SIMPLE_URI.match(match.group(2)):
+                # RFC 1945: Simple-Request = "GET" SP Request-URI CRLF, the URI an
+                # abs_path or an absoluteURI; redis's inline "GET key" is neither.
+                return self._non_http("a request line without a version is HTTP/0.9: GET and a URI only")
             return Decision.accept(self._line_info(data), reason="HTTP/0.9 request line")
         return None
 

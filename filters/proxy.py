@@ -11,11 +11,33 @@ filter of a chain, see the stream after it), ``accept()`` returns the real
 client address and ``info`` carries:
 
 * ``proxy_version`` (1 or 2), ``command`` (``"PROXY"`` or ``"LOCAL"``/``"UNKNOWN"``),
-* ``client_address`` and ``server_address`` (``(ip, port)``; absent for LOCAL,
-  UNKNOWN and non-IP families), ``transport`` (``"tcp4"``, ``"tcp6"``, ...),
+* ``client_address`` and ``server_address`` (absent for LOCAL, UNKNOWN and
+  non-IP families), ``transport`` (``"tcp4"``, ``"tcp6"``, ...),
 * ``balancer`` (the TCP peer that sent the header),
 * ``tlvs`` (v2: ``{type: bytes}``), plus ``authority`` and ``proxy_alpn``
-  when the TLVs carry them (the CRC32C TLV is not verified).
+  when the TLVs carry them, and ``ssl`` for the SSL TLV (0x20; ``{"malformed": True}``
+  when it cannot be parsed, the header being sound otherwise): a dict with
+  ``client`` (the PP2_CLIENT_* bit field), ``verify`` (0: the client
+  certificate verified), ``tls`` (the connection used TLS), ``client_cert``
+  (a certificate was presented, on this connection or its session) and its
+  sub-TLVs ``version``, ``cn``, ``cipher``, ``sig_alg``, ``key_alg`` when
+  sent (HAProxy's ``proxy-v2-options ssl,cert-cn,ssl-cipher,cert-sig,cert-key``).
+* With ``verify_crc=1`` a header carrying the CRC32C TLV (0x03) is checked
+  (the checksum of the whole header with that field zeroed) and rejected
+  when it does not match; a header without one is accepted, since the TLV is
+  optional. ``info["crc32c"]`` says ``"ok"`` when it was checked.
+
+The address shape follows the listener's family, like ``socket.accept()``
+would give it there, whichever family the client has: on an ``AF_INET``
+listener ``(host, port)`` (an IPv6 client too: ``("2001:db8::7", 5)``), on
+an ``AF_INET6`` listener ``(host, port, flowinfo, scope_id)`` (an IPv4 client
+too: ``("192.0.2.7", 5, 0, 0)``). So ``host, port = addr`` works on an IPv4
+listener and ``host, port, *_ = addr`` on both; ``host`` is the address as the
+header gives it (dotted IPv4, compressed IPv6).
+
+A LOCAL command (a balancer's own health check) is accepted whatever its
+address family, with or without an address block: the spec says the
+receiver ignores the addresses of LOCAL and uses the connection's own.
 
 Rejected: a connection from an untrusted peer (or an unknown one), a
 malformed header, a missing header — unless ``allow_missing=1``, which lets
@@ -54,6 +76,7 @@ class Proxy(Filter):
         *,
         trusted: tuple[str, ...] = (),
         allow_missing: bool = False,
+        verify_crc: bool = False,
         max_bytes: int = 4096,
         timeout: float | None = None,
     ) -> None:
@@ -62,6 +85,8 @@ class Proxy(Filter):
             raise ValueError("proxy needs trusted=NETWORK[|NETWORK...] (the balancers allowed to send a header)")
         self.trusted: tuple[Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
         self.allow_missing = allow_missing
+        #: Check the CRC32C TLV when a v2 header carries one.
+        self.verify_crc = verify_crc
 
     def is_trusted(self, peer: Any) -> bool:
         """Whether a socket address (``(host, port, ...)``) is in a trusted network."""
@@ -85,8 +110,12 @@ class Proxy(Filter):
         return self.session().check(data, final)
 
     def peer_matcher(self, peer: Any) -> Program | None:
-        """Compiled, for trusted peers only (the check rejects everyone else): see :meth:`matcher`."""
-        return self._matcher() if self.is_trusted(peer) else None
+        """Compiled, for trusted peers only (the check rejects everyone else): see :meth:`matcher`.
+
+        None with ``verify_crc=1``: the check then rejects a header whose
+        CRC32C is wrong, which the matcher cannot compute.
+        """
+        return self._matcher() if self.is_trusted(peer) and not self.verify_crc else None
 
     def matcher(self) -> Program | None:
         """None: without a peer nobody is trusted; the engine asks :meth:`peer_matcher`."""
@@ -173,8 +202,8 @@ class _ProxySession:
         info.update(
             command="PROXY",
             transport=proto.lower(),
-            client_address=_sockaddr(str(src_ip), ports[0]),
-            server_address=_sockaddr(str(dst_ip), ports[1]),
+            client_address=_sockaddr(str(src_ip), ports[0], self._peer),
+            server_address=_sockaddr(str(dst_ip), ports[1], self._peer),
         )
         return Decision.accept(info, consume=end + 2)
 
@@ -195,10 +224,12 @@ class _ProxySession:
         body = data[16:total]
         info: dict[str, Any] = {"proxy_version": 2, "balancer": self._peer, "transport": _FAMILIES[fam]}
         addr_len = {0x1: 12, 0x2: 36, 0x3: 216}.get(fam >> 4, 0)
-        if len(body) < addr_len:
-            return Decision.reject("PROXY v2: address block shorter than its family")
         if ver_cmd & 0x0F == 0:
+            # LOCAL: the addresses (if any) are to be ignored; so is a short block.
             info["command"] = "LOCAL"
+            addr_len = min(addr_len, len(body))
+        elif len(body) < addr_len:
+            return Decision.reject("PROXY v2: address block shorter than its family")
         else:
             info["command"] = "PROXY"
             if fam >> 4 in (1, 2):
@@ -207,26 +238,109 @@ class _ProxySession:
                 dst = ipaddress.ip_address(body[size : 2 * size])
                 sport = int.from_bytes(body[2 * size : 2 * size + 2], "big")
                 dport = int.from_bytes(body[2 * size + 2 : 2 * size + 4], "big")
-                info["client_address"] = _sockaddr(str(src), sport)
-                info["server_address"] = _sockaddr(str(dst), dport)
-        tlvs: dict[int, bytes] = {}
-        pos = addr_len
-        while pos < len(body):
-            if pos + 3 > len(body):
-                return Decision.reject("PROXY v2: truncated TLV")
-            kind, size = body[pos], int.from_bytes(body[pos + 1 : pos + 3], "big")
-            if pos + 3 + size > len(body):
-                return Decision.reject("PROXY v2: TLV runs past the header")
-            tlvs[kind] = body[pos + 3 : pos + 3 + size]
-            pos += 3 + size
+                info["client_address"] = _sockaddr(str(src), sport, self._peer)
+                info["server_address"] = _sockaddr(str(dst), dport, self._peer)
+        tlvs = _tlvs(body, addr_len)
+        if tlvs is None:
+            return Decision.reject("PROXY v2: truncated TLV or TLV running past the header")
         info["tlvs"] = tlvs
         if 0x02 in tlvs:
             info["authority"] = tlvs[0x02].decode("utf-8", "replace")
         if 0x01 in tlvs:
             info["proxy_alpn"] = tlvs[0x01].decode("latin-1")
+        if 0x20 in tlvs:
+            # A malformed SSL TLV is reported, not rejected: the header itself is
+            # well formed (the compiled matcher accepts it), only its TLS details are lost.
+            ssl = _ssl_info(tlvs[0x20])
+            info["ssl"] = ssl if ssl is not None else {"malformed": True}
+        if self._filter.verify_crc and 0x03 in tlvs:
+            if len(tlvs[0x03]) != 4:
+                return Decision.reject("PROXY v2: CRC32C TLV is not 4 bytes")
+            pos = _tlv_offset(body, addr_len, 0x03)
+            zeroed = data[: 16 + pos + 3] + b"\0\0\0\0" + data[16 + pos + 7 : total]
+            if crc32c(zeroed) != int.from_bytes(tlvs[0x03], "big"):
+                return Decision.reject("PROXY v2: CRC32C mismatch")
+            info["crc32c"] = "ok"
         return Decision.accept(info, consume=total)
 
 
-def _sockaddr(ip: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
-    """The address tuple ``socket.accept()`` would give for this client."""
+# PP2_SUBTYPE_SSL_*: the sub-TLVs of the SSL TLV.
+_SSL_SUBTYPES = {0x21: "version", 0x22: "cn", 0x23: "cipher", 0x24: "sig_alg", 0x25: "key_alg"}
+
+
+def _tlvs(body: bytes, pos: int) -> dict[int, bytes] | None:
+    """Type -> value from ``pos`` to the end of ``body``; None when a TLV is truncated."""
+    tlvs: dict[int, bytes] = {}
+    while pos < len(body):
+        if pos + 3 > len(body):
+            return None
+        kind, size = body[pos], int.from_bytes(body[pos + 1 : pos + 3], "big")
+        if pos + 3 + size > len(body):
+            return None
+        tlvs[kind] = body[pos + 3 : pos + 3 + size]
+        pos += 3 + size
+    return tlvs
+
+
+def _tlv_offset(body: bytes, pos: int, wanted: int) -> int:
+    """Offset in ``body`` of the (last) TLV of type ``wanted``; the TLVs are known to be well formed."""
+    found = -1
+    while pos < len(body):
+        if body[pos] == wanted:
+            found = pos
+        pos += 3 + int.from_bytes(body[pos + 1 : pos + 3], "big")
+    return found
+
+
+def _ssl_info(value: bytes) -> dict[str, Any] | None:
+    """PP2_TYPE_SSL: client (1 byte), verify (4 bytes), then sub-TLVs."""
+    if len(value) < 5:
+        return None
+    client = value[0]
+    out: dict[str, Any] = {
+        "client": client,
+        "verify": int.from_bytes(value[1:5], "big"),
+        "tls": bool(client & 0x01),
+        "client_cert": bool(client & 0x06),
+    }
+    subs = _tlvs(value, 5)
+    if subs is None:
+        return None
+    for kind, raw in subs.items():
+        if kind in _SSL_SUBTYPES:
+            out[_SSL_SUBTYPES[kind]] = raw.decode("utf-8", "replace")
+    return out
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as the PROXY v2 CRC32C TLV carries it; headers are small, a table is enough."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C
+    for byte in data:
+        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
+    return crc ^ 0xFFFFFFFF
+
+
+def _sockaddr(ip: str, port: int, peer: Any) -> tuple[str, int] | tuple[str, int, int, int]:
+    """The client address in the shape of the listener's family (the balancer's address shows it).
+
+    ``socket.accept()`` gives 2-tuples on an AF_INET listener and 4-tuples on
+    an AF_INET6 one; code written for the listener keeps working whatever
+    family the proxied client has. Without a known peer: by the client's family.
+    """
+    if isinstance(peer, tuple) and len(peer) in (2, 4):
+        return (ip, port) if len(peer) == 2 else (ip, port, 0, 0)
     return (ip, port) if ":" not in ip else (ip, port, 0, 0)

@@ -18,7 +18,10 @@ suite count, GREASE excluded) and ``ja4`` (the FoxIO JA4 fingerprint).
 * A ClientHello that cannot fit in ``max_bytes`` (default 16 KiB; records
   included) is rejected with a reason saying so, as soon as its length is
   known. A malformed record or message is rejected; at the end (EOF,
-  deadline) an incomplete ClientHello is rejected.
+  deadline) an incomplete ClientHello is rejected. A rejected hello is closed
+  with its unread bytes still in the socket, so the kernel sends an RST, not
+  a FIN: the client sees "connection reset" (documented; draining up to 16 KiB
+  of a hello the server refuses would only cost it more).
 """
 
 from __future__ import annotations

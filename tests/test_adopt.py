@@ -154,6 +154,10 @@ def test_first_look_decides_on_bytes_already_there() -> None:
     assert ready is not None
     assert (ready.phase, ready.route, ready.consume, ready.info["target"]) == (Phase.ACCEPTED, "web", 0, "/a")
     assert single.look(b"GET /a HTTP/1.1\r\n") is None  # wants more
+    garbage = single.look(b"\x16\x03\x01garbage")
+    assert garbage is not None and garbage.phase is Phase.REJECTED  # not HTTP: rejected by default
+    passing = Decider((Route("web", load_chain("httpready:non_http=accept")),)).look(b"\x16\x03\x01garbage")
+    assert passing is not None and passing.phase is Phase.ACCEPTED  # FreeBSD's pass, on request
     peer = ("127.0.0.1", 40000)
     chain = Decider((Route("web", load_chain(["proxy:trusted=127.0.0.0/8", "httpready"])),))
     header = b"PROXY TCP4 192.0.2.1 10.0.0.1 1111 80\r\n"

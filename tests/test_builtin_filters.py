@@ -28,14 +28,19 @@ def feed(flt: HttpReady | DataReady, data: bytes, step: int) -> list[Verdict]:
         (b"GET / HTTP/1.1\r\nHost: a\n\r\n", A),
         (b"DELETE /x HTTP/1.1\r\n\r\n", A),
         (b"GET /x\r\n", A),  # HTTP/0.9
+        (b"HEAD /x\r\n", R),  # HTTP/0.9 is GET only (RFC 1945)
+        (b"EHLO x\r\n", R),  # ...so an SMTP client's greeting is not a request
+        (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n", R),  # nor Debian's OpenSSH line
+        (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10", W),  # (a GET-less line is decided at its end)
+        (b"\x00", R),  # one garbage byte: rejected by default, not passed
         (b"\r\nGET / HTTP/1.0\r\n\r\n", A),  # leading empty line tolerated
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n", W),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", A),
-        (b"\x16\x03\x01", A),  # TLS: passed like FreeBSD
+        (b"\x16\x03\x01", R),  # TLS: not HTTP, rejected (non_http=accept passes it like FreeBSD)
         (b"SSH-2.0-OpenSSH", W),  # could still be a method token... until the '-' run ends
-        (b"SSH-2.0-OpenSSH_9.6\r\n", A),  # ...then it is not HTTP: passed
-        (b"GET /a\x01b HTTP/1.1", A),  # control byte: cannot be HTTP
-        (b"A" * 40, A),  # a method longer than any real one
+        (b"SSH-2.0-OpenSSH_9.6\r\n", R),  # ...then it is not HTTP
+        (b"GET /a\x01b HTTP/1.1", R),  # control byte: cannot be HTTP
+        (b"A" * 40, R),  # a method longer than any real one
     ],
 )
 def test_httpready_verdicts(data: bytes, verdict: Verdict) -> None:
@@ -61,15 +66,18 @@ def test_httpready_terminator_anywhere_not_only_at_the_tail() -> None:
     assert HttpReady().check(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", False).verdict is A
 
 
-def test_httpready_non_http_is_a_pass_through() -> None:
-    d = HttpReady().check(b"\x16\x03\x01\x02", False)
+def test_httpready_non_http_accept_is_freebsds_pass_through() -> None:
+    d = HttpReady(non_http="accept").check(b"\x16\x03\x01\x02", False)
     assert d.verdict is A and d.passed  # surfaced alone, no match behind a router
-    assert not HttpReady().check(b"GET / HTTP/1.0\r\n\r\n", False).passed
+    assert not HttpReady(non_http="accept").check(b"GET / HTTP/1.0\r\n\r\n", False).passed
+    assert HttpReady(non_http="accept").check(b"EHLO x\r\n", False).passed
 
 
-def test_httpready_non_http_reject_option() -> None:
-    d = HttpReady(non_http="reject").check(b"\x16\x03\x01\x02", False)
-    assert d.verdict is R and "not HTTP" in d.reason
+def test_httpready_rejects_non_http_by_default() -> None:
+    """One NUL byte must not get a connection past the filter (issue 14, item 2)."""
+    for garbage in (b"\x00", b"\x16\x03\x01\x02", b"EHLO x\r\n"):
+        d = HttpReady().check(garbage, False)
+        assert d.verdict is R and "not HTTP" in d.reason, garbage
 
 
 def test_httpready_final_and_cap() -> None:

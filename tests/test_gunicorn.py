@@ -198,6 +198,66 @@ def test_without_the_filter_idle_connections_starve_sync_workers(start_gunicorn)
         close_all(idle)
 
 
+def _closed_with_fin(sock: socket.socket, seconds: float) -> bool:
+    """True if the peer closed with a FIN (recv gives b""), not an RST, within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return False
+
+
+def test_gunicorn_defaults_close_idle_connections_with_a_fin_and_serve_late_requests(start_gunicorn) -> None:
+    """Issue 14, item 1 and seed 004, with no ACCEPTFILTER_* setting at all."""
+    server = start_gunicorn("-k", "sync", workers=2)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    balancer = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        time.sleep(1.0)  # a balancer's pre-opened connection idles less than the deadline (5 s)...
+        balancer.sendall(b"GET /late HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := balancer.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b"/late" in reply  # ...and is served
+        started = time.monotonic()
+        assert all(_closed_with_fin(s, 20) for s in idle)  # at the deadline: a FIN each, not dropped silently
+        assert time.monotonic() - started < 15
+        # No worker was handed an idle connection: both still answer at once.
+        assert [curl(server.port, f"/after{i}", max_time=5)["path"] for i in range(6)] == [f"/after{i}" for i in range(6)]
+    finally:
+        for s in [*idle, balancer]:
+            s.close()
+
+
+def test_one_garbage_byte_does_not_get_past_httpready_by_default(start_gunicorn) -> None:
+    """Issue 14, item 2: eight clients that send one NUL byte each must not pin the sync workers."""
+    server = start_gunicorn("-k", "sync", workers=2)  # default settings: httpready, non_http=reject
+    garbage = open_conns(server.port, 8, b"\x00")
+    try:
+        for s in garbage:  # each is rejected (closed) by the filter, none reaches a worker
+            s.settimeout(10)
+            try:
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass  # closed with the NUL unread: the kernel may send RST instead of FIN
+        answers = [curl(server.port, f"/g{i}", max_time=5) for i in range(20)]
+        assert [a["path"] for a in answers] == [f"/g{i}" for i in range(20)]
+    finally:
+        close_all(garbage)
+
+
+def test_freebsds_pass_through_lets_garbage_pin_sync_workers(start_gunicorn) -> None:
+    """The control experiment: with non_http=accept (FreeBSD's pass) the same bytes pin both workers."""
+    server = start_gunicorn("-k", "sync", workers=2, env={"ACCEPTFILTER_FILTER": "httpready:non_http=accept"})
+    garbage = open_conns(server.port, 8, b"\x00")
+    try:
+        out = subprocess.run(["curl", "-sS", "--max-time", "2", f"http://127.0.0.1:{server.port}/"],
+                             capture_output=True, text=True, timeout=10)
+        assert out.returncode == 28, f"a worker answered although garbage was passed to both: {out.stdout}"
+    finally:
+        close_all(garbage)
+
+
 def test_an_idle_worker_takes_the_next_connection_while_another_is_busy(start_gunicorn) -> None:
     server = start_gunicorn("-k", "sync", env={"ACCEPTFILTER_FILTER": "httpready"})
     slow = open_conns(server.port, 1, b"GET /slow?4 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")[0]
@@ -309,11 +369,37 @@ def test_the_filter_process_is_restarted_when_it_dies(start_gunicorn) -> None:
     first = server.feeder_pids()[0]
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: len(server.feeder_pids()) == 2, timeout=15)
-    assert "ended (signal 9)" in server.log() or "ended (exited)" in server.log()
+    assert re.search(r"ended \((signal 9|killed or crashed: it did not stop cleanly.*)\) holding 0 connections",
+                     server.log()), server.log()
     held = open_conns(server.port, 5, HEAD)  # held by the new filter process
     try:
         time.sleep(0.3)
         assert {a["reason"] for a in finish_and_read(held)} == {"ready"}
+    finally:
+        close_all(held)
+
+
+def test_a_killed_filter_process_says_how_many_held_connections_were_lost(start_gunicorn) -> None:
+    """Issue 14, item 8: SIGKILL loses what the filter process holds; the arbiter logs and counts it."""
+    server = start_gunicorn("-k", "sync", env={"ACCEPTFILTER_FILTER": "httpready", "ACCEPTFILTER_TIMEOUT": "30"})
+    first = server.feeder_pids()[0]
+    held = open_conns(server.port, 6, HEAD)
+    try:
+        def all_held() -> bool:  # each connection is in the filter process (a socket fd there)
+            fds = os.listdir(f"/proc/{first}/fd")
+            return sum(os.readlink(f"/proc/{first}/fd/{fd}").startswith("socket:") for fd in fds) >= 6 + 4
+        wait_for(all_held, timeout=15)
+        os.kill(first, signal.SIGKILL)
+        for s in held:  # the kernel closed them with the process: each client sees FIN or RST
+            s.settimeout(10)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: "holding 6 connections: they are lost" in server.log(), timeout=15)
+        assert "6 lost this way so far" in server.log()
+        wait_for(lambda: len(server.feeder_pids()) == 2, timeout=15)
+        assert curl(server.port)["reason"] == "ready"
     finally:
         close_all(held)
 
@@ -510,7 +596,7 @@ def test_settings_env_overrides_install_defaults() -> None:
     got = af_gunicorn.settings({"ACCEPTFILTER_FILTER": "proxy:trusted=10.0.0.0/8 httpready", "ACCEPTFILTER_MAX_HELD": "77"},
                                timeout=3, filter="dataready")
     assert got.filters == ("proxy:trusted=10.0.0.0/8", "httpready")
-    assert (got.timeout, got.max_held, got.on_timeout, got.core) == (3.0, 77, "surface", "c")
+    assert (got.timeout, got.max_held, got.on_timeout, got.core) == (3.0, 77, "close", "c")  # close: the worker model default
     with pytest.raises(AcceptFilterError, match="ACCEPTFILTER_ON_TIMEOUT|on_timeout"):
         af_gunicorn.settings({"ACCEPTFILTER_ON_TIMEOUT": "explode"})
     with pytest.raises(TypeError, match="unknown setting"):

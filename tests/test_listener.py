@@ -193,23 +193,24 @@ def test_http_variants_surface_with_every_byte(make, payload: bytes, expect_meth
     client.close()
 
 
-def test_garbage_passes_by_default_and_is_rejected_on_request(listen_sock: socket.socket, core: str) -> None:
+def test_garbage_is_rejected_by_default_and_passed_on_request(listen_sock: socket.socket, core: str) -> None:
+    """Standalone httpready is not bypassable by garbage (issue 14, item 2); FreeBSD's pass is opt-in."""
     with acceptfilter.wrap(listen_sock, "httpready", core=core) as listener:
-        client = connect(listener)
-        client.sendall(b"\x16\x03\x01\x00\xa5\x01")
-        sock = accept_within(listener, 10)
-        assert sock is not None
-        assert acceptfilter.connection_info(sock)["protocol"] == "unknown"  # type: ignore[index]
-        sock.close()
-        client.close()
-    other = socket.create_server(("127.0.0.1", 0))
-    with acceptfilter.wrap(other, "httpready:non_http=reject", core=core) as listener:
         client = connect(listener)
         client.sendall(b"\x16\x03\x01\x00\xa5\x01")
         assert accept_within(listener, 0.5) is None
         client.settimeout(2)
         assert client.recv(10) == b""
         assert listener.stats()["rejected"] == 1
+        client.close()
+    other = socket.create_server(("127.0.0.1", 0))
+    with acceptfilter.wrap(other, "httpready:non_http=accept", core=core) as listener:
+        client = connect(listener)
+        client.sendall(b"\x16\x03\x01\x00\xa5\x01")
+        sock = accept_within(listener, 10)
+        assert sock is not None
+        assert acceptfilter.connection_info(sock)["protocol"] == "unknown"  # type: ignore[index]
+        sock.close()
         client.close()
 
 

@@ -83,7 +83,7 @@ def test_typos_get_the_closest_name() -> None:
 
 
 def test_unknown_filter_names_the_registered_ones() -> None:
-    with pytest.raises(acceptfilter.UnknownFilterError, match="unknown filter 'htpready'.*dataready, dnsready, httpready, proxy, tlsready"):
+    with pytest.raises(acceptfilter.UnknownFilterError, match="unknown filter 'htpready'.*dataready, dnsready, httpready, proxy, silent, sshready, tlsready"):
         acceptfilter.load_filter("htpready")
 
 

@@ -23,7 +23,7 @@ def test_builtin_over_real_sockets(name: str) -> None:
     [
         ("httpready", [b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"]),
         ("httpready", [b"GET / HTTP/1.1\r\n"]),  # incomplete at EOF: rejected, counted
-        ("httpready", [b"\x16\x03\x01\x00\x05hello"]),  # not HTTP: passed through
+        ("httpready", [b"\x16\x03\x01\x00\x05hello"]),  # not HTTP: rejected (non_http=reject, the default)
         ("dataready", []),  # closed having sent nothing
         ("dataready:min_bytes=4", [b"a", b"b", b"cd", b"efg"]),
     ],

@@ -198,3 +198,19 @@ def test_padded_hello_over_a_socket(core: str, listen_sock: socket.socket) -> No
         while listener2.stats()["rejected"] != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert listener2.stats()["rejected"] == 1
+
+
+def test_a_hello_over_max_bytes_is_reset_not_finned(listen_sock: socket.socket, core: str) -> None:
+    """Issue 14, item 6: the rejected hello is unread when the socket closes, so OpenSSL's client sees an RST."""
+    from acceptfilter.listener import wrap
+
+    with wrap(listen_sock, "tlsready:max_bytes=200", core=core, timeout=5) as listener:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(listen_sock.getsockname(), timeout=10) as raw, \
+                pytest.raises((ConnectionResetError, ssl.SSLError)) as caught, \
+                ctx.wrap_socket(raw, server_hostname="big.example"):
+            pass
+        assert isinstance(caught.value, ConnectionResetError) or "reset" in str(caught.value).lower(), caught.value
+        assert listener.stats()["rejected"] == 1

@@ -14,13 +14,26 @@ from dataclasses import dataclass, field
 from .errors import FilterSpecError
 from .filter import Filter
 
-__all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "Action", "Policy", "Route", "parse_action"]
+__all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "WORKER_ON_TIMEOUT", "Action", "Policy", "Route", "parse_action"]
 
 #: Seconds a connection may be held before the timeout policy applies.
 DEFAULT_TIMEOUT = 5.0
 #: The longest deadline a core keeps (about 35 years, the C core's AF_MAX_TIMEOUT_MS):
 #: longer ones are clamped, so deadline arithmetic can never overflow.
 MAX_TIMEOUT = float(1 << 40) / 1000
+
+#: The ``on_timeout`` default of the integrations whose server gives every
+#: accepted connection a worker that blocks reading it (gunicorn sync and
+#: gthread, socketserver/http.server, ``acceptfilter serve``). Surfacing an
+#: idle or slowloris connection there pins a worker until the server's own
+#: timeout (gunicorn: 30 s, then WORKER TIMEOUT): with 4 sync workers and
+#: 1,000 idle clients, 303 of 3,500 legit requests were served. Closing sends
+#: the client (or a load balancer's pre-opened connection) a FIN it sees, so
+#: nothing is dropped silently (seed 004); a connection that sends its
+#: request before the deadline is served. Async servers (asyncio, uvicorn,
+#: hypercorn, tornado, trio, twisted) keep ``surface``: an idle connection
+#: costs them a coroutine, and their own header timeouts answer it.
+WORKER_ON_TIMEOUT = "close"
 
 _ACTIONS = ("surface", "close", "reset")
 

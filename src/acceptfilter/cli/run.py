@@ -39,8 +39,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--filter", "-f", action="append", metavar="SPEC", help="filter spec; repeat for a chain (default: httpready)")
     p.add_argument("--timeout", type=positive_float, default=None,
                    help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--on-timeout", type=on_timeout, default="surface", metavar="ACTION",
-                   help="surface (default), close or reset (RST)")
+    p.add_argument("--on-timeout", type=on_timeout, default=None, metavar="ACTION",
+                   help="surface, close or reset (RST) (default: close for gunicorn, whose workers a surfaced idle "
+                        "client would pin; surface for uvicorn and hypercorn)")
     p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn|hypercorn|gunicorn ...")
@@ -56,7 +57,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.on_timeout.startswith("route:"):
+    if args.on_timeout and args.on_timeout.startswith("route:"):
         raise AcceptFilterError(f"--on-timeout {args.on_timeout}: acceptfilter run has no routes; use surface, close or reset")
     command = list(args.server)
     if command and command[0] == "--":
@@ -79,8 +80,8 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["ACCEPTFILTER_FILTER"] = " ".join(args.filter or ["httpready"])
     env["ACCEPTFILTER_CORE"] = args.core
-    env["ACCEPTFILTER_ON_TIMEOUT"] = args.on_timeout
-    for var, value in (("ACCEPTFILTER_TIMEOUT", args.timeout), ("ACCEPTFILTER_MAX_HELD", args.max_held)):
+    for var, value in (("ACCEPTFILTER_TIMEOUT", args.timeout), ("ACCEPTFILTER_MAX_HELD", args.max_held),
+                       ("ACCEPTFILTER_ON_TIMEOUT", args.on_timeout)):
         if value is not None:
             env[var] = str(value)
     from ..integrations.gunicorn import settings

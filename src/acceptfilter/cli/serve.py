@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -30,9 +31,9 @@ from typing import Any
 
 from ..errors import AcceptFilterError
 from ..listener import FilteredListener, Router, route, wrap
-from ..policy import DEFAULT_TIMEOUT, parse_action
-from ..relay import forward, parse_target
-from .args import ON_TIMEOUT_HELP, on_timeout, port, positive_float, positive_int
+from ..policy import DEFAULT_TIMEOUT, WORKER_ON_TIMEOUT, Action, parse_action
+from ..relay import Forward, forward, parse_forward
+from .args import on_timeout, port, positive_float, positive_int
 from .console import console
 
 access_log = logging.getLogger("acceptfilter.access")
@@ -55,7 +56,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--directory", "-d", default=os.getcwd(), help="directory to serve (default: the current one)")
     p.add_argument("--timeout", type=positive_float, default=None,
                    help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g}, or the filter's timeout=)")
-    p.add_argument("--on-timeout", type=on_timeout, default="surface", metavar="ACTION", help=ON_TIMEOUT_HELP)
+    p.add_argument("--on-timeout", type=on_timeout, default=None, metavar="ACTION",
+                   help="what a connection whose deadline passed gets: close (default: the file server gives each "
+                        "connection a thread, which a surfaced idle client would pin), surface (the application "
+                        "sees it, like Linux's TCP_DEFER_ACCEPT), reset (RST), or route:NAME (with --route: that "
+                        "route; by default what timed out half-sent gets --on-reject)")
     p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("--backlog", type=positive_int, default=1024, help="listen backlog (default: 1024)")
@@ -63,13 +68,20 @@ def register(subparsers: Any) -> None:
                    help="route on this port (repeat; first match wins; '+' chains filters); "
                         "the file server serves --serve-route, the others need --forward")
     p.add_argument("--default", metavar="NAME", default=None,
-                   help="route for connections every route rejects and for silent clients after the deadline")
-    p.add_argument("--forward", action="append", metavar="NAME=HOST:PORT", default=[],
-                   help="relay a route's connections to a TCP backend (sslh-style; HOST is resolved once, at start)")
+                   help="route for silent (server-first: SMTP, MySQL, an SSH client that waits) clients that sent "
+                        "nothing by the deadline")
+    p.add_argument("--on-reject", metavar="ACTION", default="close",
+                   help="with --route: what a connection every route rejected, or that timed out half-sent, gets: "
+                        "close (default), reset or route:NAME")
+    p.add_argument("--forward", action="append", metavar="NAME=HOST:PORT[,proxy=v1|v2]", default=[],
+                   help="relay a route's connections to a TCP backend (sslh-style; HOST is resolved once, at start), "
+                        "optionally after a PROXY protocol header; when every route is forwarded there is no file server")
     p.add_argument("--serve-route", metavar="NAME", default=None,
-                   help="with --route: the route the file server answers (default: 'http' if there is one, else the first)")
+                   help="with --route: the route the file server answers (default: 'http' if there is one, else the "
+                        "first route that is not forwarded)")
     p.add_argument("--status-interval", type=positive_float, default=2.0, metavar="S",
-                   help="seconds between status lines (held / surfaced / timed out / kernel queue; default: 2)")
+                   help="seconds between status lines (accepted = held + every outcome, timed out, evicted, "
+                        "kernel queue; default: 2)")
     p.add_argument("--no-status", dest="status", action="store_false", help="no status line")
     p.add_argument("--metrics-port", type=port, default=None, metavar="N",
                    help="serve the Prometheus text format at http://BIND:N/metrics (needs prometheus_client)")
@@ -78,13 +90,44 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that reports a client gone mid-answer in one line, not a traceback.
+
+    Under a flood, clients that reset or stop reading made the stock server
+    print a BrokenPipeError/ConnectionResetError traceback per connection.
+    """
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            client = client_address[0] if isinstance(client_address, tuple) and client_address else "unix"
+            access_log.info("%s - - client went away: %s", client, type(exc).__name__,
+                            extra={"fields": {"type": "access", "client": str(client), "error": type(exc).__name__}})
+            return
+        super().handle_error(request, client_address)
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     """SimpleHTTPRequestHandler whose access lines go to the ``acceptfilter.access`` logger.
 
     Through logging, they share stderr with the status line without tearing it
     (see :mod:`.console`) and follow ``--log-format``. Each line also says why the
     connection was surfaced and how long it was held.
+
+    A percent-encoded NUL in the path (``GET /%00/``) made the stock handler raise
+    ``ValueError: embedded null byte`` from ``open()`` (a traceback, and no answer
+    for the client); it gets a 400 here. (A raw NUL never gets past httpready.)
     """
+
+    def send_head(self) -> Any:
+        if "\x00" in self.path or "%00" in self.path.lower():
+            self.send_error(400, "NUL byte in the path")
+            return None
+        try:
+            return super().send_head()
+        except ValueError:  # another path open() cannot take
+            self.send_error(400, "bad path")
+            return None
 
     def address_string(self) -> str:
         addr = self.client_address
@@ -104,12 +147,46 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
                         extra={"fields": {"type": "access", **fields}})
 
 
-def status_line(stats: dict[str, Any], view: Any) -> str:
-    """One line an operator can read at a glance: what is held, what got through, what the kernel queues."""
-    kernel = "?" if view is None else f"{view.accept_queue}/{view.backlog}"
-    drops = "" if view is None or not view.drops else f"  kernel drops {view.drops}"
-    return (f"held {stats['held']}  surfaced {stats['surfaced']}  timed out {stats['timed_out']}  "
-            f"rejected {stats['rejected']}  kernel queue {kernel}{drops}")
+class KernelQueue:
+    """The listen socket's accept queue and backlog, from ``getsockopt(TCP_INFO)``.
+
+    On a listening socket ``tcpi_unacked`` is the accept-queue length and
+    ``tcpi_sacked`` the backlog. One syscall on a socket we already have: the
+    status line used to build a pyroute2 netlink socket (and an asyncio loop)
+    per refresh, which failed every time at EMFILE, the moment it matters.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self) -> tuple[int, int] | None:
+        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        try:
+            raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return None
+        if len(raw) < 32:
+            return None
+        unacked, sacked = struct.unpack_from("=II", raw, 24)
+        return unacked, sacked
+
+
+_TERMS = ("accepted", "held", "surfaced", "rejected", "closed_empty", "failed", "dropped", "timed_out", "evicted")
+
+
+def status_line(stats: dict[str, Any], queue: tuple[int, int] | None) -> str:
+    """One line an operator can read at a glance, with every outcome of the invariant.
+
+    ``accepted == surfaced + rejected + closed_empty + failed + dropped + held``:
+    each term is on the line, so the sum can be checked by eye; then the
+    causes (timed out, evicted) and the kernel's accept queue / backlog.
+    """
+    kernel = "?" if queue is None else f"{queue[0]}/{queue[1]}"
+    return (f"accepted {stats['accepted']} = held {stats['held']} + surfaced {stats['surfaced']} "
+            f"+ rejected {stats['rejected']} + closed empty {stats['closed_empty']} + failed {stats['failed']} "
+            f"+ dropped {stats['dropped']}  timed out {stats['timed_out']}  evicted {stats['evicted']}  "
+            f"kernel queue {kernel}")
 
 
 @dataclass
@@ -128,22 +205,18 @@ class _Current:
 
 def _status_loop(current: _Current, interval: float) -> None:
     """Refresh the status line in place on a terminal; print plain (or JSON) lines otherwise."""
-    from .. import diag
-
+    queue = KernelQueue(current.sock)
     while not current.stop.wait(interval):
-        try:
-            view: Any = diag.inspect(current.sock)
-        except (diag.DiagError, OSError, ValueError):
-            view = None
+        kernel = queue.read()
         try:
             stats = current.stats()
         except Exception:  # the server is shutting down under us
             return
-        line = status_line(stats, view)
+        line = status_line(stats, kernel)
         if current.json_logs:
-            fields: dict[str, Any] = {k: stats[k] for k in ("held", "surfaced", "timed_out", "rejected", "queued") if k in stats}
-            if view is not None:
-                fields.update(kernel_queue=view.accept_queue, kernel_backlog=view.backlog)
+            fields: dict[str, Any] = {k: stats[k] for k in (*_TERMS, "queued") if k in stats}
+            if kernel is not None:
+                fields.update(kernel_queue=kernel[0], kernel_backlog=kernel[1])
             status_log.info("%s", line, extra={"fields": {"type": "status", **fields}})
         else:
             console.status(line)
@@ -240,7 +313,7 @@ class _Serve:
         self.unix_path = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else None
         handler = functools.partial(_QuietHandler, directory=args.directory)
         try:
-            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler, bind_and_activate=False)
+            server = _Server(("127.0.0.1", 0), handler, bind_and_activate=False)
             server.socket.close()
             server.socket = self.sock
             if self.sock.family == socket.AF_UNIX:
@@ -259,28 +332,36 @@ class _Serve:
         args, plan = self.args, self.plan
         policy: dict[str, Any] = {"timeout": args.timeout, "max_held": args.max_held, "core": args.core, "driver": driver}
         if plan.routes is None:
-            listener = wrap(sock, plan.specs, on_timeout=args.on_timeout, **policy)
+            listener = wrap(sock, plan.specs, on_timeout=args.on_timeout or WORKER_ON_TIMEOUT,
+                            on_reject=args.on_reject, **policy)
             return _Current(sock, listener, listener, args.log_format == "json")
-        router = route(sock, plan.routes, default=args.default,
-                       on_timeout=None if args.on_timeout == "surface" else args.on_timeout, **policy)
-        return _Current(sock, router, router[plan.serve_name], args.log_format == "json")
+        router = route(sock, plan.routes, **plan.policy, **policy)
+        return _Current(sock, router, router[plan.serve_name or next(iter(plan.routes))], args.log_format == "json")
 
     def start(self) -> None:
         """Point the server at the current listener and start the forwards (again, after a reload)."""
-        self.server.socket = self.current.listener  # type: ignore[assignment]
+        if self.plan.serve_name is not None:
+            self.server.socket = self.current.listener  # type: ignore[assignment]
         if isinstance(self.current.source, Router):
+            if self.plan.forwards:
+                logging.getLogger("acceptfilter.relay").setLevel(logging.INFO)  # a line per relayed connection
             for name, target in self.plan.forwards.items():
                 forward(self.current.source[name], target)
 
     def banner(self) -> str:
         args, plan, listener = self.args, self.plan, self.current.listener
+        on_timeout = plan.policy["on_timeout"] if plan.routes is not None else (args.on_timeout or WORKER_ON_TIMEOUT)
+        policy = (f"deadline {listener.deadline:g} s, on timeout: {on_timeout}, "
+                  f"max held {listener.max_held}, {args.core} core")
+        if plan.routes is not None and plan.serve_name is None:
+            where = _display(self.sock).removeprefix("http://").rstrip("/")
+            return (f"Relaying on {where} (no file server: every route is forwarded; on reject: {args.on_reject}; "
+                    f"{policy}). Ctrl-C stops, SIGHUP reloads.")
         if plan.routes is None:
             through = " -> ".join(plan.specs)
         else:
-            through = f"route {plan.serve_name} ({' -> '.join(plan.routes.get(plan.serve_name, ['(default)']))})"
-        return (f"Serving {args.directory} on {_display(self.sock)} through {through} "
-                f"(deadline {listener.deadline:g} s, on timeout: {args.on_timeout}, "
-                f"max held {listener.max_held}, {args.core} core). Ctrl-C stops, SIGHUP reloads.")
+            through = f"route {plan.serve_name} ({' -> '.join(plan.routes.get(plan.serve_name or '', [])) or 'rejected connections'})"
+        return f"Serving {args.directory} on {_display(self.sock)} through {through} ({policy}). Ctrl-C stops, SIGHUP reloads."
 
     def reload(self) -> str:
         """Rebuild every chain and route; move held connections over undecided; serve what was ready."""
@@ -296,7 +377,8 @@ class _Serve:
             dup.close()
             raise
         old = self.current
-        self.server.shutdown()  # the serving loop stops between two accepts
+        if self.plan.serve_name is not None:
+            self.server.shutdown()  # the serving loop stops between two accepts
         held = old.listener.detach_held()
         moved = 0
         for fd in held:
@@ -313,7 +395,7 @@ class _Serve:
         self.current = fresh
         self.sock = dup
         self.start()
-        _drain(old, self.server)
+        _drain(old, self.server if self.plan.serve_name is not None else None)
         return f"reloaded: {len(self.plan.chains())} chain(s) rebuilt, {moved} held connection(s) moved to them"
 
     def close(self) -> None:
@@ -329,12 +411,15 @@ class _Serve:
                     pass
 
 
-def _drain(old: _Current, server: http.server.HTTPServer) -> None:
-    """Serve what the old listener had already surfaced, then close it (its socket is a dup)."""
+def _drain(old: _Current, server: http.server.HTTPServer | None) -> None:
+    """Serve what the old listener had already surfaced, then close it (its socket is a dup).
+
+    ``server`` None: a relay only, every route forwarded; their relay loops take what is queued.
+    """
     old.stop.set()
     listener = old.listener
     listener.setblocking(False)
-    while True:
+    while server is not None:
         try:
             conn, addr = listener.accept()
         except (BlockingIOError, OSError):
@@ -344,7 +429,8 @@ def _drain(old: _Current, server: http.server.HTTPServer) -> None:
         import time
 
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and any(old.source[n].queued for n in old.source if n != listener.route):
+        while time.monotonic() < deadline and any(old.source[n].queued for n in old.source
+                                                  if server is None or n != listener.route):
             time.sleep(0.01)
     old.source.close()
 
@@ -355,8 +441,11 @@ class _Plan:
 
     specs: list[str]
     routes: dict[str, list[str]] | None = None
-    forwards: dict[str, tuple[str, int]] = field(default_factory=dict)
-    serve_name: str = ""
+    forwards: dict[str, Forward] = field(default_factory=dict)
+    #: The route the file server answers; None when every route is forwarded (a relay only).
+    serve_name: str | None = ""
+    #: Keywords for route(): on_timeout, on_reject, default (the --on-reject route, if any).
+    policy: dict[str, Any] = field(default_factory=dict)
 
     def chains(self) -> list[list[str]]:
         return [self.specs] if self.routes is None else list(self.routes.values())
@@ -376,12 +465,15 @@ def _check(args: argparse.Namespace) -> _Plan:
                 raise AcceptFilterError(f"{option} {value} needs --route: without routes there is only one chain")
         if args.forward:
             raise AcceptFilterError("--forward needs --route: it relays one route's connections")
-        if args.on_timeout.startswith("route:"):
+        if args.on_timeout and args.on_timeout.startswith("route:"):
             raise AcceptFilterError(f"--on-timeout {args.on_timeout} needs --route: without routes there is none to name")
+        if args.on_reject not in ("close", "reset"):
+            raise AcceptFilterError(f"--on-reject {args.on_reject} needs --route: without routes it is close or reset")
         plan = _Plan(args.filter or ["httpready"])
     for chain in plan.chains():
         load_chain(chain)  # report a bad spec before binding anything
-    parse_action(args.on_timeout, "--on-timeout")
+    if args.on_timeout:
+        parse_action(args.on_timeout, "--on-timeout")
     if args.metrics_port is not None:
         from ..metrics import _client
 
@@ -473,8 +565,8 @@ def _run(args: argparse.Namespace, signals: _Signals, ready: threading.Event | N
             metrics = _serve_metrics(args.bind, args.metrics_port, lambda: serve.current.stats())
         serve.start()
         for name, target in plan.forwards.items():
-            print(f"route {name}: {' -> '.join(plan.routes.get(name, ['(default)']) if plan.routes else [])} "
-                  f"forwarded to {target[0]}:{target[1]}", flush=True)
+            chain = " -> ".join(plan.routes.get(name, []) if plan.routes else []) or "(rejected connections)"
+            print(f"route {name}: {chain} forwarded to {target}", flush=True)
         print(serve.banner(), flush=True)
         if metrics is not None:
             host, mport = str(metrics.server_address[0]), int(metrics.server_address[1])
@@ -509,6 +601,8 @@ def _run_until_signal(serve: _Serve, args: argparse.Namespace, signals: _Signals
     """Serve in a thread; the main thread handles SIGINT/SIGTERM (stop) and SIGHUP (reload)."""
     wake, pending = signals.wake, signals.pending
 
+    relay_only = serve.plan.serve_name is None  # every route forwarded: no file server to run
+
     def serve_loop() -> None:
         try:
             serve.server.serve_forever(poll_interval=0.2)
@@ -518,7 +612,8 @@ def _run_until_signal(serve: _Serve, args: argparse.Namespace, signals: _Signals
 
     def start_serving() -> threading.Thread:
         thread = threading.Thread(target=serve_loop, name="acceptfilter-serve", daemon=True)
-        thread.start()
+        if not relay_only:
+            thread.start()
         if args.status:
             threading.Thread(target=_status_loop, args=(serve.current, args.status_interval),
                              name="acceptfilter-status", daemon=True).start()
@@ -545,12 +640,23 @@ def _run_until_signal(serve: _Serve, args: argparse.Namespace, signals: _Signals
             console.clear_status()
             name = signal.Signals(signum).name
             _say(f"stopping ({name})", event="stopping", signal=name)
-            serve.server.shutdown()
+            if not relay_only:
+                serve.server.shutdown()
             return 0
 
 
 def _route_plan(args: argparse.Namespace) -> _Plan:
-    """Check --route/--forward/--default/--serve-route/--on-timeout together, before anything is bound."""
+    """Check --route/--forward/--default/--on-reject/--serve-route/--on-timeout together, before anything is bound.
+
+    ``--default NAME`` gets only silent clients: unless NAME is also a
+    ``--route``, it becomes the last route with the ``silent`` filter (waits
+    while nothing has arrived, rejects any byte, accepts the still-silent
+    connection at the deadline); if it is one, a last route ``silent:to=NAME``
+    labels silent clients for it. Everything else that no route accepts, at
+    once or at the deadline, gets ``--on-reject``: a half-sent redis command or
+    TLS garbage no longer reaches the SSH backend. With every route forwarded
+    there is no file server (``serve_name`` None).
+    """
     routes: dict[str, list[str]] = {}
     for text in args.route:
         name, sep, spec = text.partition("=")
@@ -562,31 +668,57 @@ def _route_plan(args: argparse.Namespace) -> _Plan:
         routes[name] = [part.strip() for part in spec.split("+")]
     if args.filter:
         raise AcceptFilterError("use either --filter (one chain) or --route (several), not both")
-    forwards: dict[str, tuple[str, int]] = {}
+    try:
+        reject = parse_action(args.on_reject, "--on-reject")
+    except AcceptFilterError:
+        raise AcceptFilterError(f"--on-reject takes close, reset or route:NAME, not {args.on_reject!r}") from None
+    if reject.kind == "surface" and reject.route is None:
+        raise AcceptFilterError("--on-reject takes close, reset or route:NAME (a route to send them to)")
+    internal: set[str] = set()
+    if args.default and args.default not in routes:
+        routes[args.default] = ["silent"]
+    elif args.default:
+        internal.add(f"{args.default}.silent")
+        routes[f"{args.default}.silent"] = [f"silent:to={args.default}"]
+    reject_route = reject.route  # route() adds it as a target with no filters if it is not a route
+    forwards: dict[str, Forward] = {}
     for text in args.forward:
         name, sep, target = text.partition("=")
         try:
-            forwards[name.strip()] = parse_target(target)
+            forwards[name.strip()] = parse_forward(target)
         except ValueError as exc:
             raise AcceptFilterError(f"--forward {text!r}: {exc}") from None
-    names = set(routes) | ({args.default} if args.default else set())
-    serve_name = args.serve_route or ("http" if "http" in routes else next(iter(routes)))
-    if serve_name not in names:
-        raise AcceptFilterError(f"--serve-route {serve_name!r} is not one of the routes: {', '.join(sorted(names))}")
-    action = parse_action(args.on_timeout, "--on-timeout")
-    if action.route is not None and action.route not in names:
-        raise AcceptFilterError(f"--on-timeout {args.on_timeout}: {action.route!r} is not one of the routes: "
-                                f"{', '.join(sorted(names))}")
+    names = set(routes) | ({reject_route} if reject_route else set())
+    action: Action | None = None
+    if args.on_timeout:
+        action = parse_action(args.on_timeout, "--on-timeout")
+        if action.route is not None and action.route not in names:
+            raise AcceptFilterError(f"--on-timeout {args.on_timeout}: {action.route!r} is not one of the routes: "
+                                    f"{', '.join(sorted(names - internal))}")
     unknown = sorted(set(forwards) - names)
     if unknown:
-        raise AcceptFilterError(f"--forward names route {unknown[0]!r}, which is not one of: {', '.join(sorted(names))}")
-    stranded = sorted(names - set(forwards) - {serve_name})
+        raise AcceptFilterError(f"--forward names route {unknown[0]!r}, which is not one of: "
+                                f"{', '.join(sorted(names - internal))}")
+    serve_name: str | None = args.serve_route
+    if serve_name is None:
+        unforwarded = [n for n in [*routes, *([reject_route] if reject_route else [])] if n not in forwards and n not in internal]
+        serve_name = "http" if "http" in unforwarded else (unforwarded[0] if unforwarded else None)
+    if serve_name is not None and serve_name not in names:
+        raise AcceptFilterError(f"--serve-route {serve_name!r} is not one of the routes: {', '.join(sorted(names - internal))}")
+    stranded = sorted(names - set(forwards) - {serve_name} - internal)
     if stranded:
         raise AcceptFilterError(f"route {stranded[0]!r} has nowhere to go: add --forward {stranded[0]}=HOST:PORT")
-    if serve_name in forwards:
+    if serve_name is not None and serve_name in forwards:
         raise AcceptFilterError(f"route {serve_name!r} is served by the file server; it cannot also be forwarded")
-    resolved = {name: _resolve_once(name, target) for name, target in forwards.items()}
-    return _Plan([], routes, resolved, serve_name)
+    resolved = {name: Forward(_resolve_once(name, fwd.target), fwd.send_proxy) for name, fwd in forwards.items()}
+    policy: dict[str, Any] = {
+        # Silent clients are matched by the silent route at the deadline; what is left
+        # timed out with a part of something, and gets the reject action.
+        "on_timeout": action or reject,
+        "on_reject": reject if reject.route is None else "close",
+        "default": reject_route,
+    }
+    return _Plan([], routes, resolved, serve_name, policy)
 
 
 def _resolve_once(name: str, target: tuple[str, int]) -> tuple[str, int]:

@@ -23,15 +23,25 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..listener import FilteredListener, FilterSpecs, wrap
+from ..policy import WORKER_ON_TIMEOUT
 
 __all__ = ["FilterMixIn", "install"]
 
 
 def install(server: socketserver.TCPServer, filter: FilterSpecs = "httpready", **options: Any) -> FilteredListener:
-    """Wrap an activated server's listen socket; the server then only sees ready connections."""
+    """Wrap an activated server's listen socket; the server then only sees ready connections.
+
+    ``on_timeout`` defaults to ``close`` here (:data:`acceptfilter.policy.WORKER_ON_TIMEOUT`),
+    not ``surface``: every socketserver model (one thread, a thread or a
+    process per connection) blocks a worker reading a surfaced connection, so
+    surfacing idle or slowloris clients at the deadline would hand them the
+    workers the filter kept them from.
+    """
     current = server.socket
     if isinstance(current, FilteredListener):
         raise ValueError("this server's socket already has an accept filter")
+    if options.get("on_timeout") is None:
+        options["on_timeout"] = WORKER_ON_TIMEOUT
     listener = wrap(current, filter, **options)
     server.socket = listener  # type: ignore[assignment]
     return listener

@@ -29,7 +29,8 @@ connections over.
 Settings, from the environment (which wins) or :func:`install`:
 ``ACCEPTFILTER_FILTER`` (a spec, or a chain of specs separated by spaces;
 default ``httpready``), ``ACCEPTFILTER_TIMEOUT`` (seconds),
-``ACCEPTFILTER_ON_TIMEOUT`` (``surface``, ``close``, ``reset``),
+``ACCEPTFILTER_ON_TIMEOUT`` (``close``, the default: a surfaced idle client
+would pin a sync or gthread worker; ``surface``, ``reset``),
 ``ACCEPTFILTER_MAX_HELD`` (default: the filter process's fd limit, raised to
 its hard limit, less 256), ``ACCEPTFILTER_CORE`` (``c`` or ``python``) and
 ``ACCEPTFILTER_DEFER_ACCEPT`` (``TCP_DEFER_ACCEPT`` seconds on the listen

@@ -21,11 +21,13 @@ import argparse
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import resource
 import selectors
 import signal
 import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -35,6 +37,7 @@ from ...engine import ConnectionInfo
 from ...errors import AcceptFilterError
 from ...iocore import Address
 from ...listener import FilteredListener, wrap
+from ...policy import WORKER_ON_TIMEOUT
 from ..handoff import offer_fd, receive_fds, send_connection
 
 __all__ = ["FeederSettings", "main"]
@@ -59,7 +62,7 @@ class FeederSettings:
 
     filters: tuple[str, ...] = ("httpready",)
     timeout: float | None = None
-    on_timeout: str = "surface"
+    on_timeout: str = WORKER_ON_TIMEOUT
     max_held: int | None = None
     core: str = "c"
     #: TCP_DEFER_ACCEPT seconds on gunicorn's listen sockets (0: off), so a worker
@@ -90,16 +93,39 @@ def default_max_held() -> int:
     return max(1024, min(MAX_HELD_CAP, soft - FD_HEADROOM))
 
 
+class Tally:
+    """Our held count in a memfd the arbiter also has, so a SIGKILL still tells it what was lost.
+
+    Nothing can report from a killed process; the arbiter reads the last count
+    (written after every round of the loop, no syscall: an mmap) and the
+    clean-exit flag, written only by an orderly stop that passed the held ones on.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self._map = None if fd is None else mmap.mmap(fd, 16)
+
+    def update(self, pairs: Sequence[_Pair]) -> None:
+        if self._map is None:
+            return
+        struct.pack_into("=Q", self._map, 0, sum(p.listener.stats()["held"] for p in pairs))
+
+    def close_cleanly(self) -> None:
+        if self._map is not None:
+            struct.pack_into("=QQ", self._map, 0, 0, 1)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acceptfilter-gunicorn-feeder", description=__doc__)
     p.add_argument("--master", type=int, required=True, help="the arbiter's pid: exit when it is gone")
     p.add_argument("--status-fd", type=int, required=True, help="write 'R' when ready, or 'E' and the error")
+    p.add_argument("--tally-fd", type=int, default=None,
+                   help="a 16-byte memfd: the held count and a clean-exit flag, for the arbiter to read if we die")
     p.add_argument("--pair", action="append", required=True, metavar="LISTEN:READY:HOLD_IN:HOLD_OUT",
                    help="fds: a listen socket (never accepted from here), the sending end of the channel for "
                         "ready connections, both ends of the channel of connections to hold")
     p.add_argument("--filter", action="append", required=True, metavar="SPEC")
     p.add_argument("--timeout", type=float, default=None)
-    p.add_argument("--on-timeout", default="surface")
+    p.add_argument("--on-timeout", default=WORKER_ON_TIMEOUT)
     p.add_argument("--max-held", type=int, default=None)
     p.add_argument("--core", default="c")
     p.add_argument("--log-level", default="info")
@@ -301,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.write("R")
     status.close()
     waiting_to_send: set[int] = set()
+    tally = Tally(args.tally_fd)
     try:
         while not stopping:
             for key, _ in selector.select(feeder.timeout()):
@@ -316,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif not pair.pending and fd in waiting_to_send:
                     selector.unregister(fd)
                     waiting_to_send.discard(fd)
+            tally.update(pairs)
             if os.getppid() != args.master:
                 log.info("the arbiter is gone; stopping")
                 break
@@ -323,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("the workers' end of the hand-off is closed; stopping")
     finally:
         feeder.release()
+        tally.close_cleanly()
         stats = [p.listener.stats() for p in pairs]
         log.info("stopped: %d connections handed to workers, %d held ones passed on, %d lost; "
                  "accepted %d, rejected %d, timed out %d", feeder.handed, feeder.passed_on, feeder.lost, sum(s.get("accepted", 0) for s in stats),

@@ -10,7 +10,7 @@ from typing import Any
 from ...errors import AcceptFilterError
 from ...listener import ConnectionInfo
 from ...listener import connection_info as _connection_info
-from ...policy import Policy
+from ...policy import WORKER_ON_TIMEOUT, Policy
 from ...registry import load_chain
 from .filter_process import FeederSettings
 from .supervisor import Supervisor
@@ -61,7 +61,7 @@ def settings(env: Mapping[str, str] | None = None, **defaults: Any) -> FeederSet
     core = str(merged.get("core", "c"))
     if core not in ("c", "python"):
         raise AcceptFilterError(f"{_ENV['core']} must be 'c' or 'python', not {core!r}")
-    on_timeout = str(merged.get("on_timeout", "surface"))
+    on_timeout = str(merged.get("on_timeout", WORKER_ON_TIMEOUT))  # sync/gthread: a surfaced idle client pins a worker
     load_chain(list(filters))  # unknown names and malformed specs fail here, in the arbiter
     Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held)
     return FeederSettings(filters, timeout, on_timeout, max_held, core, defer_accept)

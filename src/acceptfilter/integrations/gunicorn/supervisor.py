@@ -6,6 +6,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -51,6 +52,11 @@ class Supervisor:
         self._lock = threading.Lock()
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
+        #: Per filter process: a 16-byte memfd it keeps its held count and a
+        #: clean-exit flag in (see filter_process.Tally), read when it dies.
+        self._tallies: dict[int, int] = {}
+        #: Connections lost with filter processes that died holding them.
+        self.lost_held = 0
         self._thread = threading.Thread(target=self._watch, name="acceptfilter-supervisor", daemon=True)
 
     # -- arbiter ---------------------------------------------------------
@@ -115,21 +121,27 @@ class Supervisor:
     # -- the filter process ----------------------------------------------
     def _spawn(self, config: FeederSettings) -> subprocess.Popen[bytes]:
         status_r, status_w = os.pipe()
+        tally = os.memfd_create("acceptfilter-held", 0)
+        os.ftruncate(tally, 16)
         pairs = [f"{lst.fileno()}:{send.fileno()}:{hold_recv.fileno()}:{hold_send.fileno()}"
                  for lst, (send, _), (hold_send, hold_recv) in zip(self.listeners, self.channels, self.offloads, strict=True)]
         cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn.filter_process", "--master", str(os.getpid()),
-               "--status-fd", str(status_w), "--log-level", self.loglevel, "--error-log", self.errorlog, *config.argv()]
+               "--status-fd", str(status_w), "--tally-fd", str(tally), "--log-level", self.loglevel, "--error-log", self.errorlog, *config.argv()]
         uid, gid = self.owner_ids
         if (uid, gid) != (os.getuid(), os.getgid()):
             cmd += ["--uid", str(uid), "--gid", str(gid)]
         for pair in pairs:
             cmd += ["--pair", pair]
         pass_fds = [*self.fds, *(send.fileno() for send, _ in self.channels),
-                    *(end.fileno() for pair in self.offloads for end in pair), status_w]
+                    *(end.fileno() for pair in self.offloads for end in pair), status_w, tally]
         try:
             proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(tally)
+            raise
         finally:
             os.close(status_w)
+        self._tallies[proc.pid] = tally
         try:
             status = self._read_status(status_r, proc)
         finally:
@@ -173,6 +185,11 @@ class Supervisor:
             _reap(pidfd)
         finally:
             os.close(pidfd)
+            held, clean = self._read_tally(proc.pid)  # asked to stop: it passes its held ones on
+            if held and not clean:
+                self.lost_held += held
+                self.log.error("acceptfilter: filter process %d stopped without passing on %d held connections; "
+                               "they are lost (%d so far)", proc.pid, held, self.lost_held)
 
     def _watch(self) -> None:
         """Restart the filter process whenever it dies unasked (with a backoff)."""
@@ -191,8 +208,17 @@ class Supervisor:
             # Give a stopping arbiter (the same Ctrl-C or SIGTERM reached it) time to say so.
             if self._sleep(max(backoff, 0.5)) or not self._listening():
                 return
-            self.log.error("acceptfilter: the filter process %d ended (%s); unless it handed them over, connections it held are lost; "
-                           "restarting it", proc.pid, status)
+            held, clean = self._read_tally(proc.pid)
+            if status == "exited" and not clean:
+                status = "killed or crashed: it did not stop cleanly (gunicorn reaped it, so its status is gone)"
+            if clean:
+                self.log.error("acceptfilter: the filter process %d ended (%s) after passing on what it held; "
+                               "restarting it", proc.pid, status)
+            else:
+                self.lost_held += held
+                self.log.error("acceptfilter: the filter process %d ended (%s) holding %d connections: they are lost "
+                               "(the kernel closed them; %d lost this way so far); restarting it",
+                               proc.pid, status, held, self.lost_held)
             while not self._sleep(backoff) and self._listening():
                 try:
                     new = self._spawn(self.config)
@@ -206,6 +232,19 @@ class Supervisor:
                         return
                     self.proc = new
                 break
+
+    def _read_tally(self, pid: int) -> tuple[int, bool]:
+        """(held connections at its last count, stopped cleanly) for a filter process that ended."""
+        fd = self._tallies.pop(pid, None)
+        if fd is None:
+            return 0, False
+        try:
+            held, clean = struct.unpack("=QQ", os.pread(fd, 16, 0))
+        except (OSError, struct.error):
+            return 0, False
+        finally:
+            os.close(fd)
+        return int(held), bool(clean)
 
     def _wait_exit(self, proc: subprocess.Popen[bytes]) -> str | None:
         """Block until ``proc`` exits (its status) or someone wakes us (None)."""

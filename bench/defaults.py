@@ -1,0 +1,164 @@
+"""Defaults that protect: each server model with acceptfilter's DEFAULT settings under idle + slowloris.
+
+Issue 14, item 1. For every integration's server model — gunicorn sync (4
+workers), gunicorn gthread (2 x 4 threads), ``acceptfilter serve`` (http.server's
+thread per connection) and uvicorn (async, through ``acceptfilter run``) — with
+nothing but the integration's own defaults, measure legit requests (own client,
+open loop: a request every 1/rate s, one connection each, 10 s timeout) while an attacker
+holds idle connections and slowloris ones (bench/slowclient.py's attack, which
+reopens whatever the server closes). The worker-per-connection models are also
+run with the previous default (``on_timeout=surface``) to show why it changed,
+and every model without an attack for its normal latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, free_port, median, percentile
+from bench.slowclient import stop, wait_port
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+
+#: model -> (argv after the python executable, the old-default environment/arguments, async?)
+MODELS: dict[str, dict[str, Any]] = {
+    "gunicorn-sync": {"argv": ["-m", "gunicorn", "-c", "python:acceptfilter.gunicorn", "-w", "4", "-k", "sync",
+                               "--backlog", "4096", "--log-level", "warning", "bench.wsgiapp:app", "-b"],
+                      "old": {"env": {"ACCEPTFILTER_ON_TIMEOUT": "surface"}}},
+    "gunicorn-gthread": {"argv": ["-m", "gunicorn", "-c", "python:acceptfilter.gunicorn", "-w", "2", "-k", "gthread",
+                                  "--threads", "4", "--backlog", "4096", "--log-level", "warning", "bench.wsgiapp:app",
+                                  "-b"],
+                         "old": {"env": {"ACCEPTFILTER_ON_TIMEOUT": "surface"}}},
+    "serve": {"argv": ["-m", "acceptfilter.cli", "serve", "--no-status", "--backlog", "4096", "--directory", "{tmp}",
+                       "--port"], "old": {"args": ["--on-timeout", "surface"]}},
+    "uvicorn": {"argv": ["-m", "acceptfilter.cli", "run", "--", "uvicorn", "bench.wsgiapp:asgi_app", "--log-level",
+                         "warning", "--backlog", "4096", "--port"], "old": None},
+}
+
+
+def _argv(model: str, port: int, tmp: str, old: bool) -> tuple[list[str], dict[str, str]]:
+    spec = MODELS[model]
+    argv = [sys.executable, *(a.replace("{tmp}", tmp) for a in spec["argv"])]
+    argv.append(f"127.0.0.1:{port}" if argv[-1] == "-b" else str(port))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCEPTFILTER_")}
+    if old:
+        env.update(spec["old"].get("env", {}))
+        argv += spec["old"].get("args", [])
+    return argv, env
+
+
+def legit(port: int, seconds: float, rate: float) -> dict[str, Any]:
+    """Open loop: one request (own connection, 10 s timeout) every 1/rate s for ``seconds``.
+
+    A closed loop would hide a starved server: its few clients would each wait
+    10 s on one failing request and the fraction would stay high. Here every
+    scheduled request counts: served (a 200) or not.
+    """
+    lat: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+
+    def one() -> None:
+        t0 = time.perf_counter()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.settimeout(max(0.1, 10 - (time.perf_counter() - t0)))
+                s.sendall(REQUEST)
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            ok = data.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+        except OSError:
+            ok = False
+        with lock:
+            if ok:
+                lat.append((time.perf_counter() - t0) * 1000)
+            else:
+                failed[0] += 1
+
+    threads: list[threading.Thread] = []
+    start = time.monotonic()
+    for n in range(int(seconds * rate)):
+        delay = start + n / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        t = threading.Thread(target=one, daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(15)
+    total = len(lat) + failed[0]
+    return {"served": len(lat), "failed": failed[0], "served_fraction": len(lat) / total if total else 0.0,
+            "p50_ms": median(lat), "p99_ms": percentile(lat, 99)}
+
+
+def measure(model: str, *, attack: bool, old: bool, seconds: float, idle: int, slowloris: int,
+            rate: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="af-defaults-") as tmp, ExitStack() as stack:
+        port = free_port()
+        argv, env = _argv(model, port, tmp, old)
+        log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - lives as long as the process
+        server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        stack.callback(stop, server)
+        if not wait_port(port):
+            return {"error": "server did not start: " + (Path(tmp) / "server.log").read_text()[-500:]}
+        res: dict[str, Any] = {}
+        if attack:
+            att = subprocess.Popen([sys.executable, "-m", "bench.slowclient", "--attack", "--port", str(port),
+                                    "--idle", str(idle), "--slowloris", str(slowloris), "--seconds", str(seconds + 60)],
+                                   cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+            def end_attack() -> None:
+                if att.stdin is not None and not att.stdin.closed:
+                    att.stdin.close()
+                try:
+                    att.wait(20)
+                except subprocess.TimeoutExpired:
+                    att.kill()
+
+            stack.callback(end_attack)
+            assert att.stdout is not None
+            r, _, _ = select.select([att.stdout], [], [], 60)
+            res["attack"] = json.loads(att.stdout.readline() or "{}") if r else {"error": "attack did not start"}
+        res.update(legit(port, seconds, rate))
+        return res
+
+
+def run(*, quick: bool, seconds: float | None = None, idle: int = 1000, slowloris: int = 200,
+        models: list[str] | None = None) -> dict[str, Any]:
+    seconds = seconds or (8.0 if quick else 20.0)
+    rate = 50.0 if quick else 100.0
+    results: dict[str, Any] = {}
+    for model in models or list(MODELS):
+        r: dict[str, Any] = {
+            "no-attack": measure(model, attack=False, old=False, seconds=min(seconds, 8.0), idle=0, slowloris=0,
+                                 rate=rate),
+            "attack-defaults": measure(model, attack=True, old=False, seconds=seconds, idle=idle, slowloris=slowloris,
+                                       rate=rate),
+        }
+        if MODELS[model]["old"] is not None:
+            r["attack-old-default"] = measure(model, attack=True, old=True, seconds=seconds, idle=idle,
+                                              slowloris=slowloris, rate=rate)
+        results[model] = r
+        print(f"   {model}: {json.dumps({k: (v.get('served_fraction'), v.get('p50_ms')) for k, v in r.items()})}",
+              flush=True)
+    goals = {m: r["attack-defaults"].get("served_fraction", 0) >= 0.95 for m, r in results.items()}
+    return {
+        "config": {"attack": f"{idle} idle + {slowloris} slowloris connections (reopened when closed)",
+                   "legit": f"{rate:g} requests/s for {seconds:g} s (open loop), one connection each, 10 s timeout",
+                   "defaults": "the integration's own (deadline 5 s; on_timeout close for worker-per-connection "
+                               "models, surface for async ones)"},
+        "results": results,
+        "goals": {"served_ge_95pct_with_defaults": goals},
+    }

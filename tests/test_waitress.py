@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from acceptfilter.integrations.wsgi import environ_info
 from acceptfilter.integrations.waitress import create_server
+from acceptfilter.integrations.wsgi import environ_info
 
 from .serverutil import Counter, close_all, curl, needs_curl, open_held, wait_held
 

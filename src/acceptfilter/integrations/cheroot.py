@@ -56,5 +56,5 @@ class FilterMixIn:
         return listener
 
 
-class Server(FilterMixIn, cheroot.wsgi.Server):  # type: ignore[misc]
+class Server(FilterMixIn, cheroot.wsgi.Server):
     """``cheroot.wsgi.Server`` behind httpready (subclass to change the filter or its options)."""

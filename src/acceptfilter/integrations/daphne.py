@@ -75,7 +75,7 @@ class FilteredServer(daphne.server.Server):  # type: ignore[misc]
         self.port: FilteredPort | None = None
 
     def run(self) -> None:
-        theirs: Callable[[], None] | None = self.ready_callable
+        theirs: Callable[[], None] | None = getattr(self, "ready_callable", None)
 
         def ready() -> None:
             from twisted.internet import reactor

@@ -33,6 +33,9 @@ _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 
 def environ_info(environ: Mapping[str, Any]) -> ConnectionInfo | None:
     """The ConnectionInfo of the connection serving this WSGI request, or None when unknown."""
+    given = environ.get("acceptfilter")  # put there by the server (Django's runserver integration)
+    if isinstance(given, ConnectionInfo):
+        return given
     for key in _SOCKET_KEYS:
         sock = environ.get(key)
         if isinstance(sock, socket.socket):

@@ -60,10 +60,14 @@ def run(args: argparse.Namespace) -> int:
         raise AcceptFilterError(f"give the server command after --: one of {', '.join(SERVERS)} (e.g. -- uvicorn app:app)")
     name, server_args = command[0], command[1:]
     if name == "gunicorn":
-        return _run_gunicorn(server_args, args)
+        return _run_gunicorn(server_args, args)  # gunicorn takes LISTEN_FDS itself (same pid after exec)
+    from ..activation import inherited_listener
+
+    options = _options(args)
+    options["sock"] = inherited_listener()  # systemd socket activation; None: bind as the server says
     if name == "uvicorn":
-        return _run_uvicorn(server_args, _options(args))
-    return _run_hypercorn(server_args, _options(args))
+        return _run_uvicorn(server_args, options)
+    return _run_hypercorn(server_args, options)
 
 
 def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
@@ -106,7 +110,8 @@ def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
         config = {k: v for k, v in kwargs.items() if k in accepted and k not in ("uds", "fd", "reload", "workers")}
         policy = {k: v for k, v in options["policy"].items() if v is not None}
         try:
-            af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy, **config)
+            af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy,
+                           sock=options["sock"], **config)
         except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down for; uvicorn.run() swallows it too
             pass
 
@@ -138,7 +143,7 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
             raise AcceptFilterError("acceptfilter run supports exactly one TCP --bind HOST:PORT, without TLS")
         host, _, port = config.bind[0].rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
-        sock = socket.create_server((host, int(port)), backlog=config.backlog)
+        sock = options["sock"] or socket.create_server((host, int(port)), backlog=config.backlog)
         app = load_application(config.application_path, config.wsgi_max_body_size)
         loop = "uvloop" if config.worker_class == "uvloop" else "asyncio"
         if config.worker_class not in ("asyncio", "uvloop"):

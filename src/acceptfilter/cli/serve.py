@@ -117,7 +117,9 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     plan = _route_plan(args) if args.route else None
     for chain in ([specs] if plan is None else plan[0].values()):
         load_chain(chain)  # report a bad spec before binding anything
-    sock = _listen(args.bind, args.port, args.backlog)
+    from ..activation import inherited_listener
+
+    sock = inherited_listener() or _listen(args.bind, args.port, args.backlog)  # systemd's socket first
     handler = functools.partial(_QuietHandler, directory=args.directory)
     server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
     server.socket.close()

@@ -48,6 +48,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--status-interval", type=float, default=2.0, metavar="S",
                    help="seconds between status lines (held / surfaced / timed out / kernel queue; default: 2)")
     p.add_argument("--no-status", dest="status", action="store_false", help="no status line")
+    p.add_argument("--workers", "-w", default="1", metavar="N",
+                   help="worker processes on the one socket, each with its own filter (default: 1)")
     p.set_defaults(func=run)
 
 
@@ -109,6 +111,9 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
         raise AcceptFilterError(f"--directory {args.directory!r} is not a directory")
     if not 0 <= args.port <= 65535:
         raise AcceptFilterError(f"--port must be between 0 and 65535, not {args.port}")
+    from ..workers import check_workers, fork_workers
+
+    workers = check_workers(getattr(args, "workers", 1))
     if args.status and not args.status_interval > 0:
         raise AcceptFilterError(f"--status-interval must be positive, not {args.status_interval}")
     specs = args.filter or ["httpready"]
@@ -120,6 +125,11 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     from ..activation import inherited_listener
 
     sock = inherited_listener() or _listen(args.bind, args.port, args.backlog)  # systemd's socket first
+    if workers > 1:
+        role = fork_workers(workers)  # each worker filters and serves the shared socket (see acceptfilter.workers)
+        if not role.is_worker:
+            sock.close()
+            return role.exit_code
     handler = functools.partial(_QuietHandler, directory=args.directory)
     server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
     server.socket.close()

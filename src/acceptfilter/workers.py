@@ -19,10 +19,10 @@ message for that. gunicorn's sync workers cannot hold a connection at all,
 which is why they keep the filter process.
 
 The parent only supervises: it never accepts, never starts a thread, and
-forwards SIGINT/SIGTERM to the workers as SIGTERM. A worker that exits within
-:data:`BOOT_GRACE` seconds of starting stops everything with its exit status
-(a broken application would otherwise be forked forever); a later death is
-logged and the worker replaced.
+forwards SIGINT/SIGTERM to the workers as SIGTERM. A worker that exits by
+itself within :data:`BOOT_GRACE` seconds of starting stops everything with its
+exit status (a broken application would otherwise be forked forever); a
+worker killed by a signal, or one that exits later, is logged and replaced.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def fork_workers(count: int, *, label: str = "worker") -> Role:
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 continue
-            if time.monotonic() - started < BOOT_GRACE:
+            if code >= 0 and time.monotonic() - started < BOOT_GRACE:  # exited by itself: a boot failure
                 print(f"acceptfilter: {label} {index} (pid {pid}) failed to start (exit status {code}); stopping",
                       file=sys.stderr, flush=True)
                 exit_code = code if code > 0 else 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the benchmarks and write one JSON per benchmark to bench/results/.
 
-    python bench/run.py [--quick] [--only overhead,surface,scale,slowclient] [--out DIR]
+    python bench/run.py [--quick] [--only overhead,surface,scale,slowclient,asyncidle,deadworker] [--out DIR]
 
 Every comparison runs side by side in this process tree (servers and clients are child
 processes), alternating the modes round by round. Each JSON carries the machine facts.
@@ -20,7 +20,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import machine, overhead, scale, slowclient, surface
+from bench import asyncidle, deadworker, machine, overhead, scale, slowclient, surface
 from bench.common import RESULTS, raise_nofile, write_result
 
 BENCHMARKS: dict[str, Any] = {
@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, Any] = {
     "surface": surface.run,
     "scale": scale.run,
     "slowclient": slowclient.run,
+    "asyncidle": asyncidle.run,
+    "deadworker": deadworker.run,
 }
 
 

@@ -108,6 +108,6 @@ def run_app(
         started(listener)
     try:
         attach(listener, loop)
-        web.run_app(app, sock=listener, loop=loop, **kwargs)  # type: ignore[arg-type]
+        web.run_app(app, sock=listener, loop=loop, backlog=backlog, **kwargs)  # type: ignore[arg-type]
     finally:
         listener.close()

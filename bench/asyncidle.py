@@ -47,7 +47,7 @@ def serve(kind: str) -> None:
 
         from acceptfilter.integrations import uvicorn as af_uvicorn
 
-        config = {"log_level": "error", "lifespan": "off", "access_log": False, "backlog": 4096}
+        config: dict[str, Any] = {"log_level": "error", "lifespan": "off", "access_log": False, "backlog": 4096}
 
         async def main() -> None:
             if filtered == "httpready":

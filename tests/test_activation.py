@@ -73,6 +73,24 @@ def test_serve_takes_the_socket_systemd_passed(tmp_path: Path) -> None:
 
 
 @needs_curl
+def test_workers_share_the_socket_systemd_passed(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("both\n")
+    proc = launch("tcp", "serve", "--port", "1", "--workers", "2", "--directory", str(tmp_path), "--no-status")
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(2):  # one "Serving ..." line per worker, both on the passed socket
+            assert f"127.0.0.1:{port}/" in proc.stdout.readline()
+        clients = open_held(port)
+        for _ in range(4):
+            assert curl(port, "/index.html") == (200, "both\n")
+        close_all(clients)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+
+
+@needs_curl
 @pytest.mark.parametrize("server", [["uvicorn", "app:app", "--port", "1"], ["hypercorn", "app:app", "--bind", "127.0.0.1:1"]],
                          ids=["uvicorn", "hypercorn"])
 def test_run_takes_the_socket_systemd_passed(tmp_path: Path, server: list[str]) -> None:

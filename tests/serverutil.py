@@ -58,3 +58,15 @@ class Counter:
     def add(self, item: str) -> None:
         with self._lock:
             self.seen.append(item)
+
+
+async def await_held(stats: Callable[[], dict[str, Any]], count: int = IDLE + SLOW, timeout: float = 30.0) -> None:
+    """Like :func:`wait_held`, from inside the loop the engine runs on (it must keep running meanwhile)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while stats()["held"] < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {stats()['held']} of {count} connections held after {timeout:g} s")
+        await asyncio.sleep(0.01)

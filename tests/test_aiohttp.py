@@ -13,7 +13,7 @@ from acceptfilter import FilteredListener
 from acceptfilter.integrations.aiohttp import FilteredSockSite, request_info, run_app
 
 from .conftest import wait_for
-from .serverutil import CURL, IDLE, SLOW, Counter, close_all, curl, needs_curl, open_held, wait_held
+from .serverutil import CURL, IDLE, SLOW, Counter, await_held, close_all, curl, needs_curl, open_held, wait_held
 
 
 def make_app(counter: Counter) -> web.Application:
@@ -40,8 +40,7 @@ def test_app_runner_with_filtered_sock_site(core: str) -> None:
         assert site.listener is not None
         port = site.listener.getsockname()[1]
         clients = await asyncio.to_thread(open_held, port)
-        while site.listener.stats()["held"] < IDLE + SLOW:  # the engine runs on this loop: let it
-            await asyncio.sleep(0.01)
+        await await_held(site.listener.stats)  # the engine runs on this loop: let it
         assert threading.active_count() <= threads + 1, "no engine thread"  # + the to_thread worker
         assert not [t for t in threading.enumerate() if t.name.startswith("acceptfilter")]
         proc = await asyncio.create_subprocess_exec(

@@ -15,7 +15,7 @@ from sanic import Sanic, response
 from acceptfilter.integrations.sanic import request_info, serve
 from acceptfilter.integrations.uvloop import new_event_loop
 
-from .serverutil import CURL, IDLE, SLOW, Counter, close_all, needs_curl, open_held
+from .serverutil import CURL, IDLE, SLOW, Counter, await_held, close_all, needs_curl, open_held
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.SelectorEventLoop, "uvloop": new_event_loop}
 
@@ -54,8 +54,7 @@ def test_sanic_serves_curl_while_idle_and_slow_are_held(core: str, loop: str) ->
         await asyncio.wait_for(ready.wait(), 30)
         listener = got["listener"]
         clients = await asyncio.to_thread(open_held, port)
-        while listener.stats()["held"] < IDLE + SLOW:  # the engine runs on this loop
-            await asyncio.sleep(0.01)
+        await await_held(listener.stats)  # the engine runs on this loop
         assert not [t for t in threading.enumerate() if t.name.startswith("acceptfilter")], "no engine thread"
         assert threading.active_count() <= threads + 1  # + the to_thread worker
         proc = await asyncio.create_subprocess_exec(

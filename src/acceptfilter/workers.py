@@ -19,7 +19,9 @@ message for that. gunicorn's sync workers cannot hold a connection at all,
 which is why they keep the filter process.
 
 The parent only supervises: it never accepts, never starts a thread, and
-forwards SIGINT/SIGTERM to the workers as SIGTERM. A worker that exits by
+forwards SIGINT/SIGTERM to the workers as one SIGTERM each (the workers have
+their own process group, so a terminal's Ctrl-C does not reach them twice;
+under systemd use ``KillMode=mixed`` for the same reason). A worker that exits by
 itself within :data:`BOOT_GRACE` seconds of starting stops everything with its
 exit status (a broken application would otherwise be forked forever); a
 worker killed by a signal, or one that exits later, is logged and replaced.
@@ -77,6 +79,9 @@ def _die_with_parent() -> None:
 
 
 def _child(index: int, parent: int) -> Role:
+    # A process group of its own: a terminal's Ctrl-C reaches the parent only, which sends each worker
+    # exactly one SIGTERM (two signals would cut a graceful stop short).
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a graceful stop: close() resolves held connections
     _die_with_parent()

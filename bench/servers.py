@@ -199,17 +199,28 @@ def serve_scale_workers(args: argparse.Namespace) -> None:
 
 
 def _scale_worker(lsock: socket.socket, link: socket.socket, args: argparse.Namespace) -> None:
+    import select
+
     import acceptfilter
 
     listener = acceptfilter.wrap(lsock, "httpready", core="c", timeout=args.hold_timeout, max_held=args.max_held,
                                  on_timeout="close")
+    # Wait on the readiness fd, then accept without blocking: the engine's own thread does the holding,
+    # so its counters are current whenever the parent asks.
+    listener.setblocking(False)
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
 
     def answer() -> None:
         while True:
+            poller.poll(1000)
             try:
                 conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
             except OSError:
                 return
+            conn.setblocking(True)
             answer_one(conn)
 
     threading.Thread(target=answer, daemon=True).start()

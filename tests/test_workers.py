@@ -145,6 +145,11 @@ def test_gunicorn_with_the_uvicorn_worker(tmp_path: Path) -> None:
         wait_for(lambda: len(children(proc.pid)) >= 2, 60)
         # gunicorn's arbiter may also run helper children; the workers are the ones that answer.
         check_workers_serve_and_are_replaced(proc, port, 2, worker_pids=None)
+        workers = children(proc.pid)
+        proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown: SIGQUIT to each worker
+        # Well under gunicorn's graceful_timeout (30 s), after which it would SIGKILL the workers.
+        assert proc.wait(25) == 0
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10)
     finally:
         stop(proc)
 

@@ -19,6 +19,7 @@ the filters learnt with :func:`acceptfilter.integrations.asgi.scope_info`.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from typing import Any
 
@@ -61,7 +62,14 @@ class UvicornWorker(_UvicornWorker):  # type: ignore[misc]
         self.config.app = ConnectionInfoMiddleware(app) if is_asgi3(app) else app
         listeners = self._listeners()
         server = Server(config=self.config)
-        self._install_sigquit_handler()
+
+        def quick_exit() -> None:
+            # gunicorn's quick shutdown (SIGINT, SIGQUIT to the arbiter) sends workers SIGQUIT;
+            # uvicorn_worker's own handler only marks the gunicorn worker, which the uvicorn server
+            # never looks at, so the arbiter waited graceful_timeout and then SIGKILLed every worker.
+            server.should_exit = server.force_exit = True
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, quick_exit)
         try:
             await server.serve(sockets=listeners)  # type: ignore[arg-type]
         finally:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the benchmarks and write one JSON per benchmark to bench/results/.
 
-    python bench/run.py [--quick] [--only overhead,surface,scale,slowclient,syscalls,defaults,relay] [--out DIR]
+    python bench/run.py [--quick] [--only overhead,surface,scale,slowclient,syscalls,defaults,relay,asyncidle,deadworker] [--out DIR]
 
 Every comparison runs side by side in this process tree (servers and clients are child
 processes), alternating the modes round by round. Each JSON carries the machine facts.
@@ -20,7 +20,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import defaults, machine, overhead, relay, scale, slowclient, surface, syscalls
+from bench import asyncidle, deadworker, defaults, machine, overhead, relay, scale, slowclient, surface, syscalls
 from bench.common import RESULTS, raise_nofile, write_result
 
 BENCHMARKS: dict[str, Any] = {
@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, Any] = {
     "syscalls": syscalls.run,
     "defaults": defaults.run,
     "relay": relay.run,
+    "asyncidle": asyncidle.run,
+    "deadworker": deadworker.run,
 }
 
 

@@ -1,4 +1,4 @@
-"""Scale: hold 10,000 and 50,000 idle connections on a FilteredListener.
+"""Scale: hold 10,000 and 50,000 idle connections on a FilteredListener, and 100,000 across processes.
 
 The client (its own process) opens N connections spread over several 127.0.0.x source
 addresses (IP_BIND_ADDRESS_NO_PORT, so each source has its own ephemeral port range) and
@@ -132,18 +132,115 @@ def level(mode: str, n: int, *, idle_s: float, legit: int) -> dict[str, Any]:
     return res
 
 
+def _open_clients(port: int, n: int, hold: float) -> tuple[list[subprocess.Popen[str]], dict[str, int]]:
+    clients = []
+    for first in range(0, n, PER_CLIENT):
+        clients.append(subprocess.Popen(
+            [sys.executable, "-m", "bench.scale", "--client", "--port", str(port), "--first", str(first),
+             "--count", str(min(PER_CLIENT, n - first)), "--hold", str(hold)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    opened = {"held": 0, "failed": 0}
+    for cl in clients:
+        assert cl.stdout is not None
+        one = json.loads(cl.stdout.readline() or "{}")
+        opened["held"] += int(one.get("held", 0))
+        opened["failed"] += int(one.get("failed", 0))
+    return clients, opened
+
+
+def _close_clients(clients: list[subprocess.Popen[str]]) -> None:
+    for cl in clients:
+        if cl.stdin is not None:
+            cl.stdin.close()
+    for cl in clients:
+        try:
+            cl.wait(60)
+        except subprocess.TimeoutExpired:
+            cl.kill()
+
+
+def level_workers(n: int, workers: int, *, idle_s: float, legit: int) -> dict[str, Any]:
+    """``n`` idle connections held by ``workers`` processes on one listen socket (acceptfilter.workers' model):
+    beyond what one process's RLIMIT_NOFILE allows. RSS and CPU are summed over the workers."""
+    hold = 900.0
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    res: dict[str, Any] = {"connections": n, "mode": f"httpready-c x{workers} processes", "workers": workers}
+    # max_held above the fd limit: a full worker backs off at EMFILE (and the others accept) instead of
+    # evicting its oldest held connection.
+    with Child(["scale-workers", "--workers", str(workers), "--hold-timeout", str(hold), "--max-held", str(nofile + 1000),
+                "--nofile", str(nofile), "--backlog", "65535"], ready_timeout=60) as server:
+        pids = server.ask("stats")["pids"]
+
+        def rss() -> int:
+            return sum(proc_rss_bytes(p) for p in pids)
+
+        def cpu() -> float:
+            return sum(proc_cpu_seconds(p) for p in pids)
+
+        time.sleep(0.5)
+        base = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
+        rss0 = rss()
+        clients, opened = _open_clients(server.port, n, hold)
+        try:
+            res["client"] = opened
+            held = last = 0
+            st: dict[str, Any] = {}
+            stop_at = time.monotonic() + 120
+            still_since = time.monotonic()
+            while time.monotonic() < stop_at:
+                st = server.ask("stats")
+                held = int(st["held"])
+                if held >= opened["held"] or time.monotonic() - still_since > 5:
+                    break
+                if held != last:
+                    last, still_since = held, time.monotonic()
+                time.sleep(0.25)
+            res["held"] = held
+            res["per_worker_held"] = st.get("per_worker_held")
+            res["server_nofile_per_process"] = st.get("nofile")
+            time.sleep(1.0)
+            rss1 = rss()
+            cpu0, t0 = cpu(), time.monotonic()
+            time.sleep(idle_s)
+            cpu1, t1 = cpu(), time.monotonic()
+            during = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
+            res.update({
+                "rss_before_mib": round(rss0 / 2**20, 1),
+                "rss_held_mib": round(rss1 / 2**20, 1),
+                "bytes_per_held_connection": round((rss1 - rss0) / held, 1) if held else None,
+                "idle_seconds": idle_s,
+                "idle_cpu_percent_of_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
+                "legit_p50_ms_none_held": round(base["p50_ms"], 3),
+                "legit_p99_ms_none_held": round(base["p99_ms"], 3),
+                "legit_p50_ms_held": round(during["p50_ms"], 3),
+                "legit_p99_ms_held": round(during["p99_ms"], 3),
+                "legit_errors": base["errors"] + during["errors"],
+                "server_stats": {k: v for k, v in server.ask("stats").items() if k != "pids"},
+            })
+            if held < n:
+                res["note"] = f"only {held:,} of {n:,} held (clients opened {opened['held']:,})"
+        finally:
+            _close_clients(clients)
+    return res
+
+
 def run(*, quick: bool, levels: list[int] | None = None, cores: list[str] | None = None,
-        idle_s: float | None = None, legit: int | None = None) -> dict[str, Any]:
+        idle_s: float | None = None, legit: int | None = None,
+        across: list[tuple[int, int]] | None = None) -> dict[str, Any]:
     levels = levels or ([10_000] if quick else [10_000, 50_000])
+    #: (connections, worker processes): past one process's hard RLIMIT_NOFILE
+    across = across if across is not None else ([] if quick else [(100_000, 8)])
     cores = cores or (["c"] if quick else ["c", "python"])
     idle_s = idle_s or (5.0 if quick else 10.0)
     legit = legit or (300 if quick else 1000)
     t0 = time.monotonic()
     results = [level(f"httpready-{core}", n, idle_s=idle_s, legit=legit) for n in levels for core in cores]
-    c_rows = [r for r in results if r["mode"] == "httpready-c" and r.get("bytes_per_held_connection") is not None]
+    results += [level_workers(n, w, idle_s=idle_s, legit=legit) for n, w in across]
+    c_rows = [r for r in results if r["mode"].startswith("httpready-c") and r.get("bytes_per_held_connection") is not None]
     return {
         "benchmark": "scale",
-        "config": {"levels": levels, "cores": cores, "idle_seconds": idle_s, "legit_requests": legit,
+        "config": {"levels": levels, "cores": cores, "across_processes": across, "idle_seconds": idle_s,
+                   "legit_requests": legit,
                    "filter": "httpready", "sources": "127.0.0.2.. (20,000 connections per source address)"},
         "results": results,
         "goals": {

@@ -156,9 +156,90 @@ def serve_scale(args: argparse.Namespace) -> None:
             print(json.dumps({"error": f"unknown command {cmd!r}"}), flush=True)
 
 
+def serve_scale_workers(args: argparse.Namespace) -> None:
+    """``--workers`` processes on one listen socket, each a FilteredListener with its own engine (the model of
+    ``acceptfilter.workers``): together they hold more than one process's RLIMIT_NOFILE allows.
+
+    ``stats`` answers the sum over workers, each worker's counts and their pids. Exits at EOF.
+    """
+    raise_nofile(args.nofile)
+    lsock = listen(args.host, args.port, args.backlog)
+    links: list[socket.socket] = []
+    pids: list[int] = []
+    for _ in range(args.workers):
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            for other in links:
+                other.close()
+            _scale_worker(lsock, theirs, args)
+            os._exit(0)
+        theirs.close()
+        links.append(ours)
+        pids.append(pid)
+    lsock.close()
+    for link in links:
+        link.recv(16)  # each worker says it is wrapped and serving
+    print(f"READY {args.port}", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "stats":
+            each = []
+            for link in links:
+                link.sendall(b"s")
+                each.append(json.loads(link.makefile().readline()))
+            out: dict[str, Any] = {k: sum(int(e[k]) for e in each) for k in ("accepted", "held", "surfaced",
+                                                                                 "buffered_bytes", "fd_exhaustion")}
+            out["per_worker_held"] = [e["held"] for e in each]
+            out["pids"] = pids
+            out["nofile"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+            print(json.dumps(out), flush=True)
+        else:
+            print(json.dumps({"error": f"unknown command {cmd!r}"}), flush=True)
+    for link in links:
+        link.close()
+    for pid in pids:
+        os.waitpid(pid, 0)
+
+
+def _scale_worker(lsock: socket.socket, link: socket.socket, args: argparse.Namespace) -> None:
+    import select
+
+    import acceptfilter
+
+    listener = acceptfilter.wrap(lsock, "httpready", core="c", timeout=args.hold_timeout, max_held=args.max_held,
+                                 on_timeout="close")
+    # Wait on the readiness fd, then accept without blocking: the engine's own thread does the holding,
+    # so its counters are current whenever the parent asks.
+    listener.setblocking(False)
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+
+    def answer() -> None:
+        while True:
+            poller.poll(1000)
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            conn.setblocking(True)
+            answer_one(conn)
+
+    threading.Thread(target=answer, daemon=True).start()
+    link.sendall(b"r")
+    while link.recv(1):
+        st = listener.stats()
+        link.sendall((json.dumps({k: st[k] for k in ("accepted", "held", "surfaced", "buffered_bytes",
+                                                      "fd_exhaustion")}) + "\n").encode())
+    listener.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.servers")
-    p.add_argument("kind", choices=["echo", "surface", "scale"])
+    p.add_argument("kind", choices=["echo", "surface", "scale", "scale-workers"])
     p.add_argument("--mode", default="plain", choices=sorted(MODES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
@@ -168,8 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hold-timeout", type=float, default=300.0, help="scale: the listener's deadline")
     p.add_argument("--max-held", type=int, default=100_000, help="scale: the listener's max_held")
     p.add_argument("--nofile", type=int, default=120_000, help="scale: RLIMIT_NOFILE to ask for")
+    p.add_argument("--workers", type=int, default=8, help="scale-workers: processes")
     args = p.parse_args(argv)
-    {"echo": serve_echo, "surface": serve_surface, "scale": serve_scale}[args.kind](args)
+    if args.kind == "scale-workers" and not args.port:
+        from bench.common import free_port
+
+        args.port = free_port(args.host)
+    {"echo": serve_echo, "surface": serve_surface, "scale": serve_scale,
+     "scale-workers": serve_scale_workers}[args.kind](args)
 
 
 if __name__ == "__main__":

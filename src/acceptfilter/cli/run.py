@@ -19,11 +19,13 @@ import argparse
 import importlib
 import inspect
 import os
+import socket
 import sys
 from typing import Any
 
 from ..errors import AcceptFilterError
 from ..policy import DEFAULT_TIMEOUT
+from ..workers import check_workers, fork_workers
 from .args import on_timeout, positive_float, positive_int
 
 SERVERS = ("uvicorn", "hypercorn", "gunicorn")
@@ -65,11 +67,17 @@ def run(args: argparse.Namespace) -> int:
     if not command or command[0] not in SERVERS:
         raise AcceptFilterError(f"give the server command after --: one of {', '.join(SERVERS)} (e.g. -- uvicorn app:app)")
     name, server_args = command[0], command[1:]
+    for value in _workers_args(server_args):
+        check_workers(value)  # the server's own parser would print its whole usage for this
     if name == "gunicorn":
-        return _run_gunicorn(server_args, args)
+        return _run_gunicorn(server_args, args)  # gunicorn takes LISTEN_FDS itself (same pid after exec)
+    from ..activation import inherited_listener
+
+    options = _options(args)
+    options["sock"] = inherited_listener()  # systemd socket activation; None: bind as the server says
     if name == "uvicorn":
-        return _run_uvicorn(server_args, _options(args))
-    return _run_hypercorn(server_args, _options(args))
+        return _run_uvicorn(server_args, options)
+    return _run_hypercorn(server_args, options)
 
 
 def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
@@ -87,9 +95,80 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
     from ..integrations.gunicorn import settings
 
     settings(env)  # a bad filter spec fails here, before gunicorn starts
-    argv = [sys.executable, "-m", "gunicorn", "-c", "python:acceptfilter.gunicorn", *server_args]
+    server_args, asgi = _gunicorn_worker_class(server_args)
+    # The uvicorn worker filters in each worker (acceptfilter.workers); sync and gthread need the hooks.
+    config = [] if asgi else ["-c", "python:acceptfilter.gunicorn"]
+    argv = [sys.executable, "-m", "gunicorn", *config, *server_args]
     os.execve(sys.executable, argv, env)
     return 1  # not reached
+
+
+#: gunicorn worker classes and what acceptfilter runs for them (None: the hooks with the filter process).
+GUNICORN_WORKERS: dict[str, str | None] = {
+    "sync": None,
+    "gthread": None,
+    "uvicorn_worker.UvicornWorker": "acceptfilter.integrations.uvicorn_worker.UvicornWorker",
+    "uvicorn_worker.UvicornH11Worker": "acceptfilter.integrations.uvicorn_worker.UvicornH11Worker",
+    "uvicorn.workers.UvicornWorker": "acceptfilter.integrations.uvicorn_worker.UvicornWorker",
+    "uvicorn.workers.UvicornH11Worker": "acceptfilter.integrations.uvicorn_worker.UvicornH11Worker",
+}
+GUNICORN_WORKERS.update({v: v for v in list(GUNICORN_WORKERS.values()) if v})
+
+
+def _gunicorn_worker_class(server_args: list[str]) -> tuple[list[str], bool]:
+    """gunicorn's arguments with the worker class mapped to a filtering one; True for the ASGI worker.
+
+    Any other worker class (gevent, eventlet, tornado, a class of your own) is
+    refused with one line: those workers accept in ways acceptfilter cannot
+    put a filter in front of without knowing them.
+    """
+    out = list(server_args)
+    asgi = False
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg in ("-k", "--worker-class") and i + 1 < len(out):
+            index, value = i + 1, out[i + 1]
+        elif arg.startswith("--worker-class="):
+            index, value = i, arg.partition("=")[2]
+        elif arg.startswith("-k") and len(arg) > 2:
+            index, value = i, arg[2:]
+        else:
+            continue
+        name = value.removeprefix("egg:gunicorn#")
+        if name not in GUNICORN_WORKERS:
+            raise AcceptFilterError(
+                f"gunicorn worker class {value!r} is not supported: use sync or gthread for WSGI apps (slow clients "
+                "wait in the filter process), or -k uvicorn_worker.UvicornWorker for ASGI apps")
+        mapped = GUNICORN_WORKERS[name]
+        if mapped is not None:
+            asgi = True
+            out[index] = mapped if index == i + 1 else (f"--worker-class={mapped}" if arg.startswith("--") else f"-k{mapped}")
+    return out, asgi
+
+
+def _workers_args(server_args: list[str]) -> list[str]:
+    """The values given to -w/--workers on the server's command line (every form argparse and click take)."""
+    values: list[str] = []
+    for i, arg in enumerate(server_args):
+        if arg == "--":
+            break
+        if arg in ("-w", "--workers"):
+            values.append(server_args[i + 1] if i + 1 < len(server_args) else "")
+        elif arg.startswith("--workers="):
+            values.append(arg.partition("=")[2])
+        elif arg.startswith("-w") and not arg.startswith("--") and len(arg) > 2:
+            values.append(arg[2:].lstrip("="))
+    return values
+
+
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    """The one listen socket every worker shares (one line on failure)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as exc:
+        raise AcceptFilterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
@@ -99,35 +178,47 @@ def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
 
     main_module = importlib.import_module("uvicorn.main")  # `uvicorn.main` is also the click command
     accepted = set(inspect.signature(uvicorn.Config).parameters)
+    exit_code: list[int] = []
 
     def filtered_run(app: Any, **kwargs: Any) -> None:
         for flag, bad in (("reload", True), ("uds", None), ("fd", None)):
             if kwargs.get(flag) not in (None, False) and (bad is None or kwargs.get(flag) == bad):
                 raise AcceptFilterError(f"acceptfilter run does not support uvicorn --{flag}")
-        if (kwargs.get("workers") or 1) > 1:
-            raise AcceptFilterError("acceptfilter run serves one process: drop --workers")
+        workers = check_workers(1 if kwargs.get("workers") is None else kwargs["workers"])
         if kwargs.get("app_dir") is not None:
             sys.path.insert(0, kwargs["app_dir"])
         host, port, loop = kwargs.pop("host"), kwargs.pop("port"), kwargs.pop("loop", "auto")
         config = {k: v for k, v in kwargs.items() if k in accepted and k not in ("uds", "fd", "reload", "workers")}
         policy = {k: v for k, v in options["policy"].items() if v is not None}
+        sock = options["sock"]
+        if workers > 1:
+            sock = sock or _bind(host, port, int(config.get("backlog", 2048)))
+            role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
+            if not role.is_worker:
+                sock.close()
+                exit_code.append(role.exit_code)
+                return
         try:
-            af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy, **config)
+            af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy,
+                           sock=sock, **config)
         except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down for; uvicorn.run() swallows it too
             pass
 
     original = getattr(main_module, "run")  # noqa: B009
     setattr(main_module, "run", filtered_run)  # noqa: B010
+    import click
+
     try:
         uvicorn.main.main(args=server_args, prog_name="uvicorn", standalone_mode=False)
+    except click.ClickException as exc:
+        raise AcceptFilterError(f"uvicorn: {exc.format_message()}") from None
     finally:
         setattr(main_module, "run", original)  # noqa: B010
-    return 0
+    return exit_code[0] if exit_code else 0
 
 
 def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
     import asyncio
-    import socket
 
     from hypercorn.config import Config
     from hypercorn.utils import load_application
@@ -138,17 +229,24 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
     main_module = importlib.import_module("hypercorn.__main__")
 
     def filtered_run(config: Config) -> int:
-        if config.workers > 1 or config.use_reloader:
-            raise AcceptFilterError("acceptfilter run serves one process: drop --workers/--reload")
+        if config.use_reloader:
+            raise AcceptFilterError("acceptfilter run does not support hypercorn --reload")
+        workers = check_workers(config.workers)
         if len(config.bind) != 1 or config.bind[0].startswith(("unix:", "fd://")) or config.ssl_enabled:
             raise AcceptFilterError("acceptfilter run supports exactly one TCP --bind HOST:PORT, without TLS")
         host, _, port = config.bind[0].rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
-        sock = socket.create_server((host, int(port)), backlog=config.backlog)
+        if config.worker_class not in ("asyncio", "uvloop"):
+            raise AcceptFilterError(f"acceptfilter run supports Hypercorn's asyncio and uvloop workers, not "
+                                    f"{config.worker_class!r} (trio: use acceptfilter.integrations.trio in code)")
+        sock = options["sock"] or _bind(host, int(port), config.backlog)
+        if workers > 1:
+            role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
+            if not role.is_worker:
+                sock.close()
+                return role.exit_code
         app = load_application(config.application_path, config.wsgi_max_body_size)
         loop = "uvloop" if config.worker_class == "uvloop" else "asyncio"
-        if config.worker_class not in ("asyncio", "uvloop"):
-            raise AcceptFilterError("acceptfilter run supports Hypercorn's asyncio and uvloop workers")
         policy = {k: v for k, v in options["policy"].items() if v is not None}
         with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
             runner.run(af_hypercorn.serve(app, config, sock=sock, filter=options["filter"], core=options["core"], **policy))

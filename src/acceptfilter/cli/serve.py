@@ -87,6 +87,8 @@ def register(subparsers: Any) -> None:
                    help="serve the Prometheus text format at http://BIND:N/metrics (needs prometheus_client)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="access, event and status lines as text (default) or one JSON object per line")
+    p.add_argument("--workers", "-w", default="1", metavar="N",
+                   help="worker processes on the one socket, each with its own filter (default: 1)")
     p.set_defaults(func=run)
 
 
@@ -306,10 +308,10 @@ def _reload_filter_modules() -> None:
 class _Serve:
     """The server, its filtered listener(s), forwards and reloads."""
 
-    def __init__(self, args: argparse.Namespace, plan: _Plan) -> None:
+    def __init__(self, args: argparse.Namespace, plan: _Plan, sock: socket.socket) -> None:
         self.args = args
         self.plan = plan
-        self.sock = _listen(args.bind, args.port, args.backlog)
+        self.sock = sock  # bound by run(), or systemd's (socket activation); ours to close
         self.unix_path = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else None
         handler = functools.partial(_QuietHandler, directory=args.directory)
         try:
@@ -552,13 +554,25 @@ class _Signals:
 
 
 def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
-    with _Signals() as signals:
-        return _run(args, signals, ready)
-
-
-def _run(args: argparse.Namespace, signals: _Signals, ready: threading.Event | None) -> int:
     plan = _check(args)
-    serve = _Serve(args, plan)
+    from ..activation import inherited_listener
+    from ..workers import check_workers, fork_workers
+
+    workers = check_workers(args.workers)
+    sock = inherited_listener() or _listen(args.bind, args.port, args.backlog)  # systemd's socket first
+    if workers > 1:
+        # Before any thread exists: each worker filters and serves the shared socket (acceptfilter.workers).
+        role = fork_workers(workers)
+        if not role.is_worker:
+            sock.close()
+            return role.exit_code
+    with _Signals() as signals:
+        return _run(args, plan, sock, signals, ready)
+
+
+def _run(args: argparse.Namespace, plan: _Plan, sock: socket.socket, signals: _Signals,
+         ready: threading.Event | None) -> int:
+    serve = _Serve(args, plan, sock)
     metrics: http.server.HTTPServer | None = None
     try:
         if args.metrics_port is not None:

@@ -26,14 +26,23 @@ from ..engine import ConnectionInfo
 from ..listener import FilteredListener, FilterSpecs, wrap
 from .asyncio import attach
 
-__all__ = ["FilteredPort", "listen", "transport_info"]
+__all__ = ["FilteredPort", "listen", "listen_socket", "transport_info", "transport_info_by_peer"]
 
 _infos: weakref.WeakKeyDictionary[Any, ConnectionInfo] = weakref.WeakKeyDictionary()
+#: Adopted transports by TCP peer, for servers that tell the application only the
+#: peer address (Daphne's ASGI ``scope["client"]``); weak: gone with the connection.
+_by_peer: weakref.WeakValueDictionary[tuple[str, int], Any] = weakref.WeakValueDictionary()
 
 
 def transport_info(transport: Any) -> ConnectionInfo | None:
     """What the filters learnt about the connection behind ``transport``."""
     return _infos.get(transport)
+
+
+def transport_info_by_peer(host: str, port: int) -> ConnectionInfo | None:
+    """What the filters learnt about the open connection from TCP peer ``(host, port)``, or None."""
+    transport = _by_peer.get((host, int(port)))
+    return None if transport is None else _infos.get(transport)
 
 
 @implementer(IReadDescriptor)
@@ -66,6 +75,9 @@ class FilteredPort:
                 transport = self.reactor.adoptStreamConnection(sock.fileno(), sock.family, self.factory)
             if transport is not None:
                 _infos[transport] = info
+                peer = getattr(transport, "client", None)  # tcp.Server's (host, port)
+                if isinstance(peer, tuple) and len(peer) >= 2:
+                    _by_peer[(str(peer[0]), int(peer[1]))] = transport
 
     def connectionLost(self, reason: Failure) -> None:
         self.stopListening()
@@ -94,7 +106,13 @@ def listen(
     **options: Any,
 ) -> FilteredPort:
     """Like ``reactor.listenTCP(port, factory, interface=...)`` behind ``filter``."""
-    sock = socket.create_server((interface, port), backlog=backlog)
+    return listen_socket(reactor, socket.create_server((interface, port), backlog=backlog), factory,
+                         filter=filter, **options)
+
+
+def listen_socket(reactor: Any, sock: socket.socket, factory: Any, *, filter: FilterSpecs = "httpready",
+                  **options: Any) -> FilteredPort:
+    """Serve ``factory`` on a listening socket you made (or inherited) behind ``filter``; owns ``sock``."""
     loop = getattr(reactor, "_asyncioEventloop", None)  # Twisted's AsyncioSelectorReactor
     try:
         listener = wrap(sock, filter, driver="none" if loop is not None else "thread", **options)

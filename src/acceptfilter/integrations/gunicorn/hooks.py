@@ -85,7 +85,8 @@ def _check_server(server: Any) -> None:
     if not (isinstance(worker, type) and issubclass(worker, (SyncWorker, ThreadWorker))):
         name = getattr(server.cfg, "worker_class_str", worker)
         raise RuntimeError(f"acceptfilter supports gunicorn's sync and gthread workers, not {name}; "
-                           "for an ASGI app use `acceptfilter run -- uvicorn ...`")
+                           "for an ASGI app use -k acceptfilter.integrations.uvicorn_worker.UvicornWorker "
+                           "(without this config) or `acceptfilter run -- uvicorn ...`")
     if server.cfg.reuse_port:
         raise RuntimeError("acceptfilter cannot filter with --reuse-port (each worker binds its own socket); drop it")
 

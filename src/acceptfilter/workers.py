@@ -1,0 +1,154 @@
+"""Several worker processes on one listen socket, each with its own engine (``--workers N``).
+
+The model, and why (numbers in the README, "Several worker processes"):
+the parent binds (or inherits from systemd) one listen socket and forks N
+workers; each worker wraps its copy of that socket in its own engine and
+serves what surfaces. All engines accept from the one kernel accept queue,
+so a worker that dies loses only the connections it was holding: the
+connections still in the queue go to the other workers, and the parent
+forks a replacement. With ``SO_REUSEPORT`` shards instead, the kernel puts
+each new connection in one worker's own queue, and the connections queued
+for a worker that dies are reset.
+
+Why not one filter process handing ready connections over (as the gunicorn
+integration does): an event-loop server already holds an idle connection
+for the price of a socket and a small buffer, so the filter's job there is
+only to keep idle clients from reaching the application; a hop through
+another process would cost every request a wake-up and an ``SCM_RIGHTS``
+message for that. gunicorn's sync workers cannot hold a connection at all,
+which is why they keep the filter process.
+
+The parent only supervises: it never accepts, never starts a thread, and
+forwards SIGINT/SIGTERM to the workers as one SIGTERM each (the workers have
+their own process group, so a terminal's Ctrl-C does not reach them twice;
+under systemd use ``KillMode=mixed`` for the same reason). A worker that exits by
+itself within :data:`BOOT_GRACE` seconds of starting stops everything with its
+exit status (a broken application would otherwise be forked forever); a
+worker killed by a signal, or one that exits later, is logged and replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import AcceptFilterError
+
+__all__ = ["BOOT_GRACE", "Role", "check_workers", "fork_workers"]
+
+#: A worker that exits sooner than this after it was forked failed to start.
+BOOT_GRACE = 2.0
+_PR_SET_PDEATHSIG = 1
+
+
+def check_workers(value: Any, option: str = "--workers") -> int:
+    """A worker count from the command line; one line naming the problem otherwise."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise AcceptFilterError(f"{option} must be a positive integer, not {value!r}") from None
+    if count < 1 or str(value).strip() not in (str(count), f"+{count}"):
+        raise AcceptFilterError(f"{option} must be a positive integer, not {value!r}")
+    return count
+
+
+@dataclass(frozen=True)
+class Role:
+    """What :func:`fork_workers` returned to this process: a worker (``index``) or the parent (``exit_code``)."""
+
+    index: int | None
+    exit_code: int = 0
+
+    @property
+    def is_worker(self) -> bool:
+        return self.index is not None
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this worker when the parent dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(index: int, parent: int) -> Role:
+    # A process group of its own: a terminal's Ctrl-C reaches the parent only, which sends each worker
+    # exactly one SIGTERM (two signals would cut a graceful stop short).
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a graceful stop: close() resolves held connections
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+    return Role(index)
+
+
+def fork_workers(count: int, *, label: str = "worker") -> Role:
+    """Fork ``count`` workers; in each, return its Role; in the parent, supervise until stopped.
+
+    Call it after the listen socket exists and before any thread or event
+    loop is started: the workers inherit the socket, nothing else running.
+    """
+    parent = os.getpid()
+    children: dict[int, tuple[int, float]] = {}
+    stopping = False
+
+    def spawn(index: int) -> Role | None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            return _child(index, parent)
+        children[pid] = (index, time.monotonic())
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for index in range(count):
+            role = spawn(index)
+            if role is not None:
+                return role
+        exit_code = 0
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in children:
+                continue
+            index, started = children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                continue
+            if code >= 0 and time.monotonic() - started < BOOT_GRACE:  # exited by itself: a boot failure
+                print(f"acceptfilter: {label} {index} (pid {pid}) failed to start (exit status {code}); stopping",
+                      file=sys.stderr, flush=True)
+                exit_code = code if code > 0 else 1
+                stop(signal.SIGTERM, None)
+                continue
+            print(f"acceptfilter: {label} {index} (pid {pid}) exited (status {code}); starting another",
+                  file=sys.stderr, flush=True)
+            role = spawn(index)
+            if role is not None:
+                return role
+        return Role(None, exit_code)
+    finally:
+        if os.getpid() == parent:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,185 @@
+"""Several worker processes: uvicorn/Hypercorn --workers N through `acceptfilter run`, `serve --workers N`,
+gunicorn with the uvicorn worker; every other worker model refused with one line.
+
+Each worker runs its own engine on the one shared listen socket (acceptfilter.workers). The tests hold
+idle and half-sent clients, ask curl, kill a worker and check that the parent replaces it and that
+serving goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import wait_for
+from .serverutil import close_all, curl, needs_curl, open_held
+
+CLI = [sys.executable, "-m", "acceptfilter.cli"]
+APP = '''
+import os
+from acceptfilter.integrations.asgi import scope_info
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    info = scope_info(scope)
+    body = f"{os.getpid()} {info['target'] if info else None}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> set[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return set()
+    return {int(p) for p in text.split()}
+
+
+def answers(port: int, path: str) -> tuple[int, str]:
+    code, body = curl(port, path)
+    assert code == 200, body
+    pid, _, info = body.partition(" ")
+    assert info == path, "the application got the filter's info"
+    return int(pid), info
+
+
+def serving(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def check_workers_serve_and_are_replaced(proc: subprocess.Popen[str], port: int, workers: int,
+                                         worker_pids: set[int] | None = None) -> None:
+    parent = proc.pid
+    wait_for(lambda: len(children(parent)) >= workers, 60)
+    pids = worker_pids if worker_pids is not None else children(parent)
+    wait_for(lambda: serving(port), 60)
+    held = open_held(port)
+    seen = {answers(port, f"/w{i}")[0] for i in range(8)}
+    assert seen <= pids, "answered by the workers"
+    victim = sorted(pids)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in children(parent) and len(children(parent)) >= workers, 60)
+    for i in range(8):  # the queue is shared: nothing is lost with the worker
+        answers(port, f"/after{i}")
+    close_all(held)
+    assert proc.poll() is None
+
+
+@needs_curl
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+def test_run_with_workers(tmp_path: Path, server: str) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    port = free_port()
+    args = (["uvicorn", "app:app", "--port", str(port), "--workers", "2", "--limit-concurrency", "3"]
+            if server == "uvicorn" else ["hypercorn", "app:app", "--bind", f"127.0.0.1:{port}", "--workers", "2"])
+    proc = subprocess.Popen([*CLI, "run", "--timeout", "60", "--", *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # uvicorn: --limit-concurrency 3 per worker would answer 503 had the 25 held connections reached it.
+        check_workers_serve_and_are_replaced(proc, port, 2)
+    finally:
+        stop(proc)
+    assert proc.returncode in (0, -signal.SIGINT, 130)
+    assert not children(proc.pid)
+
+
+@needs_curl
+def test_serve_with_workers(tmp_path: Path) -> None:
+    (tmp_path / "w0").write_text("")
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--no-status", "--directory",
+                             str(tmp_path), "--timeout", "60"], text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = proc.pid
+        wait_for(lambda: len(children(parent)) >= 2 and serving(port), 60)
+        held = open_held(port)
+        assert curl(port, "/w0") == (200, "")
+        victim = sorted(children(parent))[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in children(parent) and len(children(parent)) >= 2, 60)
+        for _ in range(4):
+            assert curl(port, "/w0") == (200, "")
+        close_all(held)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+
+
+@needs_curl
+def test_gunicorn_with_the_uvicorn_worker(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "run", "--timeout", "60", "--", "gunicorn", "-k", "uvicorn_worker.UvicornWorker",
+                             "-w", "2", "-b", f"127.0.0.1:{port}", "app:app"], cwd=tmp_path, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(children(proc.pid)) >= 2, 60)
+        # gunicorn's arbiter may also run helper children; the workers are the ones that answer.
+        check_workers_serve_and_are_replaced(proc, port, 2, worker_pids=None)
+        workers = children(proc.pid)
+        proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown: SIGQUIT to each worker
+        # Well under gunicorn's graceful_timeout (30 s), after which it would SIGKILL the workers.
+        assert proc.wait(25) == 0
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10)
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    (["run", "--", "uvicorn", "app:app", "--workers", "0"], "--workers must be a positive integer, not '0'"),
+    (["run", "--", "uvicorn", "app:app", "--workers", "two"], "--workers must be a positive integer, not 'two'"),
+    (["run", "--", "hypercorn", "app:app", "-w", "-1"], "--workers must be a positive integer, not '-1'"),
+    (["serve", "--workers", "0"], "--workers must be a positive integer, not '0'"),
+    (["run", "--", "gunicorn", "-k", "gevent", "app:app"], "gunicorn worker class 'gevent' is not supported: use sync"),
+    (["run", "--", "gunicorn", "--worker-class=tornado", "app:app"], "worker class 'tornado' is not supported"),
+    (["run", "--", "hypercorn", "app:app", "-k", "trio"], "supports Hypercorn's asyncio and uvloop workers, not 'trio'"),
+    (["run", "--", "uvicorn", "app:app", "--reload"], "does not support uvicorn --reload"),
+])
+def test_worker_models_that_cannot_work_are_one_line_and_exit_2(tmp_path: Path, command: list[str], says: str) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    port = free_port()
+    out = subprocess.run([*CLI, *command] + (["--port", str(port)] if command[0] == "serve" else []),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("acceptfilter: error: ") and says in lines[0], out.stderr
+    assert not serving(port), "nothing half-started"
+
+
+def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path) -> None:
+    """A broken application is not forked forever: the first worker that exits at boot ends the run."""
+    port = free_port()
+    out = subprocess.run([*CLI, "run", "--", "uvicorn", "nosuchmodule:app", "--port", str(port), "--workers", "2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr  # uvicorn's own status for a startup failure, passed on
+    assert "failed to start (exit status 3); stopping" in out.stderr
+    assert not serving(port)

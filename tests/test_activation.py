@@ -62,8 +62,8 @@ def test_serve_takes_the_socket_systemd_passed(tmp_path: Path) -> None:
         port = int(proc.stdout.readline())
         assert f"127.0.0.1:{port}/" in proc.stdout.readline()  # "Serving ... on http://127.0.0.1:PORT/ ..."
         clients = open_held(port)
-        for line in proc.stderr:  # "status: held 25 ..." once the filter holds them all
-            if re.search(rf"status: held {IDLE + SLOW}\b", line):
+        for line in proc.stderr:  # "status: accepted 25 = held 25 + ..." once the filter holds them all
+            if re.search(rf"status: accepted \d+ = held {IDLE + SLOW}\b", line):
                 break
         assert curl(port, "/index.html") == (200, "activated\n")
         close_all(clients)

@@ -59,7 +59,7 @@ def test_wheel_is_manylinux_abi3_with_every_package(built: tuple[Path, Path]) ->
         names = set(archive.namelist())
         text = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert any(n.startswith("acceptfilter/_core") and n.endswith(".abi3.so") for n in names)
-    assert "acceptfilter/_core_build.py" not in names  # a build-time file
+    assert "acceptfilter/_core_build.py" not in names and "acceptfilter/_relay_build.py" not in names  # build-time files
     assert {f"{pkg.replace('.', '/')}/__init__.py" for pkg in PACKAGES} <= names, "a package is missing from the wheel"
     assert {"acceptfilter/filters/httpready.py", "acceptfilter/py.typed"} <= names
     assert "httpready = acceptfilter.filters.httpready:HttpReady" in text and "acceptfilter = acceptfilter.cli:main" in text
@@ -71,7 +71,8 @@ def test_sdist_can_build_the_core_and_run_the_readme_commands(built: tuple[Path,
     with tarfile.open(sdist) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     assert {"scripts/serve.sh", "scripts/test.sh", "scripts/setup-lib.sh", "requirements/apt-test.txt",
-            "src/acceptfilter/_core_build.py", "csrc/afcore.c", "tests/conftest.py"} <= names
+            "src/acceptfilter/_core_build.py", "src/acceptfilter/_relay_build.py", "csrc/afcore.c", "csrc/afmatch.c",
+            "csrc/afrelay.c", "tests/conftest.py"} <= names
     assert not any("__pycache__" in n or n.endswith(".so") for n in names)
 
 

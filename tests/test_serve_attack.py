@@ -80,7 +80,8 @@ def test_status_line_carries_every_term_of_the_invariant(tmp_path: Path) -> None
             bad.sendall(b"\x00")  # rejected
         assert _get(port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")  # surfaced
         pattern = re.compile(r"status: accepted (\d+) = held (\d+) \+ surfaced (\d+) \+ rejected (\d+) "
-                             r"\+ closed empty (\d+) \+ failed (\d+) \+ dropped (\d+)  timed out (\d+)  evicted (\d+)"
+                             r"\+ closed empty (\d+) \+ failed (\d+) \+ dropped (\d+) \+ detached \d+  timed out (\d+)  "
+                             r"evicted (\d+)"
                              r"  kernel queue (\d+)/(\d+)")
 
         def settled() -> bool:
@@ -111,7 +112,7 @@ def test_kernel_queue_reads_the_accept_queue_without_netlink() -> None:
         for c in clients:
             c.close()
     assert "kernel queue ?" in status_line({k: 0 for k in ("accepted", "held", "surfaced", "rejected", "closed_empty",
-                                                          "failed", "dropped", "timed_out", "evicted")}, None)
+                                                          "failed", "dropped", "detached", "timed_out", "evicted")}, None)
 
 
 def test_evicted_connections_are_closed_not_handed_to_handler_threads(tmp_path: Path) -> None:

@@ -112,6 +112,8 @@ class SurfaceQueue:
         self._efd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
         self.closed = False
+        self._waiters = 0  # threads polling the eventfd right now (wait())
+        self._freed = False
 
     def fileno(self) -> int:
         return -1 if self.closed else self._efd
@@ -135,13 +137,27 @@ class SurfaceQueue:
             return self._items.popleft()
 
     def wait(self, timeout: float | None) -> bool:
-        """Wait until an entry may be there; False on timeout."""
-        if self.closed:
-            raise _closed_error()
-        poller = select.poll()
-        poller.register(self._efd, select.POLLIN)
-        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        return bool(poller.poll(ms))
+        """Wait until an entry may be there; False on timeout.
+
+        The eventfd stays open while a thread polls it (closing it would not wake
+        the poll, and its number could be reused): :meth:`free` leaves the close
+        to the last waiter, which :meth:`close`'s token has already woken.
+        """
+        with self._lock:
+            if self.closed:
+                raise _closed_error()
+            self._waiters += 1
+            efd = self._efd
+        try:
+            poller = select.poll()
+            poller.register(efd, select.POLLIN)
+            ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+            return bool(poller.poll(ms))
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                if self._freed and not self._waiters:
+                    self._close_efd()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -166,10 +182,15 @@ class SurfaceQueue:
     def free(self) -> None:
         """Close the eventfd (after :meth:`close`, once no driver can queue into it). Idempotent."""
         with self._lock:
-            if self._efd >= 0:
-                self.closed = True
-                os.close(self._efd)
-                self._efd = -1
+            self.closed = True
+            self._freed = True
+            if not self._waiters:
+                self._close_efd()
+
+    def _close_efd(self) -> None:
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
 
 
 #: The smallest default bound on held connections. FreeBSD bounds its held

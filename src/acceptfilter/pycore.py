@@ -304,8 +304,11 @@ class PyCore:
             if self._listening:
                 self._ep.modify(self._lfd, select.EPOLLIN)
         if fast and not self._events:
-            self._accept_batch(now)  # a thread waiting in accept(): the listen queue first
-            if self._fast is not None or self._events:
+            # A thread waiting in accept(): the listen queue first; whatever was taken in
+            # returns before any wait (the caller's counters must not lag a long wait).
+            taken = self._stats["accepted"] + self._stats["fast"]
+            self._accept_batch(now)
+            if self._fast is not None or self._events or self._stats["accepted"] + self._stats["fast"] != taken:
                 return self._finish(now)
         wait = -1.0 if timeout is None else timeout
         nxt = self._next_deadline()

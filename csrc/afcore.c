@@ -332,7 +332,9 @@ static void on_readable(af_core *c, int fd, uint32_t flags) {
     if (!k || k->state != CS_HELD) return;
     int err = 0;
     uint32_t before = k->len;
-    if ((flags & EPOLLERR) && !(flags & EPOLLIN)) {
+    if (flags & EPOLLERR) {
+        /* Reset (or errored) while held, whatever it sent before: nothing can be
+         * answered any more. Not an EOF: a FIN is EPOLLRDHUP without EPOLLERR. */
         socklen_t sl = sizeof err;
         getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl);
         emit(c, fd, AF_EV_ERROR, err ? err : ECONNRESET);

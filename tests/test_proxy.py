@@ -363,9 +363,6 @@ def test_haproxy_ssl_tlv_and_crc32c(core: str, listen_sock: socket.socket, tmp_p
         proc.wait(5)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine asks for the peer after HAProxy's RST (getpeername fails, so "
-                                       "'PROXY header source None is not trusted' and a reject); the lead is moving "
-                                       "the peer address to accept time, then these health checks count as failed")
 def test_haproxy_check_send_proxy_health_checks_are_failed_not_rejected(core: str, listen_sock: socket.socket,
                                                                        tmp_path: Path) -> None:
     """HAProxy's TCP checks with check-send-proxy: a 16-byte PROXY v2 LOCAL header, then an RST, every `inter`."""

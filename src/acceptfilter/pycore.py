@@ -350,7 +350,7 @@ class PyCore:
         conn = self._fifo.get(fd)
         if conn is None:
             return
-        if flags & select.EPOLLERR and not flags & select.EPOLLIN:
+        if flags & select.EPOLLERR:  # reset while held, whatever it sent before (a FIN has no EPOLLERR)
             err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._emit(fd, ERROR, err or errno.ECONNRESET)
             return

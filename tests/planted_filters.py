@@ -25,8 +25,8 @@ def _header(buf: bytes, pos: int, mark: bytes, *, trusting: bool = False) -> tup
     if pos >= len(buf):
         return "partial", 0, pos
     end = buf.find(b"\r\n", pos)
-    if trusting and end >= 0:  # planted: trusts the peer's digits
-        return "ok", int(buf[pos + 1 : end]), end + 2
+    if trusting and buf[pos : pos + 1] == mark:  # planted: waits for the line end, then trusts the digits
+        return ("partial", 0, pos) if end < 0 else ("ok", int(buf[pos + 1 : end]), end + 2)
     digits = buf[pos + 1 : end if end >= 0 else len(buf)]
     if end < 0 and digits.endswith(b"\r"):
         digits = digits[:-1]

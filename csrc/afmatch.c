@@ -239,15 +239,19 @@ int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len) 
                 return finish(s, AFM_NO);
             uint64_t i = s->aux ? (uint64_t)s->aux - 1 : pos - (uint64_t)in->c;
             const uint8_t *tab = p->lits + in->a;
-            uint8_t first = tab[1];
-            int same_first = 1;
-            uint64_t min_len = UINT64_MAX;
+            uint8_t firsts[32] = {0}, fb[2];
+            int nfirst = 0; /* distinct first bytes, counted up to 3 */
+            uint64_t next_at[2] = {0, 0}, min_len = UINT64_MAX;
             {
                 const uint8_t *t = tab;
                 for (int64_t k = 0; k < in->b; k++) {
                     uint64_t n = t[0] & ~AFM_TERM_FAIL;
-                    if (t[1] != first)
-                        same_first = 0;
+                    if (!(firsts[t[1] >> 3] & (1u << (t[1] & 7)))) {
+                        if (nfirst < 2)
+                            fb[nfirst] = t[1];
+                        nfirst++;
+                    }
+                    firsts[t[1] >> 3] |= (uint8_t)(1u << (t[1] & 7));
                     if (n < min_len)
                         min_len = n;
                     t += 1 + n;
@@ -256,9 +260,23 @@ int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len) 
             for (;;) {
                 if (i + min_len > limit)
                     return finish(s, AFM_NO);
-                if (same_first && i < avail) { /* memchr skips positions no terminator can start at */
-                    const uint8_t *hit = memchr(data + i, first, (size_t)(avail - i));
-                    i = hit ? (uint64_t)(hit - data) : avail;
+                if (i < avail) { /* skip the positions no terminator can start at */
+                    if (nfirst <= 2) {
+                        /* memchr per first byte; next_at[k] stays valid while >= i (0: not yet) */
+                        uint64_t best = avail;
+                        for (int k = 0; k < nfirst; k++) {
+                            if (!next_at[k] || next_at[k] < i) {
+                                const uint8_t *hit = memchr(data + i, fb[k], (size_t)(avail - i));
+                                next_at[k] = hit ? (uint64_t)(hit - data) : avail;
+                            }
+                            if (next_at[k] < best)
+                                best = next_at[k];
+                        }
+                        i = best;
+                    } else {
+                        while (i < avail && !(firsts[data[i] >> 3] & (1u << (data[i] & 7))))
+                            i++;
+                    }
                     if (i + min_len > limit)
                         return finish(s, AFM_NO);
                 }

@@ -106,6 +106,8 @@ class Op(enum.IntEnum):
 
 
 Insn = tuple[int, int, int, int, int, int]
+#: A compiled SEARCH table: (terminator, fail) pairs, shortest and longest length, one regex.
+_SearchTable = tuple[list[tuple[bytes, bool]], int, int, "re.Pattern[bytes]"]
 
 # Plain ints for the interpreter loop (IntEnum comparisons cost more).
 _NEED, _SKIP, _LIT, _RUN, _FIELD, _PUSH, _POP, _VEC, _JEQ, _JGE_END, _JUMP, _SEARCH, _READY = range(1, 14)
@@ -229,14 +231,18 @@ class Program:
         return tuple(out)
 
     @functools.cached_property
-    def _search_tables(self) -> dict[tuple[int, int], tuple[list[tuple[bytes, bool]], int, bytes | None]]:
-        """Per SEARCH table: the terminators (with fail flags), the shortest length, their common first byte."""
+    def _search_tables(self) -> dict[tuple[int, int], _SearchTable]:
+        """Per SEARCH table: the terminators (with fail flags), their lengths, and one regex for all of them.
+
+        A regex alternation finds the leftmost position where a terminator matches, trying
+        them in order there: SEARCH's rule, for every position where all of them fit.
+        """
         out = {}
         for op, a, b, *_ in self.code:
             if op == _SEARCH:
                 terms = self.terms(a, b)
-                firsts = {t[:1] for t, _ in terms}
-                out[a, b] = (terms, min(len(t) for t, _ in terms), firsts.pop() if len(firsts) == 1 else None)
+                rx = re.compile(b"|".join(b"(" + re.escape(t) + b")" for t, _ in terms))
+                out[a, b] = (terms, min(len(t) for t, _ in terms), max(len(t) for t, _ in terms), rx)
         return out
 
     def terms(self, offset: int, count: int) -> list[tuple[bytes, bool]]:
@@ -387,7 +393,7 @@ class MatchState:
         data: bytes,
         avail: int,
         limit: int,
-        table: tuple[list[tuple[bytes, bool]], int, bytes | None],
+        table: _SearchTable,
         back: int,
     ) -> Match | None:
         """The first position where a terminator matches; None when found (pos moved), else the answer.
@@ -395,19 +401,26 @@ class MatchState:
         At one position the terminators are tried in order and an earlier one that may still
         match (cut off by ``avail``) is waited for: the answer never depends on the chunking.
         """
-        terms, min_len, first = table
+        terms, min_len, max_len, rx = table
         pos = self.pos
         if back > pos:
             return self._finish(NO)
         i = self.aux - 1 if self.aux else pos - back
-        while True:
+        # Where every terminator fits before both avail and limit, each one matches or not:
+        # the regex decides those positions at once (C walks them with memchr).
+        end = min(avail, limit)
+        if i + max_len <= end:
+            m = rx.search(data, i, end)
+            if m is not None and m.start() + max_len <= end:
+                if terms[m.lastindex - 1][1]:  # type: ignore[operator]  # one group per terminator
+                    return self._finish(NO)
+                self.aux = 0
+                self.pos = m.end()
+                return None
+            i = max(i, end - max_len + 1)  # no terminator starts before this one
+        while True:  # the last few positions, byte by byte as in C
             if i + min_len > limit:
                 return self._finish(NO)
-            if first is not None and i < avail:  # the positions memchr skips in C
-                hit = data.find(first, i, avail)
-                i = hit if hit >= 0 else avail
-                if i + min_len > limit:
-                    return self._finish(NO)
             for term, fail in terms:
                 n = len(term)
                 if i + n > limit:

@@ -66,7 +66,7 @@ int afm_check(const afm_prog *p) {
                     ok = 0;
                     break;
                 }
-                int64_t n = p->lits[off];
+                int64_t n = p->lits[off] & ~AFM_TERM_FAIL;
                 ok = n >= 1 && n <= AFM_MAX_TERM && off + 1 + n <= (int64_t)p->nlits;
                 off += 1 + n;
             }
@@ -155,8 +155,8 @@ int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len) 
                 have = n;
             if (have && memcmp(data + pos, p->lits + in->a, (size_t)have) != 0)
                 return finish(s, AFM_NO);
-            if (have < n)
-                return more(s, pos + n - avail);
+            if (have < n) /* need 1: the next byte may already mismatch */
+                return more(s, 1);
             s->pos = (uint32_t)(pos + n);
             break;
         }
@@ -231,37 +231,59 @@ int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len) 
             next_pc = (uint64_t)in->a;
             break;
         case AFM_SEARCH: {
+            /* The first position i (from pos - back) where a terminator matches; at one
+             * position the terminators are tried in order, and an earlier one that may still
+             * match there (cut off by avail) is waited for, so the answer never depends on
+             * how the bytes were split.  A terminator flagged AFM_TERM_FAIL found first: NO. */
             if ((uint64_t)in->c > pos)
                 return finish(s, AFM_NO);
             uint64_t i = s->aux ? (uint64_t)s->aux - 1 : pos - (uint64_t)in->c;
-            /* All terminators start with the same byte?  Then memchr skips to candidates. */
             const uint8_t *tab = p->lits + in->a;
-            uint8_t first = tab[1];
-            int same_first = 1;
-            uint64_t min_len = UINT64_MAX;
+            uint8_t firsts[32] = {0}, fb[2];
+            int nfirst = 0; /* distinct first bytes, counted up to 3 */
+            uint64_t next_at[2] = {0, 0}, min_len = UINT64_MAX;
             {
                 const uint8_t *t = tab;
                 for (int64_t k = 0; k < in->b; k++) {
-                    if (t[1] != first)
-                        same_first = 0;
-                    if (t[0] < min_len)
-                        min_len = t[0];
-                    t += 1 + t[0];
+                    uint64_t n = t[0] & ~AFM_TERM_FAIL;
+                    if (!(firsts[t[1] >> 3] & (1u << (t[1] & 7)))) {
+                        if (nfirst < 2)
+                            fb[nfirst] = t[1];
+                        nfirst++;
+                    }
+                    firsts[t[1] >> 3] |= (uint8_t)(1u << (t[1] & 7));
+                    if (n < min_len)
+                        min_len = n;
+                    t += 1 + n;
                 }
             }
             for (;;) {
                 if (i + min_len > limit)
                     return finish(s, AFM_NO);
-                if (same_first && i < avail) {
-                    const uint8_t *hit = memchr(data + i, first, (size_t)(avail - i));
-                    i = hit ? (uint64_t)(hit - data) : avail;
+                if (i < avail) { /* skip the positions no terminator can start at */
+                    if (nfirst <= 2) {
+                        /* memchr per first byte; next_at[k] stays valid while >= i (0: not yet) */
+                        uint64_t best = avail;
+                        for (int k = 0; k < nfirst; k++) {
+                            if (!next_at[k] || next_at[k] < i) {
+                                const uint8_t *hit = memchr(data + i, fb[k], (size_t)(avail - i));
+                                next_at[k] = hit ? (uint64_t)(hit - data) : avail;
+                            }
+                            if (next_at[k] < best)
+                                best = next_at[k];
+                        }
+                        i = best;
+                    } else {
+                        while (i < avail && !(firsts[data[i] >> 3] & (1u << (data[i] & 7))))
+                            i++;
+                    }
                     if (i + min_len > limit)
                         return finish(s, AFM_NO);
                 }
                 const uint8_t *t = tab;
-                int undecided = 0;
                 for (int64_t k = 0; k < in->b; k++) {
-                    uint64_t n = t[0];
+                    uint64_t n = t[0] & ~AFM_TERM_FAIL;
+                    int fail = t[0] & AFM_TERM_FAIL;
                     const uint8_t *term = t + 1;
                     t += 1 + n;
                     if (i + n > limit)
@@ -271,17 +293,16 @@ int afm_run(const afm_prog *p, afm_state *s, const uint8_t *data, uint32_t len) 
                         have = n;
                     if (have && memcmp(data + i, term, (size_t)have) != 0)
                         continue;
-                    if (have == n) {
-                        s->aux = 0;
-                        s->pos = (uint32_t)(i + n);
-                        goto searched;
+                    if (have < n) {
+                        /* need 1: a shorter terminator at a later position may complete first */
+                        s->aux = (uint32_t)(i + 1);
+                        return more(s, 1);
                     }
-                    undecided = 1;
-                }
-                if (undecided) {
-                    /* need 1: a shorter terminator at a later position may complete first */
-                    s->aux = (uint32_t)(i + 1);
-                    return more(s, 1);
+                    if (fail)
+                        return finish(s, AFM_NO);
+                    s->aux = 0;
+                    s->pos = (uint32_t)(i + n);
+                    goto searched;
                 }
                 i++;
             }

@@ -7,7 +7,8 @@
  *   AFM_DONE   certainly ready: the filter's Python check ACCEPTs these bytes
  *              with consume = afm_state.consume (proven by the fuzz contract),
  *   AFM_MORE   not sure yet; afm_state.need = a lower bound on the further
- *              bytes before AFM_DONE is possible (a hint for SO_RCVLOWAT), or
+ *              bytes before the answer can change (for SO_RCVLOWAT: exact for
+ *              a field or a frame, 1 inside a literal, run or search), or
  *   AFM_NO     never sure on any extension of these bytes: ask Python.
  *
  * Properties the interpreter keeps whatever the program and the bytes:
@@ -47,6 +48,10 @@
 
 /* Field widths are 1..4 bytes, big-endian; OR AFM_LE for little-endian. */
 #define AFM_LE 0x100
+/* In a SEARCH table, a length byte ORed with AFM_TERM_FAIL marks a terminator
+ * that, found first, makes the answer AFM_NO (e.g. a line end the filter accepts
+ * but the matcher does not certify). */
+#define AFM_TERM_FAIL 0x80
 
 /* Results (AFM_READY is the instruction; the result is AFM_DONE). */
 #define AFM_MORE 0
@@ -63,7 +68,7 @@ typedef struct afm_insn {
 
 /* A compiled program.  sets: nsets * 32 bytes (256-bit byte sets, bit b of
  * byte b>>3 is set for member b).  lits: literals; a SEARCH table at lits[a]
- * is b entries of [length byte][bytes]. */
+ * is b entries of [length byte (| AFM_TERM_FAIL)][bytes]. */
 typedef struct afm_prog {
     const afm_insn *code;
     uint32_t ncode;

@@ -94,9 +94,9 @@ class HttpReady(Filter):
         """Compiled: a complete ``METHOD SP target SP HTTP/1.0|1.1 CRLF ... CRLF CRLF`` head; None with ``body=N``.
 
         The request line's shape (a 1..32-byte token, a space, a printable target,
-        `` HTTP/1.0`` or `` HTTP/1.1``, CRLF) starts at byte 0, then the first CRLF CRLF
-        (counting the request line's own CRLF) ends within ``max_bytes``. Nothing else is
-        certified: bare-LF heads, other versions, HTTP/0.9 lines, the h2 preface, leading
+        `` HTTP/1.0`` or `` HTTP/1.1``, CRLF) starts at byte 0, then the head's end -- the first
+        CRLF CRLF (counting the request line's own CRLF), with no bare-LF end before it -- lies
+        within ``max_bytes``. Nothing else is certified: bare-LF heads, other versions, HTTP/0.9 lines, the h2 preface, leading
         empty lines and non-HTTP bytes are left to :meth:`check`, so the matcher stays sound
         whatever those rules become. ``body=N`` may wait past the head: no matcher.
         """
@@ -106,7 +106,9 @@ class HttpReady(Filter):
         b = Builder(self.max_bytes)
         b.run(token, 1, _MAX_METHOD).lit(b" ").run(byte_range(0x21, 0x7E), 1, self.max_bytes)
         b.lit(b" HTTP/1.").run(b"01", 1, 1).lit(b"\r\n")
-        return b.search([b"\r\n\r\n"], back=2).ready().build()
+        # The check ends the head at the first LF LF or LF CR LF: found before a CRLF CRLF (a bare-LF
+        # line end), the matcher must say NO -- not MORE, which would hold the connection from Python.
+        return b.search([b"\r\n\r\n"], fail=[b"\n\n", b"\n\r\n"], back=2).ready().build()
 
 
 class _HttpSession:

@@ -24,10 +24,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from acceptfilter import cmatcher
-from acceptfilter.filter import Filter, Verdict
-from acceptfilter.matcher import DONE, LE, MAX_CODE, MORE, NO, Builder, Match, Op, Program, byte_range, min_bytes
+from acceptfilter.filter import Decision, Filter, Verdict
+from acceptfilter.matcher import (
+    DONE,
+    LE,
+    MAX_CODE,
+    MORE,
+    NO,
+    TERM_FAIL,
+    Builder,
+    Match,
+    Op,
+    Program,
+    byte_range,
+    min_bytes,
+)
 from acceptfilter.registry import load_filter
-from acceptfilter.testing import check_filter, strategies
+from acceptfilter.testing import ContractViolation, check_filter, strategies
 
 PEER = ("127.0.0.1", 40000)
 SPECS = [
@@ -99,6 +112,10 @@ def _shape() -> Program:
     return b.search([b"\n\n", b"\n\r\n"], back=1).ready().build()
 
 
+def _crlf() -> Program:
+    return Builder(32).search([b"\r\n\r\n"], fail=[b"\n\n", b"\n\r\n"]).ready().build()
+
+
 def _frames() -> Program:
     b = Builder(40).push(0, 2, adjust=2, lo=1, hi=30).skip(2)
     b.label("loop").jge_end("end").jeq(0, 1, 0xFF, "bad").vec(1).jump("loop")
@@ -118,6 +135,9 @@ CASES: list[tuple[str, Program, bytes, Match]] = [
     ("search finds LF CR LF", _shape(), b"ab \nxx\n\r\n", Match(DONE)),
     ("search counts the line's own LF", _shape(), b"ab \r\n\r\n", Match(DONE)),
     ("search: no room under the cap", _shape(), b"ab \n" + b"x" * 28, Match(NO)),
+    ("search: a fail terminator first", _crlf(), b"a\r\nb\n\nc\r\n\r\n", Match(NO)),
+    ("search: the good one first", _crlf(), b"a\r\nb\r\n\r\nc\n\n", Match(DONE)),
+    ("search: an earlier-listed terminator is waited for", _crlf(), b"a\r\nb\r\n\r", Match(MORE, need=1)),
     ("frame: length missing", _frames(), b"\x00", Match(MORE, need=1)),
     ("frame: next vector not there yet", _frames(), b"\x00\x04\x01a", Match(MORE, need=1)),
     ("frame: vectors exactly to the end", _frames(), b"\x00\x04\x01a\x01bzz", Match(DONE, consume=6)),
@@ -207,7 +227,7 @@ def programs(draw: st.DrawFn) -> Program:
         elif op == Op.SEARCH:
             terms = draw(st.lists(st.binary(min_size=1, max_size=3), min_size=1, max_size=3))
             off = len(lits)
-            lits += b"".join(bytes([len(t)]) + t for t in terms)
+            lits += b"".join(bytes([len(t) | draw(st.sampled_from([0, TERM_FAIL]))]) + t for t in terms)
             insn = (op, off, len(terms), draw(st.integers(0, 2)), 0, 0)
         else:
             insn = (op, 0, 0, 0, 0, 0)
@@ -460,3 +480,39 @@ def test_bench_matcher_shape(tmp_path: Path) -> None:
     assert set(result["results"]) == set(bench_matcher.CASES)
     for row in result["results"].values():
         assert row["c_ns"] > 0 and row["python_mirror_ns"] > 0 and row["check_ns"] > 0
+
+
+class _HoldsTooLong(Filter):
+    """Rejects a line starting with X at once, but its matcher keeps saying MORE until the line ends."""
+
+    name = "holds-too-long"
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        if data.startswith(b"X"):
+            return Decision.reject("X")
+        if b"\n" in data:
+            return Decision.accept()
+        return Decision.reject("incomplete") if final or len(data) >= self.max_bytes else Decision(Verdict.WAIT)
+
+    def matcher(self) -> Program:
+        return Builder(self.max_bytes).search([b"\n"]).ready().build()  # bug: MORE on "X..." too
+
+
+class _SleepsTooLong(_HoldsTooLong):
+    """Its need hint asks SO_RCVLOWAT for 8 bytes, but an X in the first 8 is rejected sooner."""
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        if b"X" in data[:8]:
+            return Decision.reject("X")
+        return Decision.accept() if len(data) >= 8 else super().check(data, final)
+
+    def matcher(self) -> Program:
+        return min_bytes(8, self.max_bytes)
+
+
+@pytest.mark.parametrize("flt", [_HoldsTooLong(), _SleepsTooLong()], ids=["more", "need"])
+def test_matcher_must_not_hold_what_the_check_decides(flt: Filter) -> None:
+    """While the matcher says MORE the core runs no Python: the check must WAIT there (and within need)."""
+    with pytest.raises(ContractViolation) as caught:
+        check_filter(flt, [b"Xyz\n", b"abcdefgh", b"abXdefgh"], max_examples=200, stateful=False)
+    assert caught.value.invariant == "matcher", str(caught.value)

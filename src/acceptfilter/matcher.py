@@ -18,8 +18,8 @@ instruction set interpreted by C (``csrc/afmatch.c``) and, identically, by
 
 * ``NEED n`` (a minimum byte count; or the whole current frame), ``LIT`` (exact bytes), ``RUN`` (a greedy run of a
   256-bit byte set, min..max long) -- the *shape* of a line;
-* ``SEARCH`` -- the first of several terminators (``\\n\\n``, ``\\n\\r\\n``), resumable,
-  ``memchr``-driven in C;
+* ``SEARCH`` -- the first of several terminators (``\\r\\n\\r\\n``; a bare ``\\n\\n`` found
+  first can mean "never certain"), resumable, ``memchr``-driven in C;
 * ``FIELD``, ``PUSH``/``POP``, ``VEC`` -- length-prefixed framing (offset, width, byte
   order, adjustment, allowed range), nested frames (a TLS record carrying a handshake
   carrying an extension block), vectors;
@@ -35,7 +35,8 @@ the innermost frame's end, and cuts off a program that loops without progress af
 ``len(code) * (max_bytes + 2)`` instructions.
 
 Answers: :data:`DONE` (certain; ``consume``), :data:`MORE` (not sure yet; ``need`` is a
-lower bound on the further bytes before DONE is possible -- for ``SO_RCVLOWAT``) or :data:`NO`
+lower bound on the further bytes before the answer can change -- for ``SO_RCVLOWAT``: exact
+for a length field or a frame, 1 while a literal, run or search is in progress) or :data:`NO`
 (never certain on any extension: ask the Python check). MORE and NO both mean "run the
 filter as today".
 
@@ -58,6 +59,7 @@ __all__ = [
     "MAX_DEPTH",
     "MORE",
     "NO",
+    "TERM_FAIL",
     "Builder",
     "Match",
     "MatchState",
@@ -77,6 +79,8 @@ NO = 2
 LE = 0x100
 #: Frames that may be open at once (AFM_MAX_DEPTH).
 MAX_DEPTH = 8
+#: A SEARCH terminator's length byte ORed with this: found first, the answer is NO (AFM_TERM_FAIL).
+TERM_FAIL = 0x80
 MAX_CODE = 4096
 MAX_TERM = 16
 _U32 = 0xFFFFFFFF
@@ -102,6 +106,8 @@ class Op(enum.IntEnum):
 
 
 Insn = tuple[int, int, int, int, int, int]
+#: A compiled SEARCH table: (terminator, fail) pairs, shortest and longest length, one regex.
+_SearchTable = tuple[list[tuple[bytes, bool]], int, int, "re.Pattern[bytes]"]
 
 # Plain ints for the interpreter loop (IntEnum comparisons cost more).
 _NEED, _SKIP, _LIT, _RUN, _FIELD, _PUSH, _POP, _VEC, _JEQ, _JGE_END, _JUMP, _SEARCH, _READY = range(1, 14)
@@ -195,7 +201,7 @@ class Program:
                     if off >= len(self.lits):
                         ok = False
                         break
-                    tl = self.lits[off]
+                    tl = self.lits[off] & ~TERM_FAIL
                     ok = 1 <= tl <= MAX_TERM and off + 1 + tl <= len(self.lits)
                     if not ok:
                         break
@@ -225,22 +231,26 @@ class Program:
         return tuple(out)
 
     @functools.cached_property
-    def _search_tables(self) -> dict[int, tuple[list[bytes], int, bytes | None]]:
-        """Per SEARCH offset: the terminators, the shortest length, their common first byte (or None)."""
+    def _search_tables(self) -> dict[tuple[int, int], _SearchTable]:
+        """Per SEARCH table: the terminators (with fail flags), their lengths, and one regex for all of them.
+
+        A regex alternation finds the leftmost position where a terminator matches, trying
+        them in order there: SEARCH's rule, for every position where all of them fit.
+        """
         out = {}
         for op, a, b, *_ in self.code:
             if op == _SEARCH:
                 terms = self.terms(a, b)
-                firsts = {t[:1] for t in terms}
-                out[a] = (terms, min(len(t) for t in terms), firsts.pop() if len(firsts) == 1 else None)
+                rx = re.compile(b"|".join(b"(" + re.escape(t) + b")" for t, _ in terms))
+                out[a, b] = (terms, min(len(t) for t, _ in terms), max(len(t) for t, _ in terms), rx)
         return out
 
-    def terms(self, offset: int, count: int) -> list[bytes]:
-        """The SEARCH terminator table at ``lits[offset]``."""
+    def terms(self, offset: int, count: int) -> list[tuple[bytes, bool]]:
+        """The SEARCH terminator table at ``lits[offset]``: (terminator, found first means NO)."""
         out = []
         for _ in range(count):
-            n = self.lits[offset]
-            out.append(self.lits[offset + 1 : offset + 1 + n])
+            n = self.lits[offset] & ~TERM_FAIL
+            out.append((self.lits[offset + 1 : offset + 1 + n], bool(self.lits[offset] & TERM_FAIL)))
             offset += 1 + n
         return out
 
@@ -310,8 +320,8 @@ class MatchState:
                 have = min(max(avail - pos, 0), b)
                 if data[pos : pos + have] != p.lits[a : a + have]:
                     return self._finish(NO)
-                if have < b:
-                    return self._more(pos + b - avail)
+                if have < b:  # need 1: the next byte may already mismatch
+                    return self._more(1)
                 self.pos = pos + b
             elif op == _RUN:
                 # As afm_run's byte loop: stop at max, then at the limit, then wait at avail.
@@ -365,7 +375,7 @@ class MatchState:
             elif op == _JUMP:
                 next_pc = a
             elif op == _SEARCH:
-                found = self._search(data, avail, limit, p._search_tables[a], c)
+                found = self._search(data, avail, limit, p._search_tables[a, b], c)
                 if found is not None:
                     return found
             elif op == _READY:
@@ -379,38 +389,53 @@ class MatchState:
             self.steps += 1
 
     def _search(
-        self, data: bytes, avail: int, limit: int, table: tuple[list[bytes], int, bytes | None], back: int
+        self,
+        data: bytes,
+        avail: int,
+        limit: int,
+        table: _SearchTable,
+        back: int,
     ) -> Match | None:
-        """The first position where a terminator matches; None when found (pos moved), else the answer."""
-        terms, min_len, first = table
+        """The first position where a terminator matches; None when found (pos moved), else the answer.
+
+        At one position the terminators are tried in order and an earlier one that may still
+        match (cut off by ``avail``) is waited for: the answer never depends on the chunking.
+        """
+        terms, min_len, max_len, rx = table
         pos = self.pos
         if back > pos:
             return self._finish(NO)
         i = self.aux - 1 if self.aux else pos - back
-        while True:
+        # Where every terminator fits before both avail and limit, each one matches or not:
+        # the regex decides those positions at once (C walks them with memchr).
+        end = min(avail, limit)
+        if i + max_len <= end:
+            m = rx.search(data, i, end)
+            if m is not None and m.start() + max_len <= end:
+                if terms[m.lastindex - 1][1]:  # type: ignore[operator]  # one group per terminator
+                    return self._finish(NO)
+                self.aux = 0
+                self.pos = m.end()
+                return None
+            i = max(i, end - max_len + 1)  # no terminator starts before this one
+        while True:  # the last few positions, byte by byte as in C
             if i + min_len > limit:
                 return self._finish(NO)
-            if first is not None and i < avail:  # the positions memchr skips in C
-                hit = data.find(first, i, avail)
-                i = hit if hit >= 0 else avail
-                if i + min_len > limit:
-                    return self._finish(NO)
-            undecided = False
-            for term in terms:
+            for term, fail in terms:
                 n = len(term)
                 if i + n > limit:
                     continue
                 have = min(max(avail - i, 0), n)
                 if data[i : i + have] != term[:have]:
                     continue
-                if have == n:
-                    self.aux = 0
-                    self.pos = i + n
-                    return None
-                undecided = True
-            if undecided:  # need 1: a shorter terminator at a later position may complete first
-                self.aux = i + 1
-                return self._more(1)
+                if have < n:  # need 1: a shorter terminator at a later position may complete first
+                    self.aux = i + 1
+                    return self._more(1)
+                if fail:
+                    return self._finish(NO)
+                self.aux = 0
+                self.pos = i + n
+                return None
             i += 1
 
 
@@ -504,10 +529,15 @@ class Builder:
     def jump(self, target: str) -> Builder:
         return self._emit(Op.JUMP, target)
 
-    def search(self, terms: Iterable[bytes], *, back: int = 0) -> Builder:
-        """Move past the first of ``terms`` found from cursor - back (they may overlap the shape)."""
-        items = [bytes(t) for t in terms]
-        table = b"".join(bytes([len(t)]) + t for t in items)
+    def search(self, terms: Iterable[bytes], *, back: int = 0, fail: Iterable[bytes] = ()) -> Builder:
+        """Move past the first terminator found from cursor - back (it may overlap the shape).
+
+        ``fail`` are terminators that, found first, make the answer NO: ends the filter
+        accepts but the matcher does not certify. At one position ``terms`` are tried
+        before ``fail``, each in order.
+        """
+        items = [(bytes(t), 0) for t in terms] + [(bytes(t), TERM_FAIL) for t in fail]
+        table = b"".join(bytes([len(t) | flag]) + t for t, flag in items)
         return self._emit(Op.SEARCH, self._lit(table), len(items), back)
 
     def ready(self, *, consume: bool = False) -> Builder:

@@ -186,7 +186,9 @@ class _MatcherProbe:
     At every prefix: the C matcher and the Python mirror give the same answer, the
     incremental answer equals the one-shot one (resumability), a ``need`` hint is never
     beaten, and -- the point of it all -- a certified prefix is one the filter's check
-    ACCEPTs with the same consume.
+    ACCEPTs with the same consume. And the other way round: while the matcher says MORE
+    (need k), the core runs no Python and sets SO_RCVLOWAT to k more bytes, so the check
+    must WAIT on that prefix and on every longer one short of those k bytes.
     """
 
     def __init__(self, program: Program) -> None:
@@ -195,6 +197,8 @@ class _MatcherProbe:
         self.py: MatchState = program.start()
         self.c = self.cprog.start() if self.cprog is not None else None
         self.waiting: tuple[int, Match] | None = None  # (length, MORE answer) of the last step
+        self.horizon = 0  # no Python runs on prefixes shorter than this (MORE: length + need)
+        self.horizon_from: tuple[int, Match] | None = None
 
     def step(self, data: bytes, check: Decision, chunks: object) -> None:
         m = self.py.run(data)
@@ -217,6 +221,14 @@ class _MatcherProbe:
                     "matcher", f"matcher said {before} at {length} bytes but certified at {len(data)} {where}"
                 )
         self.waiting = (len(data), m) if m.status == MORE else None
+        if m.status == MORE and len(data) + m.need > self.horizon:
+            self.horizon, self.horizon_from = len(data) + m.need, (len(data), m)
+        if (m.status == MORE or len(data) < self.horizon) and check.verdict is not Verdict.WAIT:
+            said = f"{m} on these bytes" if m.status == MORE else f"{self.horizon_from} at a shorter prefix"
+            raise ContractViolation(
+                "matcher",
+                f"matcher said {said}, so no Python runs yet, but check(final=False) says {_show(check)} {where}",
+            )
         if m.ready and not (check.verdict is Verdict.ACCEPT and check.consume == m.consume):
             raise ContractViolation(
                 "matcher",

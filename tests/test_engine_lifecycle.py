@@ -360,3 +360,25 @@ def test_the_peer_address_is_the_one_taken_at_accept(hand: Any) -> None:
     assert stats["rejected"] == 0 and stats["surfaced"] + stats["failed"] == 5 and unaccounted(stats) == 0
     while listener.queued:
         listener.accept()[0].close()
+
+
+def test_connection_info_is_a_read_only_mapping(hand: Any) -> None:
+    """ConnectionInfo is a Mapping of what the filters learnt (dict(info) works), with exact attributes."""
+    from collections.abc import Mapping
+
+    listener = hand("httpready")
+    client = connect(listener.getsockname()[1], HEAD)
+    settle(listener, lambda: listener.stats()["surfaced"] == 1)
+    conn, addr, info = listener.accept_with_info()
+    assert isinstance(info, Mapping)
+    learnt = dict(info)
+    assert learnt["method"] == "GET" and learnt["host"] == "x" and set(info) == set(learnt) and len(info) == len(learnt)
+    assert "target" in info and info.get("missing", 7) == 7
+    assert (info.route, info.reason, info.consumed, info.peer) == ("default", "ready", 0, addr)
+    with pytest.raises(TypeError):
+        info["method"] = "POST"  # type: ignore[index]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(info)) == info  # the gunicorn hand-off pickles it
+    conn.close()
+    client.close()

@@ -291,8 +291,8 @@ class Engine:
         events, ready = self._core.accept_ready(timeout)
         if events:
             self.handle(events)
-        elif ready is None:
-            with self._lock:  # connections may have been accepted (idle, held): readers see them
+        else:
+            with self._lock:  # idle ones may have been taken in before it: readers see them now
                 self._core.snapshot()
         if ready is None:
             return None

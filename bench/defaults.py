@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, free_port, median, percentile
-from bench.slowclient import stop, wait_port
+from bench.slowclient import start_attack, stop, wait_port
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 
@@ -115,22 +114,7 @@ def measure(model: str, *, attack: bool, old: bool, seconds: float, idle: int, s
             return {"error": "server did not start: " + (Path(tmp) / "server.log").read_text()[-500:]}
         res: dict[str, Any] = {}
         if attack:
-            att = subprocess.Popen([sys.executable, "-m", "bench.slowclient", "--attack", "--port", str(port),
-                                    "--idle", str(idle), "--slowloris", str(slowloris), "--seconds", str(seconds + 60)],
-                                   cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-            def end_attack() -> None:
-                if att.stdin is not None and not att.stdin.closed:
-                    att.stdin.close()
-                try:
-                    att.wait(20)
-                except subprocess.TimeoutExpired:
-                    att.kill()
-
-            stack.callback(end_attack)
-            assert att.stdout is not None
-            r, _, _ = select.select([att.stdout], [], [], 60)
-            res["attack"] = json.loads(att.stdout.readline() or "{}") if r else {"error": "attack did not start"}
+            _, res["attack"] = start_attack(stack, port, idle=idle, slowloris=slowloris, seconds=seconds + 60)
         res.update(legit(port, seconds, rate))
         return res
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.common import ROOT, Child, proc_cpu_seconds, proc_rss_bytes, py_load, raise_nofile
@@ -69,31 +70,10 @@ def level(mode: str, n: int, *, idle_s: float, legit: int) -> dict[str, Any]:
         time.sleep(0.5)
         base = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
         rss0 = proc_rss_bytes(server.pid)
-        clients = []
-        for first in range(0, n, PER_CLIENT):
-            clients.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.scale", "--client", "--port", str(server.port), "--first", str(first),
-                 "--count", str(min(PER_CLIENT, n - first)), "--hold", str(hold)],
-                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        clients, opened = _open_clients(server.port, n, hold)
         try:
-            opened = {"held": 0, "failed": 0}
-            for cl in clients:
-                assert cl.stdout is not None
-                one = json.loads(cl.stdout.readline() or "{}")
-                opened["held"] += int(one.get("held", 0))
-                opened["failed"] += int(one.get("failed", 0))
             res["client"] = opened
-            held = last = 0
-            stop_at = time.monotonic() + 60
-            still_since = time.monotonic()
-            while time.monotonic() < stop_at:
-                st = server.ask("stats")
-                held = int(st["held"])
-                if held >= opened["held"] or time.monotonic() - still_since > 3:
-                    break  # all there, or no progress for 3 s
-                if held != last:
-                    last, still_since = held, time.monotonic()
-                time.sleep(0.25)
+            held, st = _wait_held(server, opened["held"], limit=60, patience=3)
             res["held"] = held
             res["server_nofile"] = st["nofile"]
             if held < n:
@@ -101,34 +81,12 @@ def level(mode: str, n: int, *, idle_s: float, legit: int) -> dict[str, Any]:
                                f"(hard limit {st['nofile'][1]:,}; raising it needs CAP_SYS_RESOURCE, which this "
                                "machine does not give)" if st["nofile"][0] < n + 100 else
                                f"only {held:,} of {n:,} held (clients opened {opened['held']:,})")
-            time.sleep(1.0)
-            rss1 = proc_rss_bytes(server.pid)
-            cpu0, t0 = proc_cpu_seconds(server.pid), time.monotonic()
-            time.sleep(idle_s)
-            cpu1, t1 = proc_cpu_seconds(server.pid), time.monotonic()
-            during = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
-            res.update({
-                "rss_before_mib": round(rss0 / 2**20, 1),
-                "rss_held_mib": round(rss1 / 2**20, 1),
-                "bytes_per_held_connection": round((rss1 - rss0) / held, 1) if held else None,
-                "idle_seconds": idle_s,
-                "idle_cpu_percent_of_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
-                "legit_p50_ms_none_held": round(base["p50_ms"], 3),
-                "legit_p99_ms_none_held": round(base["p99_ms"], 3),
-                "legit_p50_ms_held": round(during["p50_ms"], 3),
-                "legit_p99_ms_held": round(during["p99_ms"], 3),
-                "legit_errors": base["errors"] + during["errors"],
-                "server_stats": server.ask("stats"),
-            })
+            res.update(_idle_and_legit(server, held, rss0, base, idle_s=idle_s, legit=legit,
+                                       rss=lambda: proc_rss_bytes(server.pid),
+                                       cpu=lambda: proc_cpu_seconds(server.pid)))
+            res["server_stats"] = server.ask("stats")
         finally:
-            for cl in clients:
-                if cl.stdin is not None:
-                    cl.stdin.close()
-            for cl in clients:
-                try:
-                    cl.wait(30)
-                except subprocess.TimeoutExpired:
-                    cl.kill()
+            _close_clients(clients)
     return res
 
 
@@ -183,45 +141,57 @@ def level_workers(n: int, workers: int, *, idle_s: float, legit: int) -> dict[st
         clients, opened = _open_clients(server.port, n, hold)
         try:
             res["client"] = opened
-            held = last = 0
-            st: dict[str, Any] = {}
-            stop_at = time.monotonic() + 120
-            still_since = time.monotonic()
-            while time.monotonic() < stop_at:
-                st = server.ask("stats")
-                held = int(st["held"])
-                if held >= opened["held"] or time.monotonic() - still_since > 5:
-                    break
-                if held != last:
-                    last, still_since = held, time.monotonic()
-                time.sleep(0.25)
+            held, st = _wait_held(server, opened["held"], limit=120, patience=5)
             res["held"] = held
             res["per_worker_held"] = st.get("per_worker_held")
             res["server_nofile_per_process"] = st.get("nofile")
-            time.sleep(1.0)
-            rss1 = rss()
-            cpu0, t0 = cpu(), time.monotonic()
-            time.sleep(idle_s)
-            cpu1, t1 = cpu(), time.monotonic()
-            during = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
-            res.update({
-                "rss_before_mib": round(rss0 / 2**20, 1),
-                "rss_held_mib": round(rss1 / 2**20, 1),
-                "bytes_per_held_connection": round((rss1 - rss0) / held, 1) if held else None,
-                "idle_seconds": idle_s,
-                "idle_cpu_percent_of_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
-                "legit_p50_ms_none_held": round(base["p50_ms"], 3),
-                "legit_p99_ms_none_held": round(base["p99_ms"], 3),
-                "legit_p50_ms_held": round(during["p50_ms"], 3),
-                "legit_p99_ms_held": round(during["p99_ms"], 3),
-                "legit_errors": base["errors"] + during["errors"],
-                "server_stats": {k: v for k, v in server.ask("stats").items() if k != "pids"},
-            })
+            res.update(_idle_and_legit(server, held, rss0, base, idle_s=idle_s, legit=legit, rss=rss, cpu=cpu))
+            res["server_stats"] = {k: v for k, v in server.ask("stats").items() if k != "pids"}
             if held < n:
                 res["note"] = f"only {held:,} of {n:,} held (clients opened {opened['held']:,})"
         finally:
             _close_clients(clients)
     return res
+
+
+def _wait_held(server: Child, opened: int, *, limit: float, patience: float) -> tuple[int, dict[str, Any]]:
+    """Poll the server until it holds what the clients opened, or stops making progress."""
+    held = last = 0
+    st: dict[str, Any] = {}
+    stop_at = time.monotonic() + limit
+    still_since = time.monotonic()
+    while time.monotonic() < stop_at:
+        st = server.ask("stats")
+        held = int(st["held"])
+        if held >= opened or time.monotonic() - still_since > patience:
+            break  # all there, or no progress for a while
+        if held != last:
+            last, still_since = held, time.monotonic()
+        time.sleep(0.25)
+    return held, st
+
+
+def _idle_and_legit(server: Child, held: int, rss0: int, base: dict[str, Any], *, idle_s: float, legit: int,
+                    rss: Callable[[], int], cpu: Callable[[], float]) -> dict[str, Any]:
+    """Memory per held connection, idle CPU, and legit latency with everything held."""
+    time.sleep(1.0)
+    rss1 = rss()
+    cpu0, t0 = cpu(), time.monotonic()
+    time.sleep(idle_s)
+    cpu1, t1 = cpu(), time.monotonic()
+    during = py_load("127.0.0.1", server.port, seconds=30, concurrency=1, max_requests=legit)
+    return {
+        "rss_before_mib": round(rss0 / 2**20, 1),
+        "rss_held_mib": round(rss1 / 2**20, 1),
+        "bytes_per_held_connection": round((rss1 - rss0) / held, 1) if held else None,
+        "idle_seconds": idle_s,
+        "idle_cpu_percent_of_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
+        "legit_p50_ms_none_held": round(base["p50_ms"], 3),
+        "legit_p99_ms_none_held": round(base["p99_ms"], 3),
+        "legit_p50_ms_held": round(during["p50_ms"], 3),
+        "legit_p99_ms_held": round(during["p99_ms"], 3),
+        "legit_errors": base["errors"] + during["errors"],
+    }
 
 
 def run(*, quick: bool, levels: list[int] | None = None, cores: list[str] | None = None,

@@ -188,6 +188,28 @@ def stop(proc: subprocess.Popen[Any]) -> None:
 
 
 # -- one measurement ---------------------------------------------------------------------------
+def start_attack(stack: ExitStack, port: int, *, idle: int, slowloris: int,
+                 seconds: float) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """The attack in its own process (ended with ``stack``), and what it says once it is in place."""
+    att = subprocess.Popen([sys.executable, "-m", "bench.slowclient", "--attack", "--port", str(port),
+                            "--idle", str(idle), "--slowloris", str(slowloris), "--seconds", str(seconds)],
+                           cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def end_attack() -> None:
+        if att.stdin is not None and not att.stdin.closed:
+            att.stdin.close()
+        try:
+            att.wait(20)
+        except subprocess.TimeoutExpired:
+            att.kill()
+
+    stack.callback(end_attack)
+    assert att.stdout is not None
+    r, _, _ = select.select([att.stdout], [], [], 60)
+    started = json.loads(att.stdout.readline() or "{}") if r else {"error": "attack did not start"}
+    return att, started
+
+
 def measure(setup: str, *, seconds: float, idle: int, slowloris: int, connections: int) -> dict[str, Any]:
     protected = setup.endswith("-acceptfilter")
     with tempfile.TemporaryDirectory(prefix="af-bench-") as tmp, ExitStack() as stack:
@@ -206,23 +228,7 @@ def measure(setup: str, *, seconds: float, idle: int, slowloris: int, connection
                 return {"error": "nginx did not start: " + (prefix / "error.log").read_text()[-500:]}
         res: dict[str, Any] = {}
         if setup.startswith("attack"):
-            att = subprocess.Popen([sys.executable, "-m", "bench.slowclient", "--attack", "--port", str(port),
-                                    "--idle", str(idle), "--slowloris", str(slowloris),
-                                    "--seconds", str(seconds + 60)],
-                                   cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-            def end_attack() -> None:
-                if att.stdin is not None and not att.stdin.closed:
-                    att.stdin.close()
-                try:
-                    att.wait(20)
-                except subprocess.TimeoutExpired:
-                    att.kill()
-
-            stack.callback(end_attack)
-            assert att.stdout is not None
-            r, _, _ = select.select([att.stdout], [], [], 60)
-            res["attack"] = json.loads(att.stdout.readline() or "{}") if r else {"error": "attack did not start"}
+            att, res["attack"] = start_attack(stack, port, idle=idle, slowloris=slowloris, seconds=seconds + 60)
             time.sleep(2.0)  # let the attack settle in (slowloris bytes start trickling)
         res.update(run_wrk(f"http://127.0.0.1:{port}/", seconds=seconds, connections=connections, threads=2))
         if "attack" in res and att.stdin is not None and att.stdout is not None:

@@ -70,3 +70,16 @@ async def await_held(stats: Callable[[], dict[str, Any]], count: int = IDLE + SL
         if time.monotonic() > deadline:
             raise AssertionError(f"only {stats()['held']} of {count} connections held after {timeout:g} s")
         await asyncio.sleep(0.01)
+
+
+def interrupt(proc: subprocess.Popen[Any]) -> None:
+    """Stop a server process the way Ctrl-C does (SIGINT), and kill it if it does not stop."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -19,7 +19,7 @@ import pytest
 
 from acceptfilter.activation import ActivationError, inherited_listener, listen_fds
 
-from .serverutil import IDLE, SLOW, close_all, curl, needs_curl, open_held
+from .serverutil import IDLE, SLOW, close_all, curl, interrupt, needs_curl, open_held
 
 LAUNCHER = Path(__file__).with_name("activation_launcher.py")
 CLI = [sys.executable, "-m", "acceptfilter.cli"]
@@ -41,16 +41,6 @@ def launch(kind: str, *args: str, cwd: Path | None = None) -> subprocess.Popen[s
                             stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @needs_curl
 def test_serve_takes_the_socket_systemd_passed(tmp_path: Path) -> None:
     (tmp_path / "index.html").write_text("activated\n")
@@ -68,7 +58,7 @@ def test_serve_takes_the_socket_systemd_passed(tmp_path: Path) -> None:
         assert curl(port, "/index.html") == (200, "activated\n")
         close_all(clients)
     finally:
-        stop(proc)
+        interrupt(proc)
     assert proc.returncode in (0, -signal.SIGINT, 130)
 
 
@@ -86,7 +76,7 @@ def test_workers_share_the_socket_systemd_passed(tmp_path: Path) -> None:
             assert curl(port, "/index.html") == (200, "both\n")
         close_all(clients)
     finally:
-        stop(proc)
+        interrupt(proc)
     assert proc.returncode == 0
 
 
@@ -103,7 +93,7 @@ def test_run_takes_the_socket_systemd_passed(tmp_path: Path, server: list[str]) 
         assert curl(port, "/activated") == (200, "hello /activated")
         close_all(clients)
     finally:
-        stop(proc)
+        interrupt(proc)
 
 
 @pytest.mark.parametrize(("kind", "says"), [
@@ -137,7 +127,7 @@ def test_variables_meant_for_another_process_are_ignored(tmp_path: Path) -> None
         assert m and int(m.group(1)) != inherited_port, "LISTEN_PID names another process: bind as told"
         assert curl(int(m.group(1)), "/index.html") == (200, "bound\n")
     finally:
-        stop(proc)
+        interrupt(proc)
 
 
 def test_listen_fds_reads_and_unsets_like_sd_listen_fds() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from acceptfilter.integrations.socketserver import install
 from acceptfilter.integrations.wsgi import environ_info
 
 from .conftest import wait_for
-from .serverutil import IDLE, SLOW, Counter, close_all, curl, needs_curl, open_held, wait_held
+from .serverutil import IDLE, SLOW, Counter, close_all, curl, interrupt, needs_curl, open_held, wait_held
 
 ROOT = Path(__file__).parent.parent
 
@@ -62,12 +61,7 @@ def test_django_runserver_with_the_filtered_server_class() -> None:
         assert got["stats"]["surfaced"] == got["stats"]["accepted"] - IDLE - SLOW, "held connections reached Django"
         close_all(clients)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        interrupt(proc)
 
 
 @needs_curl

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import wait_for
-from .serverutil import close_all, curl, needs_curl, open_held
+from .serverutil import close_all, curl, interrupt, needs_curl, open_held
 
 CLI = [sys.executable, "-m", "acceptfilter.cli"]
 APP = '''
@@ -65,16 +65,6 @@ def serving(port: int) -> bool:
         return False
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def check_workers_serve_and_are_replaced(proc: subprocess.Popen[str], port: int, workers: int,
                                          worker_pids: set[int] | None = None) -> None:
     parent = proc.pid
@@ -106,7 +96,7 @@ def test_run_with_workers(tmp_path: Path, server: str) -> None:
         # uvicorn: --limit-concurrency 3 per worker would answer 503 had the 25 held connections reached it.
         check_workers_serve_and_are_replaced(proc, port, 2)
     finally:
-        stop(proc)
+        interrupt(proc)
     assert proc.returncode in (0, -signal.SIGINT, 130)
     assert not children(proc.pid)
 
@@ -130,7 +120,7 @@ def test_serve_with_workers(tmp_path: Path) -> None:
             assert curl(port, "/w0") == (200, "")
         close_all(held)
     finally:
-        stop(proc)
+        interrupt(proc)
     assert proc.returncode == 0
 
 
@@ -151,7 +141,7 @@ def test_gunicorn_with_the_uvicorn_worker(tmp_path: Path) -> None:
         assert proc.wait(25) == 0
         wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10)
     finally:
-        stop(proc)
+        interrupt(proc)
 
 
 @pytest.mark.parametrize(("command", "says"), [

@@ -83,3 +83,22 @@ def interrupt(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def asgi_app_source(prefix: str) -> str:
+    """An ASGI app (as the source of an app.py) answering ``<prefix> <target the filter saw>``.
+
+    ``prefix`` is a Python expression evaluated per request, in single quotes if a string (``"'hello'"``).
+    """
+    return f'''
+import os
+from acceptfilter.integrations.asgi import scope_info
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    info = scope_info(scope)
+    body = f"{{{prefix}}} {{info['target'] if info else None}}".encode()
+    await send({{"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}})
+    await send({{"type": "http.response.body", "body": body}})
+'''

@@ -19,21 +19,11 @@ import pytest
 
 from acceptfilter.activation import ActivationError, inherited_listener, listen_fds
 
-from .serverutil import IDLE, SLOW, close_all, curl, interrupt, needs_curl, open_held
+from .serverutil import IDLE, SLOW, asgi_app_source, close_all, curl, interrupt, needs_curl, open_held
 
 LAUNCHER = Path(__file__).with_name("activation_launcher.py")
 CLI = [sys.executable, "-m", "acceptfilter.cli"]
-APP = '''
-from acceptfilter.integrations.asgi import scope_info
-
-async def app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    info = scope_info(scope)
-    body = f"hello {info['target'] if info else None}".encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
-    await send({"type": "http.response.body", "body": body})
-'''
+APP = asgi_app_source("'hello'")
 
 
 def launch(kind: str, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:

@@ -18,21 +18,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import wait_for
-from .serverutil import close_all, curl, interrupt, needs_curl, open_held
+from .serverutil import asgi_app_source, close_all, curl, interrupt, needs_curl, open_held
 
 CLI = [sys.executable, "-m", "acceptfilter.cli"]
-APP = '''
-import os
-from acceptfilter.integrations.asgi import scope_info
-
-async def app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    info = scope_info(scope)
-    body = f"{os.getpid()} {info['target'] if info else None}".encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
-    await send({"type": "http.response.body", "body": body})
-'''
+APP = asgi_app_source("os.getpid()")
 
 
 def free_port() -> int:

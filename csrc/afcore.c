@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,7 +84,15 @@ struct af_core {
     af_ready *fast_out;       /* during af_accept(): where a connection ready at accept goes */
     char *scratch;            /* af_ready.data: a copy of the peeked bytes */
     uint32_t scratch_size;
-    af_stats stats;
+    afq *queue;               /* where certified connections go (af_set_queue), or NULL */
+    uint64_t hist_bounds[AF_HIST_SLOTS];
+    uint32_t nbounds;
+    af_stats stats;           /* the core's own counters (the polling thread's) */
+    /* What af_get_stats() returns to any thread: a copy published after every
+     * batch, and at once when a connection goes into the queue, since the
+     * application may take it and ask for the counters before the batch ends. */
+    pthread_mutex_t stats_lock;
+    af_stats published;
 };
 
 static int64_t clock_us(const af_core *c) {
@@ -91,6 +100,12 @@ static int64_t clock_us(const af_core *c) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void publish(af_core *c) {
+    pthread_mutex_lock(&c->stats_lock);
+    c->published = c->stats;
+    pthread_mutex_unlock(&c->stats_lock);
 }
 
 static int64_t deadline_of(const af_core *c, const conn *k) {
@@ -327,6 +342,60 @@ static int peek(af_core *c, int fd, int hup, int *err) {
 
 static int release_fast(af_core *c, int fd, uint32_t consume);
 
+static uint32_t age_of(const af_core *c, const conn *k) {
+    int64_t age = c->now - k->accepted_us;
+    return age < 0 ? 0 : (age > UINT32_MAX ? UINT32_MAX : (uint32_t)age);
+}
+
+/* HELD -> FREE, into the ready queue (af_set_queue): the matcher certified it,
+ * so nobody needs an event. Returns 0; -ENOMEM before anything changed (still
+ * held: report it AF_EV_READY as without a queue); another -errno when the
+ * release failed (still held: report AF_EV_ERROR, as release_fast's caller does). */
+static int queue_ready(af_core *c, int fd, uint32_t consume) {
+    conn *k = &c->conns[fd];
+    AF_ASSERT(k->state == CS_HELD && consume <= k->len && c->queue);
+    afq_item it;
+    memset(&it, 0, sizeof it);
+    it.fd = fd;
+    it.consume = consume;
+    it.len = k->len; /* the whole prefix, consumed header included: info is parsed from it */
+    it.age_us = age_of(c, k);
+    if (it.len) {
+        it.data = malloc(it.len);
+        if (!it.data) return -ENOMEM;
+        memcpy(it.data, k->buf, it.len); /* the buffer goes with the slot */
+    }
+    int rc = af_release(c, fd, consume, &it.addr);
+    if (rc < 0) { afq_item_clear(&it); return rc; }
+    c->stats.queued++;
+    c->stats.queued_age_us += it.age_us;
+    uint32_t slot = 0;
+    while (slot < c->nbounds && it.age_us > c->hist_bounds[slot]) slot++;
+    c->stats.queued_hist[slot]++;
+    /* Before the put: the application may take it and read the counters before
+     * this batch ends, and must find it counted. */
+    publish(c);
+    rc = afq_put(c->queue, &it);
+    if (rc != 0) {
+        /* Closed (afq_put closed it) or out of memory (released already: close
+         * it here). Surfaced and never claimed, as a closed Python queue counts. */
+        if (rc < 0) { close(fd); afq_item_clear(&it); }
+        c->stats.queued_lost++;
+        publish(c);
+    }
+    return 0;
+}
+
+/* A final kind for a HELD connection: READY goes into the queue when there is one. */
+static void settle(af_core *c, int fd, int kind, int err) {
+    if (kind == AF_EV_READY && c->queue) {
+        int rc = queue_ready(c, fd, (uint32_t)err);
+        if (rc == 0) return;
+        if (rc != -ENOMEM) { emit(c, fd, AF_EV_ERROR, -rc); return; }
+    }
+    emit(c, fd, kind, err);
+}
+
 static void on_readable(af_core *c, int fd, uint32_t flags) {
     conn *k = owned(c, fd);
     if (!k || k->state != CS_HELD) return;
@@ -341,7 +410,7 @@ static void on_readable(af_core *c, int fd, uint32_t flags) {
         return;
     }
     int kind = peek(c, fd, (flags & (EPOLLRDHUP | EPOLLHUP)) != 0, &err);
-    if (kind > 0) emit(c, fd, kind, err);
+    if (kind > 0) settle(c, fd, kind, err);
     else if (k->len != before && !k->matching) emit(c, fd, AF_EV_DATA, 0);
     /* While the matcher still says MORE, arrivals wake no Python: it certifies,
      * gives up (then the filter sees everything), or a final event decides. */
@@ -435,7 +504,7 @@ static void accept_batch(af_core *c, int64_t now) {
             emit(c, fd, AF_EV_ERROR, -rc);
             continue;
         }
-        if (kind > 0) { emit(c, fd, kind, err); continue; }
+        if (kind > 0) { settle(c, fd, kind, err); continue; }
         if (k->len > 0 && !k->matching) {
             emit(c, fd, AF_EV_DATA, 0);
             if (remember_pending(c, fd) == 0) continue;
@@ -459,6 +528,8 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
     c->finals.head = c->finals.tail = NIL;
     c->epfd = c->wakefd = -1;
     c->fake_now = -1;
+    int rc = pthread_mutex_init(&c->stats_lock, NULL);
+    if (rc) { free(c); *err = rc; return NULL; }
     c->events = calloc(c->max_events, sizeof *c->events);
     c->epevents = calloc(c->max_events, sizeof *c->epevents);
     if (!c->events || !c->epevents) { *err = ENOMEM; goto fail; }
@@ -497,6 +568,7 @@ void af_free(af_core *c) {
     free(c->pending);
     free(c->events);
     free(c->epevents);
+    pthread_mutex_destroy(&c->stats_lock);
     free(c);
 }
 
@@ -590,6 +662,7 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
 done:
     expire(c, c->now);
     c->fast_out = NULL;
+    publish(c);
     return (int)c->nevents;
 }
 
@@ -755,6 +828,21 @@ int af_drain(af_core *c, af_event **events) {
     return (int)c->nevents;
 }
 
-void af_get_stats(const af_core *c, af_stats *out) { *out = c->stats; }
+void af_publish_stats(af_core *c) { publish(c); }
+
+void af_get_stats(af_core *c, af_stats *out) {
+    pthread_mutex_lock(&c->stats_lock);
+    *out = c->published;
+    pthread_mutex_unlock(&c->stats_lock);
+}
+
+void af_set_queue(af_core *c, afq *q) { c->queue = q; }
+
+int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n) {
+    if (n >= AF_HIST_SLOTS) return -EINVAL;
+    for (uint32_t i = 0; i < n; i++) c->hist_bounds[i] = bounds_us[i];
+    c->nbounds = n;
+    return 0;
+}
 
 void af_set_clock(af_core *c, int64_t now_us) { c->fake_now = now_us < 0 ? -1 : now_us; }

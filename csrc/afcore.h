@@ -7,7 +7,7 @@
  * engine's job. Deadlines are uniform per core, so held connections form a FIFO
  * that is also the deadline order and the eviction order (oldest first).
  *
- * Not thread-safe, except af_wake(), which any thread may call.
+ * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call.
  */
 #ifndef AFCORE_H
 #define AFCORE_H
@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "afmatch.h"
+#include "afqueue.h"
 
 /* Event kinds. DATA is the only non-final one: the connection stays held.
  * After any other event the connection has left the epoll set and the FIFO,
@@ -39,6 +40,9 @@ typedef struct af_event {
     const char *data; /* valid until the next call on this core */
 } af_event;
 
+/* Slots of the time-to-queue histogram (stats.queued_hist). */
+#define AF_HIST_SLOTS 24
+
 typedef struct af_stats {
     uint64_t accepted;       /* connections taken from the listen queue */
     uint64_t accept_errors;  /* accept4 failures other than EAGAIN/EMFILE-like */
@@ -47,17 +51,13 @@ typedef struct af_stats {
     uint64_t bytes_peeked;   /* new bytes seen by peeks */
     uint64_t buffered;       /* peek buffer bytes allocated now (<= held * max_bytes) */
     uint64_t fast;           /* ready at accept, released by af_accept(): not in accepted (the caller counts them) */
+    uint64_t queued;         /* certified by the matcher and put into the ready queue by the core (af_set_queue) */
+    uint64_t queued_lost;    /* of those, put into a queue already closed (closed at once) */
+    uint64_t queued_age_us;  /* their summed times from accept to queueing */
+    uint64_t queued_hist[AF_HIST_SLOTS]; /* their times to queueing, by af_set_hist_bounds() slot */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;
-
-typedef struct af_addr {
-    int family;
-    int port;
-    uint32_t flowinfo;
-    uint32_t scope_id;
-    char host[64];
-} af_addr;
 
 /* A connection af_accept() released: ready at accept, the caller owns fd. */
 typedef struct af_ready {
@@ -111,7 +111,11 @@ int af_stop_accepting(af_core *c);
 /* Final events (AF_EV_SHUTDOWN) for every held connection, oldest first,
  * after any FINAL connection still unresolved (reported again, as it was). */
 int af_drain(af_core *c, af_event **events);
-void af_get_stats(const af_core *c, af_stats *out);
+/* Copy the counters now into what af_get_stats() returns (from the thread that
+ * polls: the core publishes after every poll and every queued connection too). */
+void af_publish_stats(af_core *c);
+/* The counters last published. Thread-safe. */
+void af_get_stats(af_core *c, af_stats *out);
 /* The peer address taken at accept (or adoption): it stays known after the
  * peer reset. 0, or -EBADF if fd is not owned. */
 int af_peer(const af_core *c, int fd, af_addr *addr);
@@ -126,6 +130,16 @@ int af_set_matcher(af_core *c, const afm_prog *prog);
  * in stats.fast, not in stats.accepted; no event). Otherwise as af_poll();
  * ready->fd is -1. */
 int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready);
+/* Put every connection the matcher certifies into q (released, consumed, with
+ * a copy of its bytes) instead of reporting it AF_EV_READY: it reaches the
+ * application's accept() without the caller running. (af_accept() still returns
+ * the one it certifies at accept directly.) q must outlive the core or the next
+ * af_set_queue(); NULL: report AF_EV_READY again. Counted in stats.queued. */
+void af_set_queue(af_core *c, afq *q);
+/* The upper bounds (microseconds, ascending; at most AF_HIST_SLOTS - 1) of
+ * stats.queued_hist: slot i counts times <= bounds[i] (and above the one
+ * before), slot n the rest. -EINVAL if too many. */
+int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n);
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */
 void af_set_clock(af_core *c, int64_t now_us);

@@ -71,7 +71,7 @@ def test_sdist_can_build_the_core_and_run_the_readme_commands(built: tuple[Path,
     with tarfile.open(sdist) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     assert {"scripts/serve.sh", "scripts/test.sh", "scripts/setup-lib.sh", "requirements/apt-test.txt",
-            "src/acceptfilter/_core_build.py", "src/acceptfilter/_relay_build.py", "csrc/afcore.c", "csrc/afmatch.c",
+            "src/acceptfilter/_core_build.py", "src/acceptfilter/_relay_build.py", "csrc/afcore.c", "csrc/afmatch.c", "csrc/afqueue.c",
             "csrc/afrelay.c", "tests/conftest.py"} <= names
     assert not any("__pycache__" in n or n.endswith(".so") for n in names)
 

@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
 @pytest.mark.parametrize("flags", [["-O2"], ["-O1", "-DAF_DEBUG"]], ids=["release", "assertions"])
-def test_c_core_compiles_without_warnings(tmp_path: Path, flags: list[str]) -> None:
+@pytest.mark.parametrize("source", ["afcore.c", "afqueue.c"])
+def test_c_core_compiles_without_warnings(tmp_path: Path, flags: list[str], source: str) -> None:
     out = subprocess.run(
-        ["cc", "-std=c11", *flags, "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc/afcore.c"), "-o", str(tmp_path / "afcore.o")],
+        ["cc", "-std=c11", *flags, "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc" / source), "-o", str(tmp_path / "core.o")],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
@@ -29,15 +30,15 @@ def test_cffi_declarations_come_from_the_header() -> None:
 
     from acceptfilter import _core
 
-    header = (ROOT / "csrc/afcore.h").read_text()
-    declared = set(re.findall(r"^\w[\w\s\*]*?\b(af_\w+)\(", header, re.MULTILINE))
-    assert {"af_new", "af_poll", "af_peer", "af_set_clock"} <= declared
+    header = (ROOT / "csrc/afcore.h").read_text() + (ROOT / "csrc/afqueue.h").read_text()
+    declared = set(re.findall(r"^\w[\w\s\*]*?\b(afq?_\w+)\(", header, re.MULTILINE))
+    assert {"af_new", "af_poll", "af_peer", "af_set_clock", "af_set_queue", "afq_new", "afq_take"} <= declared
     missing = [name for name in declared if not hasattr(_core.lib, name)]
     assert not missing, f"declared in afcore.h but not built: {missing}"
 
 
 def test_c_core_has_no_protocol_knowledge() -> None:
-    source = (ROOT / "csrc/afcore.c").read_text().lower()
+    source = "".join((ROOT / "csrc" / name).read_text().lower() for name in ("afcore.c", "afqueue.c", "afqueue.h"))
     for word in ("http", "tls", "proxy", "get ", "dns"):
         assert word not in source, f"the C core mentions {word!r}: protocol logic belongs in filters"
 

@@ -40,8 +40,12 @@ CDEF = cdef_from_header(os.path.join(CSRC, "afcore.h"))
 #: The compiled readiness matchers (csrc/afmatch.h): a self-contained library the core links in.
 MATCH_CDEF = cdef_from_header(os.path.join(CSRC, "afmatch.h"))
 
+#: The ready queue (csrc/afqueue.h): connections waiting for accept(), filled by the core and the engine.
+QUEUE_CDEF = cdef_from_header(os.path.join(CSRC, "afqueue.h"))
+
 ffibuilder = FFI()
-ffibuilder.cdef(MATCH_CDEF)  # first: afcore.h uses afm_prog
+ffibuilder.cdef(MATCH_CDEF)  # first: afcore.h uses afm_prog,
+ffibuilder.cdef(QUEUE_CDEF)  # af_addr and afq
 ffibuilder.cdef(CDEF)
 
 # AF_SANITIZE=1 builds the core with AddressSanitizer + UBSan (see README, Reliability).
@@ -55,9 +59,9 @@ if os.environ.get("AF_SANITIZE"):
 
 ffibuilder.set_source(
     "acceptfilter._core",
-    '#include "afcore.h"\n#include "afmatch.h"',
+    '#include "afcore.h"\n#include "afmatch.h"\n#include "afqueue.h"',
     # Relative to the project root, where setuptools runs the build.
-    sources=["csrc/afcore.c", "csrc/afmatch.c"],
+    sources=["csrc/afcore.c", "csrc/afmatch.c", "csrc/afqueue.c"],
     include_dirs=["csrc"],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

@@ -284,6 +284,19 @@ class Engine:
         self._fast_route = self.routes[0].name
         return True
 
+    def use_ready_queue(self, queue: Any) -> None:
+        """After :meth:`use_matcher`: the core puts what its matcher certifies into ``queue``
+        (the matcher route's ready queue) itself, with no event and no Python; the queue
+        builds their (lazy) info with :meth:`ready_info` when ``accept()`` takes them."""
+        assert self._fast_route is not None, "use_matcher() first"
+        queue.make_info = self.ready_info
+        with self._lock:
+            self._core.set_ready_queue(queue, LATENCY_BUCKETS)
+
+    def ready_info(self, raw: bytes, consume: int, held_for: float, addr: Address) -> ConnectionInfo:
+        """The info of a connection the core's matcher certified: parsed from ``raw`` on first use."""
+        return ConnectionInfo(self._fast_route or "", _EMPTY, "ready", held_for, consume, addr, raw, self.decider)
+
     def accept_ready(self, timeout: float | None) -> Surfaced | None:
         """A step for a thread blocked in ``accept()``: a connection certified at accept comes
         back at once, released, with no event and no filter run (None: none was, and whatever
@@ -300,7 +313,7 @@ class Engine:
         # reader in another thread never sees one without the other (no lock needed).
         self._fast += 1
         fd, addr, raw, consume = ready
-        return fd, addr, ConnectionInfo(self._fast_route or "", _EMPTY, "ready", 0.0, consume, addr, raw, self.decider)
+        return fd, addr, self.ready_info(raw, consume, 0.0, addr)
 
     def set_clock(self, now: float | None) -> None:
         """Tests: the core keeps deadlines on this clock (seconds); None: the real one again.
@@ -526,25 +539,32 @@ class Engine:
     def _snapshot(self) -> dict[str, Any]:
         c = self._counters
         core = self._core.saved_stats()
-        # Connections certified at accept and handed straight to accept() (af_accept) are
-        # counted by the core alone: surfaced, ready, into the matcher's route, at once.
+        # Counted by the core alone, surfaced as ready into the matcher's route: connections
+        # certified at accept and handed straight to accept() (af_accept, counted here in
+        # _fast), and those the core put into the ready queue itself (queued).
         fast = self._fast
+        queued = int(core.get("queued", 0))
         by_route, by_reason, latency = Counter(c.by_route), Counter(c.by_reason), list(c.latency)
-        if fast:
-            by_route[self._fast_route or self.routes[0].name] += fast
-            by_reason["ready"] += fast
+        latency_sum = c.latency_sum
+        if fast or queued:
+            by_route[self._fast_route or self.routes[0].name] += fast + queued
+            by_reason["ready"] += fast + queued
             latency[0] += fast
+            for i, n in enumerate(core.get("queued_hist", ())[:len(latency)]):
+                latency[i] += n
+            latency_sum += float(core.get("queued_age", 0.0))
         return {
             "accepted": core["accepted"] + fast,
             "held": core["held"],
             **{name: getattr(c, name) for name in OUTCOMES},
-            "surfaced": c.surfaced + fast,
+            "surfaced": c.surfaced + fast + queued,
             "surfaced_at_accept": fast,
+            "surfaced_by_core": queued,
             "timed_out": c.timed_out,
             "evicted": c.evicted,
             "shutdown": c.shutdown,
             "filter_errors": c.filter_errors,
-            "unclaimed": c.unclaimed,
+            "unclaimed": c.unclaimed + int(core.get("queued_lost", 0)),
             "waiting_with_data": len(self._waiting),
             "surfaced_by_route": dict(by_route),
             "surfaced_by_reason": dict(by_reason),
@@ -558,7 +578,7 @@ class Engine:
             "time_to_surface": {
                 "buckets": list(LATENCY_BUCKETS),
                 "counts": latency,
-                "sum": c.latency_sum,
+                "sum": latency_sum,
                 "count": sum(latency),
             },
         }

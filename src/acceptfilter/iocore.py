@@ -98,9 +98,11 @@ class IOCore(Protocol):
     def snapshot(self) -> None:
         """Copy the counters now (the engine does, under its lock, after each batch)."""
 
-    def saved_stats(self) -> dict[str, int]:
-        """The copy :meth:`snapshot` made: accepted, accept_errors, fd_exhaustion, peeks,
-        bytes_peeked, buffered, held, paused. Safe from any thread."""
+    def saved_stats(self) -> dict[str, Any]:
+        """The counters last published (by :meth:`snapshot`, after every poll, and whenever the
+        core queued a connection): accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked,
+        buffered, held, paused, fast, queued, queued_lost, queued_age (seconds, summed),
+        queued_hist. Safe from any thread."""
 
     def set_clock(self, now: float | None) -> None:
         """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
@@ -111,6 +113,12 @@ class IOCore(Protocol):
         A connection it certifies is reported :data:`READY` (the filters' Python
         check is not run: the matcher is proven against it).
         """
+
+    def set_ready_queue(self, queue: Any, buckets: tuple[float, ...]) -> None:
+        """Put every connection the matcher certifies into ``queue`` (the route's ready
+        queue, of this core's kind) instead of reporting it :data:`READY`: released, with
+        a copy of its bytes, no event. ``buckets``: the time-to-surface histogram's upper
+        bounds (seconds) for ``queued_hist``."""
 
     def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
         """:meth:`poll` for a thread blocked in ``accept()``: accept first, and return at once
@@ -159,7 +167,8 @@ class CCore:
         self._core: Any = core
         self._events_out = ffi.new("af_event **")
         self._addr = ffi.new("af_addr *")
-        self._stats = ffi.new("af_stats *")
+        self._last: dict[str, Any] | None = None  # the counters when freed
+        self._queue: Any = None  # the ready queue the core puts into (kept alive with it)
         self._ready = ffi.new("af_ready *")
         self._program: Any = None  # the compiled matcher, kept alive as long as the core
 
@@ -193,6 +202,12 @@ class CCore:
         _check(self._lib.af_set_matcher(self._core, self._ffi.NULL if compiled is None else compiled.ptr),
                "set matcher")
         self._program = compiled
+
+    def set_ready_queue(self, queue: Any, buckets: tuple[float, ...]) -> None:
+        bounds = [round(b * 1e6) for b in buckets]
+        _check(self._lib.af_set_hist_bounds(self._core, bounds, len(bounds)), "histogram bounds")
+        self._lib.af_set_queue(self._core, queue.ptr)
+        self._queue = queue  # kept alive as long as the core
 
     def _collect(self, n: int) -> list[Event]:
         evs = self._events_out[0]
@@ -244,10 +259,16 @@ class CCore:
 
     def snapshot(self) -> None:
         if self._core is not None:
-            self._lib.af_get_stats(self._core, self._stats)
+            self._lib.af_publish_stats(self._core)
 
-    def saved_stats(self) -> dict[str, int]:
-        s = self._stats
+    def saved_stats(self) -> dict[str, Any]:
+        if self._last is not None:
+            return dict(self._last)
+        s = self._ffi.new("af_stats *")
+        core = self._core
+        if core is None:
+            return dict(self._last or {})
+        self._lib.af_get_stats(core, s)
         return {
             "accepted": s.accepted,
             "accept_errors": s.accept_errors,
@@ -258,6 +279,10 @@ class CCore:
             "held": s.held,
             "paused": s.paused,
             "fast": s.fast,
+            "queued": s.queued,
+            "queued_lost": s.queued_lost,
+            "queued_age": s.queued_age_us / 1e6,
+            "queued_hist": list(s.queued_hist),
         }
 
     def set_clock(self, now: float | None) -> None:
@@ -266,7 +291,8 @@ class CCore:
     def free(self) -> None:
         if self._core is None:
             return
-        self.snapshot()  # saved_stats() keeps the last numbers
+        self.snapshot()
+        self._last = self.saved_stats()  # saved_stats() keeps the last numbers
         core, self._core = self._core, None
         self._lib.af_free(core)
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import socket
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -31,6 +29,7 @@ from .errors import FilterSpecError
 from .filter import Filter
 from .iocore import Address, CoreName, IOCore, make_core
 from .policy import Action, Policy, Route, parse_action
+from .readyqueue import ReadyQueue, make_queue
 from .registry import load_chain
 
 __all__ = ["ConnectionInfo", "FilteredListener", "Router", "connection_info", "route", "wrap"]
@@ -96,103 +95,6 @@ def _closed_error() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
 
-class SurfaceQueue:
-    """Ready connections of one route, with an eventfd token per entry.
-
-    The entry is appended before its token is written, so a consumer that got a
-    token always finds an entry, whichever thread produced it. Producing,
-    taking and closing share one lock: closing a route from the application
-    thread while the engine thread queues into it loses nothing. The eventfd
-    outlives :meth:`close` (waiters see ``closed``) and is closed by
-    :meth:`free`, once nothing can write to it any more (the driver stopped).
-    """
-
-    def __init__(self) -> None:
-        self._items: deque[Surfaced] = deque()
-        self._efd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._lock = threading.Lock()
-        self.closed = False
-        self._waiters = 0  # threads polling the eventfd right now (wait())
-        self._freed = False
-
-    def fileno(self) -> int:
-        return -1 if self.closed else self._efd
-
-    def put_many(self, items: list[Surfaced]) -> int:
-        """Queue ``items``; returns how many had to be closed because the queue is closed."""
-        with self._lock:
-            if self.closed:
-                for fd, _, _ in items:
-                    os.close(fd)
-                return len(items)
-            self._items.extend(items)
-            os.eventfd_write(self._efd, len(items))
-            return 0
-
-    def get_nowait(self) -> Surfaced:
-        with self._lock:
-            if self.closed:
-                raise _closed_error()
-            os.eventfd_read(self._efd)  # BlockingIOError when empty
-            return self._items.popleft()
-
-    def wait(self, timeout: float | None) -> bool:
-        """Wait until an entry may be there; False on timeout.
-
-        The eventfd stays open while a thread polls it (closing it would not wake
-        the poll, and its number could be reused): :meth:`free` leaves the close
-        to the last waiter, which :meth:`close`'s token has already woken.
-        """
-        with self._lock:
-            if self.closed:
-                raise _closed_error()
-            self._waiters += 1
-            efd = self._efd
-        try:
-            poller = select.poll()
-            poller.register(efd, select.POLLIN)
-            ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-            return bool(poller.poll(ms))
-        finally:
-            with self._lock:
-                self._waiters -= 1
-                if self._freed and not self._waiters:
-                    self._close_efd()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
-    def close(self) -> int:
-        """Close every queued connection; wake blocked acceptors. Returns how many were closed."""
-        with self._lock:
-            if self.closed:
-                return 0
-            self.closed = True
-            os.eventfd_write(self._efd, 1 << 30)  # wake every waiter; they see `closed`
-            count = 0
-            while self._items:
-                fd, _, _ = self._items.popleft()
-                os.close(fd)
-                count += 1
-            return count
-
-    def free(self) -> None:
-        """Close the eventfd (after :meth:`close`, once no driver can queue into it). Idempotent."""
-        with self._lock:
-            self.closed = True
-            self._freed = True
-            if not self._waiters:
-                self._close_efd()
-
-    def _close_efd(self) -> None:
-        if self._efd >= 0:
-            os.close(self._efd)
-            self._efd = -1
-
-
 #: The smallest default bound on held connections. FreeBSD bounds its held
 #: queue by the listen backlog, but socketserver listens with a backlog of 5:
 #: five idle clients would then evict real ones.
@@ -255,7 +157,7 @@ class _Hub:
             raise ValueError(f"driver must be 'thread', 'asyncio' or 'none', not {driver!r}")
         self.sock = sock
         self.timeout = sock.gettimeout()
-        self.queues = {r.name: SurfaceQueue() for r in routes}
+        self.queues: dict[str, ReadyQueue] = {r.name: make_queue(core) for r in routes}
         self.max_held = policy.max_held or _default_max_held(sock)
         self.deadline = policy.deadline(routes)
         io_core: IOCore = make_core(
@@ -284,6 +186,9 @@ class _Hub:
         #: connections it certifies at accept straight from the core (ThreadDriver.accept_inline).
         try:
             self.fast = self.engine.use_matcher()
+            if self.fast:
+                # What the matcher certifies goes straight into the route's queue, by the core.
+                self.engine.use_ready_queue(self.queues[routes[0].name])
         except Exception:
             self.engine.free()
             raise
@@ -379,8 +284,9 @@ class _Hub:
         finally:
             for queue in self.queues.values():
                 self.engine.note_unclaimed(queue.close())
+            self.engine.free()  # before the queues: the core may put into one until then
+            for queue in self.queues.values():
                 queue.free()
-            self.engine.free()
             self.sock.close()
 
 

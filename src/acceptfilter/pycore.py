@@ -7,6 +7,7 @@ held connections in accept order (which is also deadline and eviction order).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import select
@@ -14,6 +15,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
+from typing import Any
 
 from .events import DATA, EOF, ERROR, EVICT, FULL, MAX_BYTES, READY, SHUTDOWN, TIMEOUT, Address, Event, Ready
 from .matcher import DONE, MORE, MatchState, Program
@@ -89,9 +91,14 @@ class PyCore:
         self._program: Program | None = None
         self._fast: Ready | None = None  # during accept_ready(): the connection certified at accept
         self._fast_mode = False
-        self._stats = dict.fromkeys(("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "fast"), 0)
+        self._stats: dict[str, Any] = dict.fromkeys(
+            ("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "fast", "queued", "queued_lost"), 0)
+        self._stats["queued_age"] = 0.0
+        self._queue: Any = None  # the ready queue certified connections go into (set_ready_queue)
+        self._buckets: tuple[float, ...] = ()
+        self._stats["queued_hist"] = [0] * (len(self._buckets) + 1)
         self._buffered = 0  # peeked bytes kept for owned connections
-        self._saved: dict[str, int] = {}
+        self._saved: dict[str, Any] = {}
         self.snapshot()
 
     def _now(self) -> float:
@@ -196,6 +203,30 @@ class PyCore:
                 self._emit(fd, EVICT)
                 return
 
+    def _settle(self, fd: int, kind: int, err: int) -> None:
+        """A final kind for a HELD connection: READY goes into the ready queue when there is one."""
+        if kind == READY and self._queue is not None:
+            conn = self._owned[fd]
+            data, age = conn.data, max(0.0, self._now() - conn.accepted_at)
+            try:
+                addr = self.release(fd, err)
+            except OSError as exc:
+                self._emit(fd, ERROR, exc.errno or errno.EIO)
+                return
+            st = self._stats
+            st["queued"] += 1
+            st["queued_age"] += age
+            st["queued_hist"][bisect.bisect_left(self._buckets, age)] += 1
+            # Before the put: the application may take it and read the counters before this
+            # batch ends, and must find it counted.
+            self.snapshot()
+            lost = self._queue.put_ready(fd, addr, data, err, age)
+            if lost:
+                st["queued_lost"] += lost
+                self.snapshot()
+            return
+        self._emit(fd, kind, err)
+
     def _accept_batch(self, now: float) -> None:
         while (self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events
                and self._fast is None):
@@ -237,7 +268,7 @@ class PyCore:
                 self._fast = (fd, addr, conn.data, err)
                 return
             if kind:
-                self._emit(fd, kind, err)
+                self._settle(fd, kind, err)
             elif conn.data and conn.match is None:
                 self._emit(fd, DATA)
                 self._pending.append(fd)
@@ -273,6 +304,11 @@ class PyCore:
         events = self._poll(timeout, True)
         ready, self._fast = self._fast, None
         return events, ready
+
+    def set_ready_queue(self, queue: Any, buckets: tuple[float, ...]) -> None:
+        self._queue = queue
+        self._buckets = tuple(buckets)
+        self._stats["queued_hist"] = [0] * (len(self._buckets) + 1)
 
     def set_matcher(self, program: Program | None) -> None:
         if self._stats["accepted"]:
@@ -357,7 +393,7 @@ class PyCore:
         before = len(conn.data)
         kind, err = self._peek(conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)))
         if kind:
-            self._emit(fd, kind, err)
+            self._settle(fd, kind, err)
         elif len(conn.data) != before and conn.match is None:
             self._emit(fd, DATA)  # while the matcher says MORE, arrivals wake no Python
 
@@ -449,10 +485,10 @@ class PyCore:
         return self._collect(now)
 
     def snapshot(self) -> None:
-        self._saved = {**self._stats, "buffered": self._buffered, "held": len(self._owned),
-                       "paused": int(self._paused_until is not None)}
+        self._saved = {**self._stats, "queued_hist": list(self._stats["queued_hist"]), "buffered": self._buffered,
+                       "held": len(self._owned), "paused": int(self._paused_until is not None)}
 
-    def saved_stats(self) -> dict[str, int]:
+    def saved_stats(self) -> dict[str, Any]:
         return dict(self._saved)
 
     def set_clock(self, now: float | None) -> None:

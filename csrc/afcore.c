@@ -78,6 +78,7 @@ struct af_core {
     struct epoll_event *epevents;
     uint32_t batch;
     int listening, paused;
+    int woken;                /* this poll read the wake fd (af_wake) */
     int64_t resume_at, backoff_us, now, fake_now;
     const afm_prog *prog;     /* the readiness matcher, or NULL */
     uint32_t ms_hdr;          /* with a matcher: an afm_state in front of each peek buffer */
@@ -601,6 +602,7 @@ static void expire(af_core *c, int64_t now) {
 
 static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
     new_batch(c, events);
+    c->woken = 0;
     if (ready) ready->fd = -1;
     c->fast_out = ready;
     report_finals(c);
@@ -653,6 +655,7 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
         uint64_t tag = c->epevents[i].data.u64;
         if (tag == TAG_LISTEN) want_accept = 1;
         else if (tag == TAG_WAKE) {
+            c->woken = 1;
             uint64_t v;
             ssize_t r = read(c->wakefd, &v, sizeof v);
             (void)r;
@@ -666,7 +669,17 @@ done:
     return (int)c->nevents;
 }
 
-int af_poll(af_core *c, int timeout_ms, af_event **events) { return poll_impl(c, timeout_ms, events, NULL); }
+int af_poll(af_core *c, int timeout_ms, af_event **events) {
+    /* Waiting for as long as it takes (a background thread): what the core
+     * settles alone (a connection its matcher certified goes into the ready
+     * queue) is no reason to wake the caller, so it waits again, without the
+     * GIL. It returns for events, af_wake(), and fd exhaustion (the caller warns). */
+    for (;;) {
+        uint64_t exhausted = c->stats.fd_exhaustion;
+        int n = poll_impl(c, timeout_ms, events, NULL);
+        if (n != 0 || timeout_ms >= 0 || c->woken || c->stats.fd_exhaustion != exhausted) return n;
+    }
+}
 
 int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
     return poll_impl(c, timeout_ms, events, ready);

@@ -88,8 +88,10 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
 void af_free(af_core *c);
 /* The epoll fd: readable when af_poll() has work. */
 int af_fileno(const af_core *c);
-/* Accept, wait up to timeout_ms (-1: until the next deadline), peek; returns the
- * number of events (<= max_events) or -errno. */
+/* Accept, wait up to timeout_ms, peek; returns the number of events (<=
+ * max_events) or -errno. timeout_ms -1: until there are events (deadlines
+ * make some), af_wake() or an fd-exhaustion pause; connections the core puts
+ * into its ready queue are not events. */
 int af_poll(af_core *c, int timeout_ms, af_event **events);
 /* Milliseconds until the next deadline or accept resume (0 if due), -1 if none. */
 int64_t af_next_timeout_ms(const af_core *c);

@@ -302,11 +302,7 @@ class Engine:
         back at once, released, with no event and no filter run (None: none was, and whatever
         else happened was handled like :meth:`step`)."""
         events, ready = self._core.accept_ready(timeout)
-        if events:
-            self.handle(events)
-        else:
-            with self._lock:  # idle ones may have been taken in before it: readers see them now
-                self._core.snapshot()
+        self.handle(events)  # without events: the core published its counters as the poll ended
         if ready is None:
             return None
         # Counted here, once: accepted and surfaced both grow by this one number, so a
@@ -343,10 +339,11 @@ class Engine:
 
     def handle(self, events: list[Event]) -> None:
         """Act on a batch of events (what :meth:`step` does after polling)."""
+        if not events:
+            return  # the core published its counters as the poll ended: nothing changed since
         with self._lock:
             try:
-                if events:
-                    self._handle(events)
+                self._handle(events)
             finally:
                 self._core.snapshot()
 

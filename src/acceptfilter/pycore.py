@@ -91,6 +91,7 @@ class PyCore:
         self._program: Program | None = None
         self._fast: Ready | None = None  # during accept_ready(): the connection certified at accept
         self._fast_mode = False
+        self._woken = False  # this poll read the wake fd
         self._stats: dict[str, Any] = dict.fromkeys(
             ("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "fast", "queued", "queued_lost"), 0)
         self._stats["queued_age"] = 0.0
@@ -298,7 +299,14 @@ class PyCore:
         return self._ep.fileno()
 
     def poll(self, timeout: float | None) -> list[Event]:
-        return self._poll(timeout, False)
+        # As af_poll: with no timeout, what the core settles alone (connections put into
+        # the ready queue) is no reason to return; events, wake() and fd exhaustion are.
+        while True:
+            exhausted = self._stats["fd_exhaustion"]
+            self._woken = False
+            events = self._poll(timeout, False)
+            if events or timeout is not None or self._woken or self._stats["fd_exhaustion"] != exhausted:
+                return events
 
     def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
         events = self._poll(timeout, True)
@@ -324,6 +332,7 @@ class PyCore:
             return self._poll_once(timeout, fast)
         finally:
             self._fast_mode = False
+            self.snapshot()  # published after every poll, as the C core does
 
     def _poll_once(self, timeout: float | None, fast: bool) -> list[Event]:
         self._report_finals()
@@ -363,6 +372,7 @@ class PyCore:
             if fd == self._lfd:
                 want_accept = True
             elif fd == self._wakefd:
+                self._woken = True
                 try:
                     os.eventfd_read(self._wakefd)
                 except BlockingIOError:

@@ -324,3 +324,26 @@ def test_forward_host_is_resolved_once_at_start(serve: list[Served], tmp_path: P
     ipaddress.ip_address(host)  # an address, not the name: no lookup per connection
     assert target.endswith(f":{bport}")
     backend.close()
+
+
+def test_defer_accept_puts_the_kernel_first_and_still_serves(serve: list[Served], tmp_path: Path) -> None:
+    """--defer-accept S: an idle client waits in the kernel (SYN_RECV, not held by us); a client
+    that sends its request is served as before. Off by default (see the option's help)."""
+    from acceptfilter import diag
+
+    from .conftest import wait_for
+
+    s = Served(["--port", "0", "--no-status", "--defer-accept", "30"], tmp_path)
+    serve.append(s)
+    idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(2)]
+    wait_for(lambda: sum(v.syn_recv for v in diag.listeners(s.port)) == 2, timeout=LIMIT)
+    assert get(f"http://127.0.0.1:{s.port}/hello.txt") == "hello\n"
+    for conn in idle:
+        conn.close()
+    plain = Served(["--port", "0", "--no-status"], tmp_path)
+    serve.append(plain)
+    idle = [socket.create_connection(("127.0.0.1", plain.port)) for _ in range(2)]
+    time.sleep(0.5)
+    assert sum(v.syn_recv for v in diag.listeners(plain.port)) == 0  # the default: accepted and held by the core
+    for conn in idle:
+        conn.close()

@@ -240,3 +240,29 @@ def _accept_quietly(lst: FilteredListener) -> None:
         lst.accept()
     except OSError:
         pass  # closed under it at the end of the test
+
+
+def test_a_thread_driver_attached_later_keeps_the_fast_path(listen_sock: socket.socket, core: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` rebuilds its listener on SIGHUP with driver="none" (to adopt the held connections
+    first), then attaches a thread driver: accept() must take certified connections at accept
+    again, as a listener built with driver="thread" does."""
+    monkeypatch.setattr(thread_driver, "INLINE_GRACE", 60.0)
+    lst = acceptfilter.wrap(listen_sock, CountingHttp(), core=core, driver="none")
+    try:
+        driver = thread_driver.ThreadDriver(lst.engine)
+        driver.start()
+        lst.attach_driver(driver)
+        lst.settimeout(0.01)
+        with pytest.raises(TimeoutError):
+            lst.accept()  # an inline step: the background thread stands down from here on
+        lst.settimeout(10)
+        port = lst.getsockname()[1]
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(HEAD)
+                conn, _ = lst.accept()
+                conn.close()
+        assert lst.stats()["surfaced_at_accept"] == 5
+    finally:
+        lst.close()

@@ -222,11 +222,21 @@ class _Hub:
                 raise
 
     def attach_driver(self, driver: Driver) -> None:
-        """Adopt a driver started elsewhere, so :meth:`close` stops it first."""
+        """Adopt a driver started elsewhere, so :meth:`close` stops it first.
+
+        A thread driver of this engine gets what one built here gets: accept() steps
+        inline, and takes what the matcher certifies at accept (the fast path), so a
+        listener built with ``driver="none"`` to adopt connections first (a reload)
+        loses nothing once it has its thread.
+        """
         with self._lock:
             if self.closed or self.driver is not None:
                 raise ValueError("this listener is closed or already has a driver")
             self.driver = driver
+            if isinstance(driver, ThreadDriver) and driver.engine is self.engine and len(self.queues) == 1:
+                self.inline = driver
+                if self.fast:
+                    self.fast_inline = driver
 
     def _sink(self, route: str, items: list[Surfaced]) -> None:
         lost = self.queues[route].put_many(items)

@@ -33,7 +33,7 @@ from ..errors import AcceptFilterError
 from ..listener import FilteredListener, Router, route, wrap
 from ..policy import DEFAULT_TIMEOUT, WORKER_ON_TIMEOUT, Action, parse_action
 from ..relay import Forward, forward, parse_forward
-from .args import on_timeout, port, positive_float, positive_int
+from .args import non_negative_int, on_timeout, port, positive_float, positive_int
 from .console import console
 
 access_log = logging.getLogger("acceptfilter.access")
@@ -64,6 +64,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("--backlog", type=positive_int, default=1024, help="listen backlog (default: 1024)")
+    p.add_argument("--defer-accept", type=non_negative_int, default=0, metavar="S",
+                   help="TCP_DEFER_ACCEPT seconds as a kernel first stage (default: 0, off: the file server's "
+                        "thread per connection gains nothing from it, idle clients would be invisible to the "
+                        "status line and max held meanwhile, and server-first clients of a --default route "
+                        "would wait that long first; see README)")
     p.add_argument("--route", action="append", metavar="NAME=SPEC[+SPEC...]", default=[],
                    help="route on this port (repeat; first match wins; '+' chains filters); "
                         "the file server serves --serve-route, the others need --forward")
@@ -332,7 +337,8 @@ class _Serve:
 
     def _build(self, sock: socket.socket, *, driver: str) -> _Current:
         args, plan = self.args, self.plan
-        policy: dict[str, Any] = {"timeout": args.timeout, "max_held": args.max_held, "core": args.core, "driver": driver}
+        policy: dict[str, Any] = {"timeout": args.timeout, "max_held": args.max_held, "core": args.core, "driver": driver,
+                                  "defer_accept": args.defer_accept or None}
         if plan.routes is None:
             listener = wrap(sock, plan.specs, on_timeout=args.on_timeout or WORKER_ON_TIMEOUT,
                             on_reject=args.on_reject, **policy)
@@ -457,6 +463,8 @@ def _check(args: argparse.Namespace) -> _Plan:
     """Every mistake the command line can hold, found before anything is bound."""
     if not os.path.isdir(args.directory):
         raise AcceptFilterError(f"--directory {args.directory!r} is not a directory")
+    if args.defer_accept and args.bind.startswith("unix:"):
+        raise AcceptFilterError("--defer-accept is TCP_DEFER_ACCEPT, for TCP: not with --bind unix:PATH")
     from ..registry import load_chain
 
     if args.route:

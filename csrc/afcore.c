@@ -82,7 +82,7 @@ struct af_core {
     int64_t resume_at, backoff_us, now, fake_now;
     const afm_prog *prog;     /* the readiness matcher, or NULL */
     uint32_t ms_hdr;          /* with a matcher: an afm_state in front of each peek buffer */
-    af_ready *fast_out;       /* during af_accept(): where a connection ready at accept goes */
+    af_ready *fast_out;       /* during af_accept(): where the first certified connection goes */
     char *scratch;            /* af_ready.data: a copy of the peeked bytes */
     uint32_t scratch_size;
     afq *queue;               /* where certified connections go (af_set_queue), or NULL */
@@ -348,6 +348,16 @@ static uint32_t age_of(const af_core *c, const conn *k) {
     return age < 0 ? 0 : (age > UINT32_MAX ? UINT32_MAX : (uint32_t)age);
 }
 
+/* Surfaced by the core itself (the matcher certified it): counted here, with
+ * its time to surface, since no caller will count it. */
+static void count_surfaced(af_core *c, uint32_t age_us) {
+    c->stats.surfaced++;
+    c->stats.surfaced_age_us += age_us;
+    uint32_t slot = 0;
+    while (slot < c->nbounds && age_us > c->hist_bounds[slot]) slot++;
+    c->stats.surfaced_hist[slot]++;
+}
+
 /* HELD -> FREE, into the ready queue (af_set_queue): the matcher certified it,
  * so nobody needs an event. Returns 0; -ENOMEM before anything changed (still
  * held: report it AF_EV_READY as without a queue); another -errno when the
@@ -368,11 +378,7 @@ static int queue_ready(af_core *c, int fd, uint32_t consume) {
     }
     int rc = af_release(c, fd, consume, &it.addr);
     if (rc < 0) { afq_item_clear(&it); return rc; }
-    c->stats.queued++;
-    c->stats.queued_age_us += it.age_us;
-    uint32_t slot = 0;
-    while (slot < c->nbounds && it.age_us > c->hist_bounds[slot]) slot++;
-    c->stats.queued_hist[slot]++;
+    count_surfaced(c, it.age_us);
     /* Before the put: the application may take it and read the counters before
      * this batch ends, and must find it counted. */
     publish(c);
@@ -381,20 +387,24 @@ static int queue_ready(af_core *c, int fd, uint32_t consume) {
         /* Closed (afq_put closed it) or out of memory (released already: close
          * it here). Surfaced and never claimed, as a closed Python queue counts. */
         if (rc < 0) { close(fd); afq_item_clear(&it); }
-        c->stats.queued_lost++;
+        c->stats.surfaced_lost++;
         publish(c);
     }
     return 0;
 }
 
-/* A final kind for a HELD connection: READY goes into the queue when there is one. */
-static void settle(af_core *c, int fd, int kind, int err) {
-    if (kind == AF_EV_READY && c->queue) {
-        int rc = queue_ready(c, fd, (uint32_t)err);
-        if (rc == 0) return;
-        if (rc != -ENOMEM) { emit(c, fd, AF_EV_ERROR, -rc); return; }
+/* A final kind for a HELD connection. READY goes to af_accept()'s caller if it
+ * has none yet (returns 1), else into the ready queue if there is one; without
+ * either (or out of memory) it is reported, as any final kind. */
+static int settle(af_core *c, int fd, int kind, int err) {
+    if (kind == AF_EV_READY && (c->queue || (c->fast_out && c->fast_out->fd < 0))) {
+        int handed = c->fast_out && c->fast_out->fd < 0;
+        int rc = handed ? release_fast(c, fd, (uint32_t)err) : queue_ready(c, fd, (uint32_t)err);
+        if (rc == 0) return handed;
+        if (rc != -ENOMEM) { emit(c, fd, AF_EV_ERROR, -rc); return 0; }
     }
     emit(c, fd, kind, err);
+    return 0;
 }
 
 static void on_readable(af_core *c, int fd, uint32_t flags) {
@@ -499,13 +509,13 @@ static void accept_batch(af_core *c, int64_t now) {
          * here, and the connection never has to enter the epoll set. */
         int err = 0;
         int kind = peek(c, fd, 0, &err);
-        if (kind == AF_EV_READY && c->fast_out) {
-            int rc = release_fast(c, fd, (uint32_t)err);
-            if (rc == 0) return; /* af_accept() returns it now */
-            emit(c, fd, AF_EV_ERROR, -rc);
+        if (kind > 0) {
+            if (settle(c, fd, kind, err)) {
+                c->stats.fast++; /* certified at accept: af_accept() returns it now */
+                return;
+            }
             continue;
         }
-        if (kind > 0) { settle(c, fd, kind, err); continue; }
         if (k->len > 0 && !k->matching) {
             emit(c, fd, AF_EV_DATA, 0);
             if (remember_pending(c, fd) == 0) continue;
@@ -629,11 +639,12 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
     if (ready && !c->nevents) {
         /* A thread waiting in accept(): the listen queue first. With
          * TCP_DEFER_ACCEPT what is queued has sent data, often all of it.
-         * Whatever was taken in returns before any wait, so that the caller's
-         * view of the counters (held, accepted) never lags behind a long wait. */
-        uint64_t taken = c->stats.accepted + c->stats.fast;
+         * What was taken in is published before the wait, so that stats()
+         * never lags behind it; the wait hands over the first connection the
+         * matcher certifies (a request that arrives after the handshake). */
         accept_batch(c, now);
-        if (ready->fd >= 0 || c->nevents || c->stats.accepted + c->stats.fast != taken) goto done;
+        if (ready->fd >= 0 || c->nevents) goto done;
+        publish(c);
     }
     int wait = timeout_ms;
     int64_t next = af_next_timeout_ms(c);
@@ -711,26 +722,29 @@ int af_adopt(af_core *c, int fd) {
     return 0;
 }
 
-static void fill_addr(const conn *k, af_addr *addr) {
-    /* k->addr is a packed byte array: copy it out before looking at it. */
+static void sockaddr_to_addr(const void *sa, uint32_t len, af_addr *addr) {
+    /* sa may be a packed byte array: copy it out before looking at it. */
     union { struct sockaddr sa; struct sockaddr_in in; struct sockaddr_in6 in6; } u;
     memset(&u, 0, sizeof u);
-    memcpy(&u, k->addr, k->addrlen);
+    if (len > sizeof u) len = sizeof u;
+    memcpy(&u, sa, len);
     memset(addr, 0, sizeof *addr);
-    if (k->addrlen >= sizeof u.in && u.sa.sa_family == AF_INET) {
+    if (len >= sizeof u.in && u.sa.sa_family == AF_INET) {
         addr->family = AF_INET;
         addr->port = ntohs(u.in.sin_port);
         inet_ntop(AF_INET, &u.in.sin_addr, addr->host, sizeof addr->host);
-    } else if (k->addrlen >= sizeof u.in6 && u.sa.sa_family == AF_INET6) {
+    } else if (len >= sizeof u.in6 && u.sa.sa_family == AF_INET6) {
         addr->family = AF_INET6;
         addr->port = ntohs(u.in6.sin6_port);
         addr->flowinfo = ntohl(u.in6.sin6_flowinfo);
         addr->scope_id = u.in6.sin6_scope_id;
         inet_ntop(AF_INET6, &u.in6.sin6_addr, addr->host, sizeof addr->host);
     } else {
-        addr->family = k->addrlen ? u.sa.sa_family : 0;
+        addr->family = len ? u.sa.sa_family : 0;
     }
 }
+
+static void fill_addr(const conn *k, af_addr *addr) { sockaddr_to_addr(k->addr, k->addrlen, addr); }
 
 int af_peer(const af_core *c, int fd, af_addr *addr) {
     if (fd < 0 || (uint32_t)fd >= c->nconns || c->conns[fd].state == CS_FREE) return -EBADF;
@@ -788,12 +802,13 @@ int af_close(af_core *c, int fd, int reset) {
     return close(fd) < 0 ? -errno : 0;
 }
 
-/* af_accept(): hand a connection certified at accept straight to the caller.
- * Returns 0, or -errno (the connection is then still owned: the caller closes it). */
+/* af_accept(): hand a certified connection straight to the caller, HELD -> FREE.
+ * Returns 0; -ENOMEM before anything changed; another -errno when the release
+ * failed (still owned either way: the caller reports or closes it). */
 static int release_fast(af_core *c, int fd, uint32_t consume) {
     conn *k = &c->conns[fd];
     af_ready *out = c->fast_out;
-    AF_ASSERT(k->state == CS_HELD && consume <= k->len);
+    AF_ASSERT(k->state == CS_HELD && consume <= k->len && out->fd < 0);
     uint32_t len = k->len; /* the whole prefix, consumed header included: info is parsed from it */
     if (len > c->scratch_size) {
         char *s = realloc(c->scratch, len);
@@ -802,16 +817,17 @@ static int release_fast(af_core *c, int fd, uint32_t consume) {
         c->scratch_size = len;
     }
     if (len) memcpy(c->scratch, k->buf, len); /* the buffer goes with the slot */
+    uint32_t age = age_of(c, k);
     int rc = af_release(c, fd, consume, &out->addr);
     if (rc < 0) return rc;
     out->fd = fd;
     out->consume = consume;
     out->len = len;
+    out->age_us = age;
     out->data = c->scratch;
-    /* The caller counts it (accepted and surfaced at once, from one number of its
-     * own), so that the counters it reads between two calls always add up. */
-    c->stats.accepted--;
-    c->stats.fast++;
+    /* Counted here: the counters published as this call ends include it, before
+     * the caller can hand it to anyone. */
+    count_surfaced(c, age);
     return 0;
 }
 
@@ -859,3 +875,52 @@ int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n) {
 }
 
 void af_set_clock(af_core *c, int64_t now_us) { c->fake_now = now_us < 0 ? -1 : now_us; }
+
+int af_look(int listen_fd, const afm_prog *prog, char *buf, uint32_t cap, af_look_out *out) {
+    memset(out, 0, sizeof *out);
+    out->fd = -1;
+    for (;;) {
+        union { struct sockaddr sa; struct sockaddr_in6 in6; struct sockaddr_storage ss; } addr;
+        socklen_t alen = sizeof addr;
+        /* Blocking, as socket.accept() on a blocking listener would give it: every
+         * read here says MSG_DONTWAIT. */
+        int fd = accept4(listen_fd, &addr.sa, &alen, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+            return -errno;
+        }
+        ssize_t n;
+        do n = recv(fd, buf, cap, MSG_PEEK | MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+            close(fd); /* closed or reset before a byte: nothing to serve, look at the next */
+            continue;
+        }
+        out->fd = fd;
+        out->len = n > 0 ? (uint32_t)n : 0;
+        sockaddr_to_addr(&addr, alen, &out->addr);
+        if (prog && out->len) {
+            afm_state ms;
+            afm_init(&ms);
+            if (afm_run(prog, &ms, (const uint8_t *)buf, out->len) == AFM_DONE && ms.consume <= out->len) {
+                char sink[512];
+                uint32_t left = ms.consume;
+                while (left > 0) { /* already in the socket buffer: this does not block */
+                    ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
+                    if (r < 0 && errno == EINTR) continue;
+                    if (r <= 0) break;
+                    left -= (uint32_t)r;
+                }
+                if (left > 0) { /* reset while being read: nothing to serve */
+                    close(fd);
+                    memset(out, 0, sizeof *out);
+                    out->fd = -1;
+                    continue;
+                }
+                out->ready = 1;
+                out->consume = ms.consume;
+            }
+        }
+        return 0;
+    }
+}

@@ -40,7 +40,7 @@ typedef struct af_event {
     const char *data; /* valid until the next call on this core */
 } af_event;
 
-/* Slots of the time-to-queue histogram (stats.queued_hist). */
+/* Slots of the time-to-surface histogram (stats.surfaced_hist). */
 #define AF_HIST_SLOTS 24
 
 typedef struct af_stats {
@@ -50,20 +50,24 @@ typedef struct af_stats {
     uint64_t peeks;          /* recv(MSG_PEEK) calls */
     uint64_t bytes_peeked;   /* new bytes seen by peeks */
     uint64_t buffered;       /* peek buffer bytes allocated now (<= held * max_bytes) */
-    uint64_t fast;           /* ready at accept, released by af_accept(): not in accepted (the caller counts them) */
-    uint64_t queued;         /* certified by the matcher and put into the ready queue by the core (af_set_queue) */
-    uint64_t queued_lost;    /* of those, put into a queue already closed (closed at once) */
-    uint64_t queued_age_us;  /* their summed times from accept to queueing */
-    uint64_t queued_hist[AF_HIST_SLOTS]; /* their times to queueing, by af_set_hist_bounds() slot */
+    /* Connections the core surfaced itself, no caller involved: certified by the
+     * matcher, then handed to af_accept()'s caller or put into the ready queue. */
+    uint64_t surfaced;
+    uint64_t fast;           /* of those, certified at accept and handed to af_accept()'s caller */
+    uint64_t surfaced_lost;  /* of those, put into a queue already closed (closed at once) */
+    uint64_t surfaced_age_us; /* their summed times from accept to surfacing */
+    uint64_t surfaced_hist[AF_HIST_SLOTS]; /* their times to surfacing, by af_set_hist_bounds() slot */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;
 
-/* A connection af_accept() released: ready at accept, the caller owns fd. */
+/* A connection af_accept() released (the matcher certified it, at accept or
+ * during the call's wait): the caller owns fd. */
 typedef struct af_ready {
     int fd;           /* -1: none */
     uint32_t consume; /* bytes read off before the caller sees the stream */
     uint32_t len;     /* the peeked prefix (consumed bytes included), for parsing info later */
+    uint32_t age_us;  /* from accept to now */
     const char *data; /* valid until the next call on this core */
     af_addr addr;
 } af_ready;
@@ -126,22 +130,39 @@ int af_peer(const af_core *c, int fd, af_addr *addr);
  * af_set_matcher). A connection it certifies is reported AF_EV_READY. Only before
  * the first connection: -EBUSY after. */
 int af_set_matcher(af_core *c, const afm_prog *prog);
-/* af_poll() for a thread blocked in accept(): it first accepts, and returns at
- * once with the first connection the matcher certifies at accept, released
- * into *ready (blocking, consumed; the caller owns ready->fd, counts it: it is
- * in stats.fast, not in stats.accepted; no event). Otherwise as af_poll();
- * ready->fd is -1. */
+/* af_poll() for a thread blocked in accept(): it first accepts, and returns
+ * with the first connection the matcher certifies, at accept or while it
+ * waits, released into *ready (blocking, consumed; the caller owns ready->fd;
+ * no event; counted in stats.surfaced, and in stats.fast if at accept).
+ * Otherwise as af_poll(); ready->fd is -1. */
 int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready);
 /* Put every connection the matcher certifies into q (released, consumed, with
  * a copy of its bytes) instead of reporting it AF_EV_READY: it reaches the
- * application's accept() without the caller running. (af_accept() still returns
- * the one it certifies at accept directly.) q must outlive the core or the next
- * af_set_queue(); NULL: report AF_EV_READY again. Counted in stats.queued. */
+ * application's accept() without the caller running. (af_accept() still hands
+ * the first one straight to its caller.) q must outlive the core or the next
+ * af_set_queue(); NULL: report AF_EV_READY again. Counted in stats.surfaced. */
 void af_set_queue(af_core *c, afq *q);
 /* The upper bounds (microseconds, ascending; at most AF_HIST_SLOTS - 1) of
- * stats.queued_hist: slot i counts times <= bounds[i] (and above the one
+ * stats.surfaced_hist: slot i counts times <= bounds[i] (and above the one
  * before), slot n the rest. -EINVAL if too many. */
 int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n);
+/* One look at the next connection, for a process that serves connections
+ * itself but holds none (the gunicorn integration's worker: what is not ready
+ * goes to the process that holds): accept4 on the (non-blocking) listen fd,
+ * one recv(MSG_PEEK) of up to cap bytes into buf, and the matcher (if any) on
+ * them, all in one call without the GIL. Connections that closed or reset
+ * before a byte are closed and skipped. out->fd -1: the listen queue is empty.
+ * Otherwise the caller owns out->fd (blocking): out->len bytes peeked into
+ * buf (0: none sent yet); out->ready 1 when the matcher certified them, and
+ * then out->consume bytes were read off. Returns 0, or -errno of accept4. */
+typedef struct af_look_out {
+    int fd;
+    int ready;
+    uint32_t consume;
+    uint32_t len;
+    af_addr addr;
+} af_look_out;
+int af_look(int listen_fd, const afm_prog *prog, char *buf, uint32_t cap, af_look_out *out);
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */
 void af_set_clock(af_core *c, int64_t now_us);

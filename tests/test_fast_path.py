@@ -266,3 +266,47 @@ def test_a_thread_driver_attached_later_keeps_the_fast_path(listen_sock: socket.
         assert lst.stats()["surfaced_at_accept"] == 5
     finally:
         lst.close()
+
+
+def test_a_request_that_arrives_while_accept_waits_is_handed_over_directly(
+        listener: FilteredListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread in accept() accepted the connection before its request came: the core hands
+    it over from the same wait once the matcher certifies it (no event, no filter, no queue),
+    with its exact time held."""
+    import threading
+    import time
+
+    monkeypatch.setattr(thread_driver, "INLINE_GRACE", 60.0)
+    listener.settimeout(0.01)
+    with pytest.raises(TimeoutError):
+        listener.accept()  # an inline step: the background thread stands down from here on
+    taken_from_queue = []
+    real_get = listener._queue.get_nowait
+
+    def spy() -> Any:
+        entry = real_get()
+        taken_from_queue.append(entry)
+        return entry
+
+    monkeypatch.setattr(listener._queue, "get_nowait", spy)
+    listener.settimeout(30)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(listener.accept_with_info()))
+    waiter.start()
+    port = listener.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        from .conftest import wait_for
+
+        wait_for(lambda: listener.stats()["held"] == 1, timeout=30)  # accepted by the waiting thread
+        time.sleep(0.05)
+        client.sendall(HEAD)
+        waiter.join(30)
+        assert got, "accept() did not return"
+        conn, addr, info = got[0]
+        with conn:
+            assert addr == client.getsockname() and conn.recv(4096) == HEAD
+            assert info.reason == "ready" and info.held_for >= 0.05 and not info.parsed
+    assert not taken_from_queue and CountingHttp.checks == 0
+    stats = listener.stats()
+    assert stats["surfaced_by_core"] == 1 and stats["surfaced_at_accept"] == 0 and stats["surfaced"] == 1
+    assert stats["time_to_surface"]["sum"] >= 0.05 and unaccounted(stats) == 0

@@ -225,8 +225,6 @@ class Engine:
         self._on_error = policy.on_error or policy.on_timeout
         #: The route a compiled matcher's READY connections surface into (set_matcher).
         self._fast_route: str | None = None
-        #: Connections certified at accept and handed straight to accept() (accept_ready).
-        self._fast = 0
         self._shutdown_action = Action("close")
         #: Held while a batch is handled and while stats() reads: readers see whole batches.
         #: Reentrant: a sink may report unclaimed connections from inside a batch.
@@ -298,18 +296,16 @@ class Engine:
         return ConnectionInfo(self._fast_route or "", _EMPTY, "ready", held_for, consume, addr, raw, self.decider)
 
     def accept_ready(self, timeout: float | None) -> Surfaced | None:
-        """A step for a thread blocked in ``accept()``: a connection certified at accept comes
-        back at once, released, with no event and no filter run (None: none was, and whatever
-        else happened was handled like :meth:`step`)."""
+        """A step for a thread blocked in ``accept()``: the first connection the core's matcher
+        certifies (at accept, or while this call waits) comes back released, with no event
+        and no filter run, counted by the core (None: none was, and whatever else happened
+        was handled like :meth:`step`)."""
         events, ready = self._core.accept_ready(timeout)
         self.handle(events)  # without events: the core published its counters as the poll ended
         if ready is None:
             return None
-        # Counted here, once: accepted and surfaced both grow by this one number, so a
-        # reader in another thread never sees one without the other (no lock needed).
-        self._fast += 1
-        fd, addr, raw, consume = ready
-        return fd, addr, self.ready_info(raw, consume, 0.0, addr)
+        fd, addr, raw, consume, held_for = ready
+        return fd, addr, self.ready_info(raw, consume, held_for, addr)
 
     def set_clock(self, now: float | None) -> None:
         """Tests: the core keeps deadlines on this clock (seconds); None: the real one again.
@@ -536,32 +532,30 @@ class Engine:
     def _snapshot(self) -> dict[str, Any]:
         c = self._counters
         core = self._core.saved_stats()
-        # Counted by the core alone, surfaced as ready into the matcher's route: connections
-        # certified at accept and handed straight to accept() (af_accept, counted here in
-        # _fast), and those the core put into the ready queue itself (queued).
-        fast = self._fast
-        queued = int(core.get("queued", 0))
+        # Counted by the core alone, surfaced as ready into the matcher's route with no Python:
+        # connections handed straight to accept() (af_accept; "fast" if at accept) and those
+        # it put into the ready queue itself.
+        by_core = int(core.get("surfaced", 0))
         by_route, by_reason, latency = Counter(c.by_route), Counter(c.by_reason), list(c.latency)
         latency_sum = c.latency_sum
-        if fast or queued:
-            by_route[self._fast_route or self.routes[0].name] += fast + queued
-            by_reason["ready"] += fast + queued
-            latency[0] += fast
-            for i, n in enumerate(core.get("queued_hist", ())[:len(latency)]):
+        if by_core:
+            by_route[self._fast_route or self.routes[0].name] += by_core
+            by_reason["ready"] += by_core
+            for i, n in enumerate(core.get("surfaced_hist", ())[:len(latency)]):
                 latency[i] += n
-            latency_sum += float(core.get("queued_age", 0.0))
+            latency_sum += float(core.get("surfaced_age", 0.0))
         return {
-            "accepted": core["accepted"] + fast,
+            "accepted": core["accepted"],
             "held": core["held"],
             **{name: getattr(c, name) for name in OUTCOMES},
-            "surfaced": c.surfaced + fast + queued,
-            "surfaced_at_accept": fast,
-            "surfaced_by_core": queued,
+            "surfaced": c.surfaced + by_core,
+            "surfaced_at_accept": int(core.get("fast", 0)),
+            "surfaced_by_core": by_core,
             "timed_out": c.timed_out,
             "evicted": c.evicted,
             "shutdown": c.shutdown,
             "filter_errors": c.filter_errors,
-            "unclaimed": c.unclaimed + int(core.get("queued_lost", 0)),
+            "unclaimed": c.unclaimed + int(core.get("surfaced_lost", 0)),
             "waiting_with_data": len(self._waiting),
             "surfaced_by_route": dict(by_route),
             "surfaced_by_reason": dict(by_reason),

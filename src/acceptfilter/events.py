@@ -17,9 +17,10 @@ KIND_NAMES = {DATA: "data", EOF: "eof", FULL: "full", TIMEOUT: "timeout", EVICT:
 #: (fd, kind, arg, peeked bytes, seconds since accept); arg is the errno of an ERROR
 #: and the bytes to consume of a READY (the matcher certified the bytes).
 Event = tuple[int, int, int, bytes, float]
-#: A connection certified at accept and released already (``IOCore.accept_ready``):
-#: (fd, address, the bytes it had sent, consumed header included, consume).
-Ready = tuple[int, Any, bytes, int]
+#: A connection the matcher certified and the core released already, counted, for
+#: ``IOCore.accept_ready``'s caller: (fd, address, the bytes it had sent, consumed header
+#: included, consume, seconds since accept).
+Ready = tuple[int, Any, bytes, int, float]
 Address = Any  # what socket.accept() would return as the address
 
 #: The most bytes a core will peek per connection (the C core's AF_MAX_BYTES); larger caps are clamped.

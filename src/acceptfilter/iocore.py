@@ -101,8 +101,9 @@ class IOCore(Protocol):
     def saved_stats(self) -> dict[str, Any]:
         """The counters last published (by :meth:`snapshot`, after every poll, and whenever the
         core queued a connection): accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked,
-        buffered, held, paused, fast, queued, queued_lost, queued_age (seconds, summed),
-        queued_hist. Safe from any thread."""
+        buffered, held, paused; surfaced (by the core itself, no caller involved), fast (of
+        those, certified at accept), surfaced_lost (put into a closed queue), surfaced_age
+        (seconds, summed) and surfaced_hist. Safe from any thread."""
 
     def set_clock(self, now: float | None) -> None:
         """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
@@ -118,13 +119,13 @@ class IOCore(Protocol):
         """Put every connection the matcher certifies into ``queue`` (the route's ready
         queue, of this core's kind) instead of reporting it :data:`READY`: released, with
         a copy of its bytes, no event. ``buckets``: the time-to-surface histogram's upper
-        bounds (seconds) for ``queued_hist``."""
+        bounds (seconds) for ``surfaced_hist``."""
 
     def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
-        """:meth:`poll` for a thread blocked in ``accept()``: accept first, and return at once
-        the first connection the matcher certifies at accept, already released, with no
-        event and not in ``accepted``: the caller counts it. Otherwise exactly :meth:`poll`,
-        and None."""
+        """:meth:`poll` for a thread blocked in ``accept()``: accept first, and return the
+        first connection the matcher certifies, at accept or while waiting, already released
+        and counted (``surfaced``; ``fast`` if at accept), with no event. Otherwise exactly
+        :meth:`poll`, and None."""
 
     def free(self) -> None:
         """Close every fd the core still owns (not the listen socket). Idempotent."""
@@ -193,7 +194,7 @@ class CCore:
             return events, None
         length = ready.len
         data = self._ffi.buffer(ready.data, length)[:] if length else b""
-        return events, (ready.fd, self._address(ready.addr), data, ready.consume)
+        return events, (ready.fd, self._address(ready.addr), data, ready.consume, ready.age_us / 1e6)
 
     def set_matcher(self, program: Program | None) -> None:
         from .cmatcher import compile_program
@@ -233,11 +234,7 @@ class CCore:
         return self._address(self._addr)
 
     def _address(self, addr: Any) -> Address:
-        if addr.family == socket.AF_INET:
-            return (self._ffi.string(addr.host).decode(), addr.port)
-        if addr.family == socket.AF_INET6:
-            return (self._ffi.string(addr.host).decode(), addr.port, addr.flowinfo, addr.scope_id)
-        return ""  # AF_UNIX peers are unnamed, as socket.accept() reports them
+        return c_address(self._ffi, addr)
 
     def close(self, fd: int, reset: bool = False) -> None:
         rc = self._lib.af_close(self._core, fd, 1 if reset else 0)
@@ -278,11 +275,11 @@ class CCore:
             "buffered": s.buffered,
             "held": s.held,
             "paused": s.paused,
+            "surfaced": s.surfaced,
             "fast": s.fast,
-            "queued": s.queued,
-            "queued_lost": s.queued_lost,
-            "queued_age": s.queued_age_us / 1e6,
-            "queued_hist": list(s.queued_hist),
+            "surfaced_lost": s.surfaced_lost,
+            "surfaced_age": s.surfaced_age_us / 1e6,
+            "surfaced_hist": list(s.surfaced_hist),
         }
 
     def set_clock(self, now: float | None) -> None:
@@ -295,6 +292,15 @@ class CCore:
         self._last = self.saved_stats()  # saved_stats() keeps the last numbers
         core, self._core = self._core, None
         self._lib.af_free(core)
+
+
+def c_address(ffi: Any, addr: Any) -> Address:
+    """An ``af_addr`` as ``socket.accept()`` would give the address."""
+    if addr.family == socket.AF_INET:
+        return (ffi.string(addr.host).decode(), addr.port)
+    if addr.family == socket.AF_INET6:
+        return (ffi.string(addr.host).decode(), addr.port, addr.flowinfo, addr.scope_id)
+    return ""  # AF_UNIX peers are unnamed, as socket.accept() reports them
 
 
 def make_core(name: CoreName | str, listen_sock: socket.socket, **kwargs: Any) -> IOCore:

@@ -93,11 +93,11 @@ class PyCore:
         self._fast_mode = False
         self._woken = False  # this poll read the wake fd
         self._stats: dict[str, Any] = dict.fromkeys(
-            ("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "fast", "queued", "queued_lost"), 0)
-        self._stats["queued_age"] = 0.0
+            ("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "surfaced", "fast", "surfaced_lost"), 0)
+        self._stats["surfaced_age"] = 0.0
         self._queue: Any = None  # the ready queue certified connections go into (set_ready_queue)
         self._buckets: tuple[float, ...] = ()
-        self._stats["queued_hist"] = [0] * (len(self._buckets) + 1)
+        self._stats["surfaced_hist"] = [0] * (len(self._buckets) + 1)
         self._buffered = 0  # peeked bytes kept for owned connections
         self._saved: dict[str, Any] = {}
         self.snapshot()
@@ -204,29 +204,40 @@ class PyCore:
                 self._emit(fd, EVICT)
                 return
 
-    def _settle(self, fd: int, kind: int, err: int) -> None:
-        """A final kind for a HELD connection: READY goes into the ready queue when there is one."""
-        if kind == READY and self._queue is not None:
+    def _count_surfaced(self, age: float) -> None:
+        """Surfaced by the core itself (the matcher certified it): no caller will count it."""
+        st = self._stats
+        st["surfaced"] += 1
+        st["surfaced_age"] += age
+        st["surfaced_hist"][bisect.bisect_left(self._buckets, age)] += 1
+
+    def _settle(self, fd: int, kind: int, err: int) -> bool:
+        """A final kind for a HELD connection, as the C core's settle(): READY goes to
+        accept_ready()'s caller if it has none yet (True), else into the ready queue if there
+        is one; otherwise it is reported, as any final kind."""
+        handed = self._fast_mode and self._fast is None
+        if kind == READY and (handed or self._queue is not None):
             conn = self._owned[fd]
             data, age = conn.data, max(0.0, self._now() - conn.accepted_at)
             try:
                 addr = self.release(fd, err)
             except OSError as exc:
                 self._emit(fd, ERROR, exc.errno or errno.EIO)
-                return
-            st = self._stats
-            st["queued"] += 1
-            st["queued_age"] += age
-            st["queued_hist"][bisect.bisect_left(self._buckets, age)] += 1
+                return False
+            self._count_surfaced(age)
+            if handed:
+                self._fast = (fd, addr, data, err, age)
+                return True
             # Before the put: the application may take it and read the counters before this
             # batch ends, and must find it counted.
             self.snapshot()
             lost = self._queue.put_ready(fd, addr, data, err, age)
             if lost:
-                st["queued_lost"] += lost
+                self._stats["surfaced_lost"] += lost
                 self.snapshot()
-            return
+            return False
         self._emit(fd, kind, err)
+        return False
 
     def _accept_batch(self, now: float) -> None:
         while (self._listening and self._paused_until is None and len(self._events) + 2 <= self._max_events
@@ -258,18 +269,10 @@ class PyCore:
             self._owned[fd] = conn
             self._fifo[fd] = conn
             kind, err = self._peek(conn, False)
-            if kind == READY and self._fast_mode:
-                try:
-                    self.release(fd, err)
-                except OSError as exc:
-                    self._emit(fd, ERROR, exc.errno or errno.EIO)
-                    continue
-                self._stats["fast"] += 1
-                self._stats["accepted"] -= 1  # the caller counts it, as with the C core
-                self._fast = (fd, addr, conn.data, err)
-                return
             if kind:
-                self._settle(fd, kind, err)
+                if self._settle(fd, kind, err):
+                    self._stats["fast"] += 1  # certified at accept: accept_ready() returns it now
+                    return
             elif conn.data and conn.match is None:
                 self._emit(fd, DATA)
                 self._pending.append(fd)
@@ -316,7 +319,7 @@ class PyCore:
     def set_ready_queue(self, queue: Any, buckets: tuple[float, ...]) -> None:
         self._queue = queue
         self._buckets = tuple(buckets)
-        self._stats["queued_hist"] = [0] * (len(self._buckets) + 1)
+        self._stats["surfaced_hist"] = [0] * (len(self._buckets) + 1)
 
     def set_matcher(self, program: Program | None) -> None:
         if self._stats["accepted"]:
@@ -349,12 +352,13 @@ class PyCore:
             if self._listening:
                 self._ep.modify(self._lfd, select.EPOLLIN)
         if fast and not self._events:
-            # A thread waiting in accept(): the listen queue first; whatever was taken in
-            # returns before any wait (the caller's counters must not lag a long wait).
-            taken = self._stats["accepted"] + self._stats["fast"]
+            # A thread waiting in accept(): the listen queue first; what was taken in is
+            # published before the wait (stats() must not lag behind it), and the wait hands
+            # over the first connection the matcher certifies.
             self._accept_batch(now)
-            if self._fast is not None or self._events or self._stats["accepted"] + self._stats["fast"] != taken:
+            if self._fast is not None or self._events:
                 return self._finish(now)
+            self.snapshot()
         wait = -1.0 if timeout is None else timeout
         nxt = self._next_deadline()
         if nxt is not None and (wait < 0 or nxt - now < wait):
@@ -495,7 +499,7 @@ class PyCore:
         return self._collect(now)
 
     def snapshot(self) -> None:
-        self._saved = {**self._stats, "queued_hist": list(self._stats["queued_hist"]), "buffered": self._buffered,
+        self._saved = {**self._stats, "surfaced_hist": list(self._stats["surfaced_hist"]), "buffered": self._buffered,
                        "held": len(self._owned), "paused": int(self._paused_until is not None)}
 
     def saved_stats(self) -> dict[str, Any]:

@@ -26,12 +26,12 @@ import errno
 import itertools
 import os
 import select
-import socket
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import Address
+from .iocore import c_address
 
 if TYPE_CHECKING:
     from .engine import ConnectionInfo, Surfaced
@@ -262,7 +262,7 @@ class CReadyQueue(_Waiting):
         length = out.len
         raw = self._ffi.buffer(out.data, length)[:] if length else b""
         self._lib.afq_item_clear(out)
-        addr = _address(self._ffi, out.addr)
+        addr = c_address(self._ffi, out.addr)
         return out.fd, addr, self.make_info(raw, out.consume, out.age_us / 1e6, addr)
 
     def __len__(self) -> int:
@@ -279,14 +279,6 @@ class CReadyQueue(_Waiting):
                 return 0
             self.closed = True
             return int(self._lib.afq_close(self.ptr))  # entries taken just before may still be popped
-
-
-def _address(ffi: Any, addr: Any) -> Address:
-    if addr.family == socket.AF_INET:
-        return (ffi.string(addr.host).decode(), addr.port)
-    if addr.family == socket.AF_INET6:
-        return (ffi.string(addr.host).decode(), addr.port, addr.flowinfo, addr.scope_id)
-    return ""  # AF_UNIX peers are unnamed, as socket.accept() reports them
 
 
 ReadyQueue = PyReadyQueue | CReadyQueue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 import time
@@ -12,6 +13,7 @@ from typing import Any
 from ...decision import Decider, Phase
 from ...engine import ConnectionInfo
 from ...events import Address
+from ...iocore import c_address
 from ...listener import _remember
 from ...policy import Policy
 from ..handoff import _DONTWAIT, MAX_LOOKS, HandoffListener, offer_fd
@@ -25,6 +27,8 @@ READY_EVERY = 4
 #: Most request heads fit: peeking max_bytes (64 KiB) would allocate that much each time.
 FIRST_PEEK = 4096
 _PEEK = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
+#: What af_look() says when the listen queue is empty.
+_EMPTY = object()
 
 
 class FirstLookListener(HandoffListener):
@@ -58,6 +62,13 @@ class FirstLookListener(HandoffListener):
         self._poller.register(listen.fileno(), select.EPOLLIN)
         self._overflow_logged = 0.0
         self._since_ready = READY_EVERY
+        #: The look in C (af_look: accept4, the peek and the compiled matcher in one call without
+        #: the GIL) when the matcher is the C one; the Python look otherwise.
+        self._c_look: tuple[Any, Any, Any, Any, Any] | None = None
+        ptr = getattr(matcher, "ptr", None)
+        if ptr is not None and hasattr(matcher.lib, "af_look"):
+            ffi = matcher.ffi
+            self._c_look = (matcher.lib, ffi, ptr, ffi.new("char[]", max(1, max_bytes)), ffi.new("af_look_out *"))
 
     def fileno(self) -> int:
         return self._poller.fileno()
@@ -69,18 +80,25 @@ class FirstLookListener(HandoffListener):
                 # listen queue is empty, and at least every READY_EVERY accepts.
                 if self._since_ready >= READY_EVERY and (got := self._take_ready()) is not None:
                     return got
-                try:
-                    conn, addr = self._listen.accept()
-                except BlockingIOError:
-                    if (got := self._take_ready()) is not None:
-                        return got
-                    break
-                except ConnectionAbortedError:
-                    continue
+                if self._c_look is not None:
+                    looked = self._look_in_c()
+                    if looked is _EMPTY:
+                        if (got := self._take_ready()) is not None:
+                            return got
+                        break
+                else:
+                    try:
+                        conn, addr = self._listen.accept()
+                    except BlockingIOError:
+                        if (got := self._take_ready()) is not None:
+                            return got
+                        break
+                    except ConnectionAbortedError:
+                        continue
+                    looked = self._look(conn, addr)
                 self._since_ready += 1
-                looked = self._look(conn, addr)
                 if looked is not None:
-                    return looked
+                    return looked  # type: ignore[return-value]
             if not self._blocking:
                 raise BlockingIOError(errno.EAGAIN, "no ready connection")
             self._poller.poll()
@@ -94,6 +112,28 @@ class FirstLookListener(HandoffListener):
             return None
         finally:
             self._blocking = blocking
+
+    def _look_in_c(self) -> tuple[socket.socket, Address, ConnectionInfo] | object | None:
+        """The next connection looked at in one C call: served if the matcher certified it,
+        else decided by the filters here or held elsewhere, as :meth:`_look` does.
+        ``_EMPTY`` when the listen queue is empty."""
+        assert self._c_look is not None
+        lib, ffi, prog, buf, out = self._c_look
+        rc = lib.af_look(self._listen.fileno(), prog, buf, len(buf), out)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))  # what socket.accept() would raise
+        if out.fd < 0:
+            return _EMPTY
+        addr = c_address(ffi, out.addr)
+        conn = socket.socket(*self._kind, fileno=out.fd)
+        data = ffi.buffer(buf, out.len)[:] if out.len else None
+        if out.ready:
+            assert data is not None
+            ready = ConnectionInfo.lazy(self._decider.routes[0].name, data, self._decider, "ready", 0.0, out.consume,
+                                        addr)
+            _remember(conn, ready)
+            return conn, addr, ready
+        return self._decide(conn, addr, data)
 
     def _look(self, conn: socket.socket, addr: Address) -> tuple[socket.socket, Address, ConnectionInfo] | None:
         try:
@@ -118,6 +158,11 @@ class FirstLookListener(HandoffListener):
                 ready = ConnectionInfo.lazy(route, data, self._decider, "ready", 0.0, match.consume, addr)
                 _remember(conn, ready)
                 return conn, addr, ready
+        return self._decide(conn, addr, data)
+
+    def _decide(self, conn: socket.socket, addr: Address,
+                data: bytes | None) -> tuple[socket.socket, Address, ConnectionInfo] | None:
+        """What the matcher did not certify: the filters decide on what was peeked, or it is held elsewhere."""
         if data:
             # Undecided (WAITING) and FAILED go to the filter process, which
             # decides with the same filters and applies the policies.

@@ -60,6 +60,8 @@ class FirstLookListener(HandoffListener):
         self._poller = select.epoll()
         self._poller.register(channel.fileno(), select.EPOLLIN)
         self._poller.register(listen.fileno(), select.EPOLLIN)
+        self._channel_poll = select.poll()
+        self._channel_poll.register(channel.fileno(), select.POLLIN)
         self._overflow_logged = 0.0
         self._since_ready = READY_EVERY
         #: The look in C (af_look: accept4, the peek and the compiled matcher in one call without
@@ -80,31 +82,38 @@ class FirstLookListener(HandoffListener):
                 # listen queue is empty, and at least every READY_EVERY accepts.
                 if self._since_ready >= READY_EVERY and (got := self._take_ready()) is not None:
                     return got
-                if self._c_look is not None:
-                    looked = self._look_in_c()
-                    if looked is _EMPTY:
-                        if (got := self._take_ready()) is not None:
-                            return got
-                        break
-                else:
-                    try:
-                        conn, addr = self._listen.accept()
-                    except BlockingIOError:
-                        if (got := self._take_ready()) is not None:
-                            return got
-                        break
-                    except ConnectionAbortedError:
-                        continue
-                    looked = self._look(conn, addr)
+                looked = self._next_look()
+                if looked is _EMPTY:
+                    break
                 self._since_ready += 1
                 if looked is not None:
                     return looked  # type: ignore[return-value]
+            if (got := self._take_ready()) is not None:
+                return got
             if not self._blocking:
                 raise BlockingIOError(errno.EAGAIN, "no ready connection")
             self._poller.poll()
 
+    def _next_look(self) -> tuple[socket.socket, Address, ConnectionInfo] | object | None:
+        """The next connection from the listen queue, looked at (``_EMPTY``: none is waiting)."""
+        if self._c_look is not None:
+            return self._look_in_c()
+        while True:
+            try:
+                conn, addr = self._listen.accept()
+            except BlockingIOError:
+                return _EMPTY
+            except ConnectionAbortedError:
+                continue
+            return self._look(conn, addr)
+
     def _take_ready(self) -> tuple[socket.socket, Address, ConnectionInfo] | None:
         self._since_ready = 0
+        if not self._channel_poll.poll(0):
+            # Nothing from the filter process (the usual case): one poll, not a channel read
+            # that fails and the exceptions around it. Every idle sync worker wakes for each
+            # connection (gunicorn select()s on this fd); those that lose the race pay this.
+            return None
         blocking, self._blocking = self._blocking, False
         try:
             return super().accept_with_info()

@@ -33,6 +33,8 @@ MODE_LABELS = {
     "dataready-c-defer": "`dataready`, C core, `defer_accept=1`",
     "httpready-c-defer": "`httpready`, C core, `defer_accept=1`",
     "httpready-python-defer": "`httpready`, Python core, `defer_accept=1`",
+    "plain-selector": "plain, selector server",
+    "httpready-c-selector": "`httpready`, C core, selector server",
 }
 SETUP_LABELS = {
     "no-attack": "no attack",

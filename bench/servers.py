@@ -89,6 +89,30 @@ def serve_echo(args: argparse.Namespace) -> None:
         answer_one(accept()[0])
 
 
+def serve_echo_selector(args: argparse.Namespace) -> None:
+    """The echo server the way selector-based servers (socketserver, asyncio) accept: wait for
+    the listener's fd, then accept without blocking until nothing is left. With a
+    FilteredListener nobody waits in accept(): the background thread surfaces everything."""
+    import selectors
+
+    lsock = make_listener(args.mode, args.host, args.port, args.backlog)
+    lsock.setblocking(False)
+    exit_with_parent()
+    ready(lsock)
+    sel = selectors.DefaultSelector()
+    sel.register(lsock, selectors.EVENT_READ)
+    accept = lsock.accept
+    while True:
+        sel.select()
+        while True:
+            try:
+                conn, _ = accept()
+            except BlockingIOError:
+                break
+            conn.setblocking(True)
+            answer_one(conn)
+
+
 def serve_surface(args: argparse.Namespace) -> None:
     """Record, per request, accept() time and head-read time minus the client's t0 (in the target)."""
     lsock = make_listener(args.mode, args.host, args.port, args.backlog)
@@ -239,7 +263,7 @@ def _scale_worker(lsock: socket.socket, link: socket.socket, args: argparse.Name
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.servers")
-    p.add_argument("kind", choices=["echo", "surface", "scale", "scale-workers"])
+    p.add_argument("kind", choices=["echo", "echo-selector", "surface", "scale", "scale-workers"])
     p.add_argument("--mode", default="plain", choices=sorted(MODES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
@@ -255,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         from bench.common import free_port
 
         args.port = free_port(args.host)
-    {"echo": serve_echo, "surface": serve_surface, "scale": serve_scale,
+    {"echo": serve_echo, "echo-selector": serve_echo_selector, "surface": serve_surface, "scale": serve_scale,
      "scale-workers": serve_scale_workers}[args.kind](args)
 
 

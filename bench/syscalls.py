@@ -21,6 +21,10 @@ from typing import Any
 from bench.common import Child, have_wrk, run_wrk
 
 MODES = ["plain", "httpready-c-defer", "httpready-c", "httpready-python-defer"]
+#: The same server accepting the way selector-based servers do (wait on fileno(), then accept
+#: until EAGAIN): nobody waits in accept(), the background thread surfaces every connection
+#: through the route's ready queue.
+SELECTOR_MODES = ["plain", "httpready-c"]
 #: Calls that happen per batch or per wake-up, not per connection, are kept: the table
 #: shows what each mode costs per connection on average, whatever the reason.
 _LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
@@ -36,8 +40,8 @@ def parse_strace_c(text: str) -> dict[str, int]:
     return calls
 
 
-def measure(mode: str, *, seconds: float) -> dict[str, Any]:
-    with Child(["echo", "--mode", mode]) as child:
+def measure(mode: str, *, seconds: float, kind: str = "echo") -> dict[str, Any]:
+    with Child([kind, "--mode", mode]) as child:
         url = f"http://127.0.0.1:{child.port}/"
         run_wrk(url, seconds=1.0, connections=8)  # warm-up: the engine thread stands down
         with tempfile.TemporaryDirectory() as tmp:
@@ -60,6 +64,8 @@ def run(*, quick: bool) -> dict[str, Any]:
         return {"unavailable": "needs wrk and strace (./scripts/bench.sh installs both)"}
     seconds = 1.0 if quick else 3.0
     results = {mode: measure(mode, seconds=seconds) for mode in MODES}
+    for mode in SELECTOR_MODES:
+        results[f"{mode}-selector"] = measure(mode, seconds=seconds, kind="echo-selector")
     return {
         "config": {"seconds": seconds, "connections": 8, "client": "wrk, Connection: close",
                    "server": "single-threaded Python accept -> recv -> sendall -> close"},

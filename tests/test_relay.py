@@ -351,6 +351,8 @@ def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first(
     front = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(front.getsockname())
     client_end, address = front.accept()
+    # The C loop takes the fd over (the socket object is detached): look through a duplicate.
+    watch = socket.socket(fileno=os.dup(client_end.fileno()))
     done = threading.Event()
     t = threading.Thread(target=lambda: (relay(client_end, address, None, Forward(back.getsockname(), 2), "t"),
                                          done.set()))
@@ -358,9 +360,9 @@ def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first(
     try:
         backend, _ = back.accept()
         backend.settimeout(10)
-        assert client_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         # The backend's own end is the relay's; what it sends first is the header.
         header = backend.recv(28)
+        assert watch.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         d = Proxy(trusted=("127.0.0.0/8",)).peer_session(("127.0.0.1", 1)).check(header, False)
         assert d.accepted and d.info["client_address"] == client.getsockname()
         assert d.info["server_address"] == front.getsockname()
@@ -370,7 +372,7 @@ def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first(
         client.close()
         assert done.wait(10)
     finally:
-        for s in (client, back, front):
+        for s in (client, back, front, watch):
             s.close()
 
 

@@ -345,6 +345,7 @@ class RelayLoop:
         self._jobs: dict[int, _Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()  # one close() at a time; the others wait for it
         self._closed = False
         self._runner = threading.Thread(target=self._run, name="acceptfilter-relay-loop", daemon=True)
         self._reaper = threading.Thread(target=self._reap, name="acceptfilter-relay-reaper", daemon=True)
@@ -388,6 +389,8 @@ class RelayLoop:
         ``on_done`` is called with the byte counts when the connection ended
         (in the reaper thread: keep it short).
         """
+        if self._closed:
+            raise RuntimeError("the relay loop is closed")
         job = _Job(route, address, info, fwd, time.monotonic(), on_done)
         try:
             head = _header_for(client, address, fwd)
@@ -398,15 +401,18 @@ class RelayLoop:
             if on_done is not None:
                 on_done(_Tally(errors=[f"connect: {exc}"]))
             return
-        with self._lock:
+        with self._lock:  # held across the add: close() frees the C loop under it
+            if self._closed:
+                backend.close()
+                raise RuntimeError("the relay loop is closed")
             ident = next(self._ids)
             self._jobs[ident] = job
-        cfd, bfd = client.detach(), backend.detach()
-        rc = _lib.afr_loop_add(self._loop, cfd, bfd, int(connecting), head, len(head),
-                               max(1, int(fwd.connect_timeout * 1000)), ident)
-        if rc < 0:  # the loop stopped meanwhile: the fds are still ours
-            with self._lock:
+            cfd, bfd = client.detach(), backend.detach()
+            rc = _lib.afr_loop_add(self._loop, cfd, bfd, int(connecting), head, len(head),
+                                   max(1, int(fwd.connect_timeout * 1000)), ident)
+            if rc < 0:
                 self._jobs.pop(ident, None)
+        if rc < 0:  # the loop is stopping: the fds are still ours
             os.close(cfd)
             os.close(bfd)
             tally = _Tally(errors=[f"relay: {os.strerror(-rc)}"])
@@ -424,18 +430,20 @@ class RelayLoop:
         return {"live": int(out[0]), "connecting": int(out[1]), "buffered": int(out[2]), "pipes": int(out[3])}
 
     def close(self) -> None:
-        """Stop the loop: every connection is closed and logged; both threads end. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-        _lib.afr_loop_stop(self._loop)
-        self._runner.join()
-        self._reaper.join()
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        _lib.afr_loop_free(self._loop)
+        """Stop the loop: every connection is closed and logged; both threads end. Idempotent.
+
+        :meth:`relay` raises RuntimeError afterwards (the caller keeps its socket).
+        """
+        with self._close_lock:
+            with self._lock:
+                if self._closed:
+                    return
+            _lib.afr_loop_stop(self._loop)  # from now on afr_loop_add refuses
+            self._runner.join()
+            self._reaper.join()
+            with self._lock:
+                self._closed = True
+                _lib.afr_loop_free(self._loop)
 
 
 _shared_lock = threading.Lock()

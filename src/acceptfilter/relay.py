@@ -514,8 +514,7 @@ def _log(route: str, address: Any, fwd: Forward, info: Any, tally: _Tally, secon
              _fmt(address), fwd.target[0], fwd.target[1], why, extra, tally.up, tally.down, seconds, errors)
 
 
-def _accept_loop(listener: FilteredListener, fwd: Forward) -> None:
-    loop = _acquire() if PUMP.startswith("c-") else None
+def _accept_loop(listener: FilteredListener, fwd: Forward, loop: RelayLoop | None) -> None:
     try:
         listener.settimeout(None)
         while True:
@@ -541,7 +540,15 @@ def forward(listener: FilteredListener, target: tuple[str, int] | Forward) -> th
     its threads have ended by the time it does (join it to know).
     """
     fwd = target if isinstance(target, Forward) else Forward(target)
-    thread = threading.Thread(target=_accept_loop, args=(listener, fwd), name=f"acceptfilter-forward-{listener.route}",
-                              daemon=True)
-    thread.start()
+    # Taken here, not in the thread: on serve's reload the new listeners' forwards hold the
+    # loop before the old listeners close, so relayed connections in flight live on.
+    loop = _acquire() if PUMP.startswith("c-") else None
+    thread = threading.Thread(target=_accept_loop, args=(listener, fwd, loop),
+                              name=f"acceptfilter-forward-{listener.route}", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        if loop is not None:
+            _release(loop)
+        raise
     return thread

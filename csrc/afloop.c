@@ -45,6 +45,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -595,6 +596,12 @@ static int on_wake(struct afr_loop *l) {
 int afr_loop_run(struct afr_loop *l) {
     struct epoll_event events[AFR_EVENTS];
     int rc = 0, stop = 0;
+    sigset_t pipe_only;
+    /* splice(2) into a socket whose peer has gone raises SIGPIPE (it has no
+     * MSG_NOSIGNAL): keep it off this thread, whatever the process does with it. */
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_only, NULL);
     while (!stop) {
         int timeout = l->ready ? 0 : expire_connects(l);
         int n = epoll_wait(l->ep, events, AFR_EVENTS, timeout);

@@ -364,7 +364,10 @@ class RelayLoop:
                 with self._lock:
                     job = self._jobs.pop(int(out[i].id), None)
                 if job is not None:
-                    self._ended(job, out[i])
+                    try:
+                        self._ended(job, out[i])
+                    except Exception:  # a broken handler or callback must not stop the reaping
+                        log.exception("relay: reporting the end of a connection failed")
 
     @staticmethod
     def _ended(job: _Job, done: Any) -> None:
@@ -409,7 +412,7 @@ class RelayLoop:
             self._jobs[ident] = job
             cfd, bfd = client.detach(), backend.detach()
             rc = _lib.afr_loop_add(self._loop, cfd, bfd, int(connecting), head, len(head),
-                                   max(1, int(fwd.connect_timeout * 1000)), ident)
+                                   min(max(1, int(fwd.connect_timeout * 1000)), 2**31 - 1), ident)
             if rc < 0:
                 self._jobs.pop(ident, None)
         if rc < 0:  # the loop is stopping: the fds are still ours

@@ -189,15 +189,26 @@ def _relay(d: dict[str, Any]) -> list[str]:
     if "unavailable" in d:
         return [f"**Relay** — not run: {d['unavailable']}."]
     c, r = d["config"], d["results"]
-    labels = {"direct": "direct", "relay-c": "through the relay (C pump, splice, no GIL: the default)",
-              "relay-splice": "through the relay (os.splice from Python threads)",
-              "relay-copy": "through the relay (recv/sendall in Python: before)"}
-    lines = [f"**Relay** — `{c['relay']}`; redis: `{c['redis']}`, {c['rounds']} rounds, alternating; TLS: {c['tls']}.",
-             "", "| path | redis GET req/s | x direct | TLS request p50 ms | p90 ms |", "|---|---:|---:|---:|---:|"]
+    labels = {"direct": "direct",
+              "relay-c": "through the relay: one C event loop, recv/send (the default)",
+              "relay-c-splice": "through the relay: one C event loop, splice through pipes",
+              "relay-thread": "through the relay: a thread per connection in one C call (poll + splice; before)",
+              "relay-splice": "through the relay: os.splice from Python threads",
+              "relay-copy": "through the relay: recv/sendall in Python (the first relay)",
+              "haproxy": "through HAProxy, mode tcp, one thread (reference)"}
+    bulk = r.get("bulk", {})
+    extra = f"; bulk: {c['bulk']}" if "bulk" in c else ""
+    lines = [f"**Relay** — `{c['relay']}`; redis: `{c['redis']}`, {c['rounds']} rounds, alternating; "
+             f"TLS: {c['tls']}{extra}. CPU: the relay process's user + system time per redis request "
+             "(for direct: redis-server's own).", "",
+             "| path | redis GET req/s | x direct | CPU µs / request | TLS request p50 ms | p90 ms | bulk MiB/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for setup, red in r["redis"].items():
         tls = r["tls"].get(setup, {})
         lines.append(f"| {labels.get(setup, setup)} | {_n(red['rps'])} | {_n(red['ratio_to_direct'], '{:.2f}')} "
-                     f"| {_n(tls.get('p50_ms'), '{:.2f}')} | {_n(tls.get('p90_ms'), '{:.2f}')} |")
+                     f"| {_n(red.get('cpu_us_per_request'), '{:.1f}')} "
+                     f"| {_n(tls.get('p50_ms'), '{:.2f}')} | {_n(tls.get('p90_ms'), '{:.2f}')} "
+                     f"| {_n(bulk.get(setup, {}).get('mib_s'))} |")
     return lines
 
 

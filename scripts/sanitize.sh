@@ -16,20 +16,22 @@ out=${AF_SANITIZE_DIR:-$(mktemp -d)}
 mkdir -p "$out"
 rm -rf "$out/acceptfilter"
 cp -r src/acceptfilter "$out/acceptfilter"
-rm -rf "$out/acceptfilter/filters" "$out"/acceptfilter/_core*.so
+rm -rf "$out/acceptfilter/filters" "$out"/acceptfilter/_core*.so "$out"/acceptfilter/_relay*.so
 cp -r filters "$out/acceptfilter/filters"
 AF_SANITIZE=1 "$PY" - "$out" <<'PYEOF'
 import os, sys, shutil, tempfile, importlib.util
 out = sys.argv[1]
-spec = importlib.util.spec_from_file_location("_core_build", "src/acceptfilter/_core_build.py")
-mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-# cffi compiles inside tmpdir: make the builder's relative csrc paths absolute.
-name, source, ext, kwds = mod.ffibuilder._assigned_source
-kwds["sources"] = [os.path.abspath(p) for p in kwds["sources"]]
-kwds["include_dirs"] = [os.path.abspath(p) for p in kwds["include_dirs"]]
-tmp = tempfile.mkdtemp()
-so = mod.ffibuilder.compile(tmpdir=tmp, verbose=False)
-shutil.copy(so, os.path.join(out, "acceptfilter", os.path.basename(so)))
+# The I/O core and the relay's pumps (csrc/afloop.c, csrc/afrelay.c).
+for builder in ("_core_build", "_relay_build"):
+    spec = importlib.util.spec_from_file_location(builder, f"src/acceptfilter/{builder}.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    # cffi compiles inside tmpdir: make the builder's relative csrc paths absolute.
+    name, source, ext, kwds = mod.ffibuilder._assigned_source
+    kwds["sources"] = [os.path.abspath(p) for p in kwds["sources"]]
+    kwds["include_dirs"] = [os.path.abspath(p) for p in kwds["include_dirs"]]
+    tmp = tempfile.mkdtemp()
+    so = mod.ffibuilder.compile(tmpdir=tmp, verbose=False)
+    shutil.copy(so, os.path.join(out, "acceptfilter", os.path.basename(so)))
 PYEOF
 libasan=$(cc -print-file-name=libasan.so)
 export LD_PRELOAD="$libasan"
@@ -37,6 +39,7 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$out${PYTHONPATH:+:$PYTHONPATH}"
 echo "sanitized core: $("$PY" -c 'import acceptfilter._core as c; print(c.__file__)')"
+echo "sanitized relay: $("$PY" -c 'import acceptfilter._relay as r; print(r.__file__)')"
 if (($#)); then exec "$PY" -m pytest "$@"; fi
 "$PY" -m pytest -q tests/test_listener.py -k "[c]"
 # PYTHONMALLOC=malloc: Python's buffers come from malloc, so ASan sees a matcher read past them.

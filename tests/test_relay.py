@@ -351,6 +351,8 @@ def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first(
     front = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(front.getsockname())
     client_end, address = front.accept()
+    # The C loop takes the fd over (the socket object is detached): look through a duplicate.
+    watch = socket.socket(fileno=os.dup(client_end.fileno()))
     done = threading.Event()
     t = threading.Thread(target=lambda: (relay(client_end, address, None, Forward(back.getsockname(), 2), "t"),
                                          done.set()))
@@ -358,9 +360,9 @@ def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first(
     try:
         backend, _ = back.accept()
         backend.settimeout(10)
-        assert client_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         # The backend's own end is the relay's; what it sends first is the header.
         header = backend.recv(28)
+        assert watch.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         d = Proxy(trusted=("127.0.0.0/8",)).peer_session(("127.0.0.1", 1)).check(header, False)
         assert d.accepted and d.info["client_address"] == client.getsockname()
         assert d.info["server_address"] == front.getsockname()
@@ -370,7 +372,7 @@ def test_relay_sets_nodelay_on_the_client_side_and_sends_the_proxy_header_first(
         client.close()
         assert done.wait(10)
     finally:
-        for s in (client, back, front):
+        for s in (client, back, front, watch):
             s.close()
 
 
@@ -408,3 +410,59 @@ def test_tls_through_the_relay_to_openssl_s_server_is_logged_with_sni_and_ja4(se
     finally:
         server.terminate()
         server.wait(10)
+
+
+class EchoBackend:
+    """Echoes every connection's bytes back, until the peer closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_reload_keeps_relayed_connections_and_stopping_closes_and_logs_them(serve) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP rebuilds the listeners: a connection being relayed goes on. SIGTERM: it is closed and logged."""
+    import signal
+
+    echo = EchoBackend()
+    try:
+        relay = serve("--route", "echo=dataready", "--forward", f"echo=127.0.0.1:{echo.port}")
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as c:
+            c.sendall(b"before")
+            assert c.recv(100) == b"before"
+            relay.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: any("reloaded" in line for line in relay.err), timeout=30)
+            c.sendall(b"after the reload")
+            assert c.recv(100) == b"after the reload"
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as fresh:
+                fresh.sendall(b"new")
+                assert fresh.recv(100) == b"new"
+            relay.proc.send_signal(signal.SIGTERM)
+            assert relay.proc.wait(30) == 0
+            try:
+                assert c.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: any("relay stopped" in line for line in relay.err), timeout=10)
+        line = next(line for line in relay.err if "relay stopped" in line)
+        assert re.search(r"forwarded route=echo .* up=22 down=22 seconds=[\d.]+ \(relay stopped\)", line), line
+    finally:
+        echo.close()

@@ -6,13 +6,27 @@ filters peeked are still unread, so the backend sees the stream from byte 0.
 * ``TCP_NODELAY`` on both sides: a relay that coalesces small writes adds
   Nagle + delayed-ACK stalls of ~40 ms to every small response (a TLS request
   took 48 ms through the relay against 4.8 ms direct before).
-* The bytes never enter Python, and no Python runs per message: a relayed
-  connection is one thread inside one C call (``acceptfilter._relay``,
-  csrc/afrelay.c) that polls both sockets and moves each direction with
-  ``splice(2)`` socket -> pipe -> socket, the GIL released for the whole connection.
-  Without the C module (or with ``ACCEPTFILTER_RELAY_PUMP=splice``) each
+* The bytes never enter Python, and no Python runs per message: every relayed
+  connection of the process is handed to ONE event loop in C
+  (``acceptfilter._relay``, csrc/afloop.c), a thread that spends its life in one
+  GIL-free call: edge-triggered epoll over every relayed socket, several
+  messages per wake-up, recv/send through one shared buffer (a per-direction
+  buffer only while a peer is slow: backpressure), half-close passed on, an
+  error on one side ending both. Its thread never takes the GIL: finished
+  connections go through a queue to a second thread that logs them. A thread
+  per connection (the pump before, ``ACCEPTFILTER_RELAY_PUMP=thread``: one C
+  call per connection, poll + splice) cost a wake-up and a context switch per
+  message, which two cores shared with the backend and its clients could not
+  afford; bench/relay.py measures both.
+* Per connection, Python does only what it must: the accept loop (one thread
+  per forwarded route) takes the connection, starts a non-blocking connect to
+  the backend and hands both fds to the loop, which finishes the connect
+  (``connect_timeout``), sends the PROXY header and relays. No thread is
+  started and nothing blocks per connection.
+* Without the C module (or with ``ACCEPTFILTER_RELAY_PUMP=splice``) each
   direction is a Python thread looping over ``os.splice``; ``=copy`` is the
-  old recv/sendall loop. bench/relay.py measures the three side by side.
+  first recv/sendall loop. ``=c-copy`` and ``=c-splice`` pick how the C loop
+  moves bytes (recv/send or splice through a pipe); ``c`` is the measured better one.
 * ``send_proxy=1`` or ``2`` writes a PROXY protocol v1/v2 header first (like
   HAProxy's ``send-proxy``/``send-proxy-v2``), so the backend sees the real
   client address (the one ``accept()`` gave: a ``proxy`` filter's client if a
@@ -20,23 +34,29 @@ filters peeked are still unread, so the backend sees the stream from byte 0.
 * Every relayed connection is logged at INFO when it ends: route, client,
   backend, SNI and JA4 when a ``tlsready`` filter saw a ClientHello, bytes
   each way and duration.
+* The loop lives while something uses it (a ``forward()`` accept loop, a
+  ``relay()`` call): when the last listener closes, the loop stops, closes
+  every relayed connection (logged ``relay stopped``) and its thread ends.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .listener import FilteredListener
 
-__all__ = ["Forward", "forward", "parse_forward", "parse_target", "proxy_header"]
+__all__ = ["Forward", "RelayLoop", "forward", "loop_stats", "parse_forward", "parse_target", "proxy_header", "relay"]
 
 log = logging.getLogger("acceptfilter.relay")
 
@@ -49,14 +69,32 @@ except ImportError:  # built without the C relay: pump from Python
     _lib = None
 
 
+#: What each ``ACCEPTFILTER_RELAY_PUMP`` value runs.
+PUMPS = {
+    "c": "one C event loop for every connection (the default; its byte mover: the measured better one)",
+    "c-copy": "one C event loop, recv/send through a buffer",
+    "c-splice": "one C event loop, splice(2) through a pipe per direction",
+    "thread": "one C call per connection, in its own thread (poll + splice)",
+    "splice": "os.splice from two Python threads per connection",
+    "copy": "recv/sendall from two Python threads per connection",
+}
+#: The C loop's byte mover for ``c``: see bench/relay.py and the README.
+DEFAULT_LOOP_MODE = "copy"
+
+
 def _pump_kind() -> str:
-    """``c`` (one GIL-free C call per connection), ``splice`` (os.splice threads) or ``copy``."""
-    wanted = os.environ.get("ACCEPTFILTER_RELAY_PUMP", "").strip().lower()
-    if wanted == "copy" or not hasattr(os, "splice"):
+    """The pump ``ACCEPTFILTER_RELAY_PUMP`` asks for, or the best one available."""
+    wanted = os.environ.get("ACCEPTFILTER_RELAY_PUMP", "").strip().lower() or "c"
+    if wanted not in PUMPS:
+        log.warning("ACCEPTFILTER_RELAY_PUMP=%s is not one of %s: using c", wanted, ", ".join(PUMPS))
+        wanted = "c"
+    if wanted == "c":
+        wanted = f"c-{DEFAULT_LOOP_MODE}"
+    if not hasattr(os, "splice"):
         return "copy"
-    if wanted == "splice" or _lib is None:
+    if _lib is None and (wanted.startswith("c-") or wanted == "thread"):
         return "splice"
-    return "c"
+    return wanted
 
 
 PUMP = _pump_kind()
@@ -206,8 +244,13 @@ def _nodelay(sock: socket.socket) -> None:
         pass  # not TCP (a UNIX socket): nothing to do
 
 
-def relay(client: socket.socket, address: Any, info: Any, fwd: Forward, route: str = "") -> _Tally:
-    """Relay one connection to ``fwd`` until both directions end; log it; return the byte counts."""
+def _unreachable(route: str, fwd: Forward, address: Any, why: str) -> None:
+    log.warning("route %s: cannot reach backend %s:%d: %s; closing the client %s", route, fwd.target[0],
+                fwd.target[1], why, _fmt(address))
+
+
+def _thread_relay(client: socket.socket, address: Any, info: Any, fwd: Forward, route: str) -> _Tally:
+    """The pumps that are a thread per connection (``thread``, ``splice``, ``copy``)."""
     started = time.monotonic()
     tally = _Tally()
     client.settimeout(None)
@@ -215,8 +258,7 @@ def relay(client: socket.socket, address: Any, info: Any, fwd: Forward, route: s
     try:
         backend = socket.create_connection(fwd.target, timeout=fwd.connect_timeout)
     except OSError as exc:
-        log.warning("route %s: cannot reach backend %s:%d: %s; closing the client %s", route, fwd.target[0],
-                    fwd.target[1], exc.strerror or exc, _fmt(address))
+        _unreachable(route, fwd, address, exc.strerror or str(exc))
         client.close()
         tally.errors.append(f"connect: {exc}")
         return tally
@@ -224,12 +266,8 @@ def relay(client: socket.socket, address: Any, info: Any, fwd: Forward, route: s
     _nodelay(backend)
     try:
         if fwd.send_proxy:
-            try:
-                destination = client.getsockname()
-            except OSError:
-                destination = None
-            backend.sendall(proxy_header(fwd.send_proxy, address, destination))
-        if PUMP == "c":
+            backend.sendall(_header_for(client, address, fwd))
+        if PUMP == "thread":
             _c_pump(client, backend, tally)
         else:
             other = threading.Thread(target=_pump, args=(backend, client, tally, False), daemon=True,
@@ -244,6 +282,224 @@ def relay(client: socket.socket, address: Any, info: Any, fwd: Forward, route: s
         backend.close()
     _log(route, address, fwd, info, tally, time.monotonic() - started)
     return tally
+
+
+def _header_for(client: socket.socket, address: Any, fwd: Forward) -> bytes:
+    if not fwd.send_proxy:
+        return b""
+    try:
+        destination = client.getsockname()
+    except OSError:
+        destination = None
+    return proxy_header(fwd.send_proxy, address, destination)
+
+
+# -- the C loop ------------------------------------------------------------------------------------
+_WHY = {1: "connect", 2: "client", 3: "backend"}  # AFR_END_CONNECT, _CLIENT, _BACKEND
+
+
+@dataclass
+class _Job:
+    """A connection the loop relays: what its log line needs, and who waits for its end."""
+
+    route: str
+    address: Any
+    info: Any
+    fwd: Forward
+    started: float
+    on_done: Callable[[_Tally], None] | None = None
+
+
+def _connect_nonblocking(target: tuple[str, int]) -> tuple[socket.socket, bool]:
+    """A socket connecting to ``target`` without waiting; True if the connect is still in progress.
+
+    The first address getaddrinfo gives (``serve`` resolves its targets once,
+    at start, so this is an IP address there and getaddrinfo does no lookup).
+    """
+    family, _, proto, _, address = socket.getaddrinfo(target[0], target[1], type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    sock.setblocking(False)
+    err = sock.connect_ex(address)
+    if err in (0, errno.EINPROGRESS):
+        return sock, err != 0
+    sock.close()
+    raise OSError(err, os.strerror(err))
+
+
+class RelayLoop:
+    """One C event loop (csrc/afloop.c) relaying every connection handed to it, until :meth:`close`.
+
+    Two threads: one runs ``afr_loop_run`` (the loop, one GIL-free call for
+    its whole life), one waits in ``afr_loop_reap`` for finished connections
+    and logs them, so the loop never waits for the GIL.
+    """
+
+    def __init__(self, mode: str = DEFAULT_LOOP_MODE) -> None:
+        if _lib is None:
+            raise RuntimeError("the C relay (acceptfilter._relay) is not built")
+        loop = _lib.afr_loop_new(_lib.AFR_SPLICE if mode == "splice" else _lib.AFR_COPY)
+        if loop == _ffi.NULL:
+            raise OSError(_ffi.errno, os.strerror(_ffi.errno))
+        self._loop = loop
+        self.mode = mode
+        self._jobs: dict[int, _Job] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._close_lock = threading.Lock()  # one close() at a time; the others wait for it
+        self._closed = False
+        self._runner = threading.Thread(target=self._run, name="acceptfilter-relay-loop", daemon=True)
+        self._reaper = threading.Thread(target=self._reap, name="acceptfilter-relay-reaper", daemon=True)
+        self._runner.start()
+        self._reaper.start()
+
+    def _run(self) -> None:
+        rc = _lib.afr_loop_run(self._loop)
+        if rc < 0:
+            log.error("the relay loop failed: %s; its connections were closed", os.strerror(-rc))
+
+    def _reap(self) -> None:
+        out = _ffi.new("struct afr_done[]", 64)
+        while (n := _lib.afr_loop_reap(self._loop, out, 64, -1)) >= 0:
+            for i in range(n):
+                with self._lock:
+                    job = self._jobs.pop(int(out[i].id), None)
+                if job is not None:
+                    try:
+                        self._ended(job, out[i])
+                    except Exception:  # a broken handler or callback must not stop the reaping
+                        log.exception("relay: reporting the end of a connection failed")
+
+    @staticmethod
+    def _ended(job: _Job, done: Any) -> None:
+        tally = _Tally(int(done.up), int(done.down))
+        why, err = int(done.why), int(done.err)
+        if why == _lib.AFR_END_CONNECT:
+            _unreachable(job.route, job.fwd, job.address, os.strerror(err))
+            tally.errors.append(f"connect: {os.strerror(err)}")
+        else:
+            if why == _lib.AFR_END_STOPPED:
+                tally.errors.append("relay stopped")
+            elif why != _lib.AFR_END_OK:
+                tally.errors.append(f"{_WHY.get(why, '?')}: {os.strerror(err)}")
+            _log(job.route, job.address, job.fwd, job.info, tally, time.monotonic() - job.started)
+        if job.on_done is not None:
+            job.on_done(tally)
+
+    def relay(self, client: socket.socket, address: Any, info: Any, fwd: Forward, route: str = "",
+              on_done: Callable[[_Tally], None] | None = None) -> None:
+        """Start relaying ``client`` to ``fwd`` and return; the loop owns (and closes) the socket from now on.
+
+        ``on_done`` is called with the byte counts when the connection ended
+        (in the reaper thread: keep it short).
+        """
+        if self._closed:
+            raise RuntimeError("the relay loop is closed")
+        job = _Job(route, address, info, fwd, time.monotonic(), on_done)
+        try:
+            head = _header_for(client, address, fwd)
+            backend, connecting = _connect_nonblocking(fwd.target)
+        except OSError as exc:
+            client.close()
+            _unreachable(route, fwd, address, exc.strerror or str(exc))
+            if on_done is not None:
+                on_done(_Tally(errors=[f"connect: {exc}"]))
+            return
+        with self._lock:  # held across the add: close() frees the C loop under it
+            if self._closed:
+                backend.close()
+                raise RuntimeError("the relay loop is closed")
+            ident = next(self._ids)
+            self._jobs[ident] = job
+            cfd, bfd = client.detach(), backend.detach()
+            rc = _lib.afr_loop_add(self._loop, cfd, bfd, int(connecting), head, len(head),
+                                   min(max(1, int(fwd.connect_timeout * 1000)), 2**31 - 1), ident)
+            if rc < 0:
+                self._jobs.pop(ident, None)
+        if rc < 0:  # the loop is stopping: the fds are still ours
+            os.close(cfd)
+            os.close(bfd)
+            tally = _Tally(errors=[f"relay: {os.strerror(-rc)}"])
+            _log(route, address, fwd, info, tally, time.monotonic() - job.started)
+            if on_done is not None:
+                on_done(tally)
+
+    def stats(self) -> dict[str, int]:
+        """Connections live (of which connecting), bytes buffered for slow peers, pipes open."""
+        out = _ffi.new("uint64_t[4]")
+        with self._lock:
+            if self._closed:
+                return {"live": 0, "connecting": 0, "buffered": 0, "pipes": 0}
+            _lib.afr_loop_stats(self._loop, out)
+        return {"live": int(out[0]), "connecting": int(out[1]), "buffered": int(out[2]), "pipes": int(out[3])}
+
+    def close(self) -> None:
+        """Stop the loop: every connection is closed and logged; both threads end. Idempotent.
+
+        :meth:`relay` raises RuntimeError afterwards (the caller keeps its socket).
+        """
+        with self._close_lock:
+            with self._lock:
+                if self._closed:
+                    return
+            _lib.afr_loop_stop(self._loop)  # from now on afr_loop_add refuses
+            self._runner.join()
+            self._reaper.join()
+            with self._lock:
+                self._closed = True
+                _lib.afr_loop_free(self._loop)
+
+
+_shared_lock = threading.Lock()
+_shared: RelayLoop | None = None
+_shared_users = 0
+
+
+def _acquire() -> RelayLoop:
+    """The process's relay loop, started on first use; pair with :func:`_release`."""
+    global _shared, _shared_users
+    with _shared_lock:
+        if _shared is None:
+            _shared = RelayLoop(PUMP.removeprefix("c-"))
+        _shared_users += 1
+        return _shared
+
+
+def _release(loop: RelayLoop) -> None:
+    """The last user gone: stop the loop (its connections are closed) and wait for its threads."""
+    global _shared, _shared_users
+    with _shared_lock:
+        _shared_users -= 1
+        if _shared_users > 0:
+            return
+        _shared = None
+        loop.close()  # under the lock: a new user waits for a fresh loop, never gets this one
+
+
+def loop_stats() -> dict[str, int] | None:
+    """The shared relay loop's :meth:`RelayLoop.stats`, or None when none runs."""
+    with _shared_lock:
+        loop = _shared
+    return loop.stats() if loop is not None else None
+
+
+def relay(client: socket.socket, address: Any, info: Any, fwd: Forward, route: str = "") -> _Tally:
+    """Relay one connection to ``fwd`` until both directions end; log it; return the byte counts."""
+    if not PUMP.startswith("c-"):
+        return _thread_relay(client, address, info, fwd, route)
+    result: list[_Tally] = []
+    ended = threading.Event()
+
+    def done(tally: _Tally) -> None:
+        result.append(tally)
+        ended.set()
+
+    loop = _acquire()
+    try:
+        loop.relay(client, address, info, fwd, route, done)
+        ended.wait()
+    finally:
+        _release(loop)
+    return result[0]
 
 
 def _fmt(address: Any) -> str:
@@ -261,21 +517,41 @@ def _log(route: str, address: Any, fwd: Forward, info: Any, tally: _Tally, secon
              _fmt(address), fwd.target[0], fwd.target[1], why, extra, tally.up, tally.down, seconds, errors)
 
 
-def _accept_loop(listener: FilteredListener, fwd: Forward) -> None:
-    listener.settimeout(None)
-    while True:
-        try:
-            client, address, info = listener.accept_with_info()
-        except OSError:
-            return  # the listener was closed
-        threading.Thread(target=relay, args=(client, address, info, fwd, listener.route), daemon=True,
-                         name=f"acceptfilter-relay-{listener.route}").start()
+def _accept_loop(listener: FilteredListener, fwd: Forward, loop: RelayLoop | None) -> None:
+    try:
+        listener.settimeout(None)
+        while True:
+            try:
+                client, address, info = listener.accept_with_info()
+            except OSError:
+                return  # the listener was closed
+            if loop is not None:
+                loop.relay(client, address, info, fwd, listener.route)
+            else:
+                threading.Thread(target=_thread_relay, args=(client, address, info, fwd, listener.route),
+                                 daemon=True, name=f"acceptfilter-relay-{listener.route}").start()
+    finally:
+        if loop is not None:
+            _release(loop)
 
 
 def forward(listener: FilteredListener, target: tuple[str, int] | Forward) -> threading.Thread:
-    """Relay every connection surfaced by ``listener`` to ``target`` until the listener is closed."""
+    """Relay every connection surfaced by ``listener`` to ``target`` until the listener is closed.
+
+    Returns the accept thread: once the listener is closed it ends, and when
+    it was the relay loop's last user, the loop's connections are closed and
+    its threads have ended by the time it does (join it to know).
+    """
     fwd = target if isinstance(target, Forward) else Forward(target)
-    thread = threading.Thread(target=_accept_loop, args=(listener, fwd), name=f"acceptfilter-forward-{listener.route}",
-                              daemon=True)
-    thread.start()
+    # Taken here, not in the thread: on serve's reload the new listeners' forwards hold the
+    # loop before the old listeners close, so relayed connections in flight live on.
+    loop = _acquire() if PUMP.startswith("c-") else None
+    thread = threading.Thread(target=_accept_loop, args=(listener, fwd, loop),
+                              name=f"acceptfilter-forward-{listener.route}", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        if loop is not None:
+            _release(loop)
+        raise
     return thread

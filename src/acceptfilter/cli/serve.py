@@ -317,6 +317,7 @@ class _Serve:
         self.args = args
         self.plan = plan
         self.sock = sock  # bound by run(), or systemd's (socket activation); ours to close
+        self.forwards: list[threading.Thread] = []
         self.unix_path = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else None
         handler = functools.partial(_QuietHandler, directory=args.directory)
         try:
@@ -353,8 +354,8 @@ class _Serve:
         if isinstance(self.current.source, Router):
             if self.plan.forwards:
                 logging.getLogger("acceptfilter.relay").setLevel(logging.INFO)  # a line per relayed connection
-            for name, target in self.plan.forwards.items():
-                forward(self.current.source[name], target)
+            # The accept threads of the current listeners (a reload's old ones end with their listeners).
+            self.forwards = [forward(self.current.source[name], target) for name, target in self.plan.forwards.items()]
 
     def banner(self) -> str:
         args, plan, listener = self.args, self.plan, self.current.listener
@@ -410,6 +411,8 @@ class _Serve:
         self.current.stop.set()
         try:
             self.current.source.close()
+            for thread in self.forwards:  # the last one out stops the relay loop: its connections closed and logged
+                thread.join(10)
         finally:
             self.server.server_close()
             if self.unix_path:

@@ -16,7 +16,12 @@ struct afq {
     int efd;
     int closed;
     uint64_t lost;
+    volatile uint32_t *mirror; /* the caller's copy of count, or NULL */
 };
+
+static void mirror(afq *q) {
+    if (q->mirror) *q->mirror = q->count;
+}
 
 afq *afq_new(int *err) {
     afq *q = calloc(1, sizeof *q);
@@ -77,6 +82,7 @@ int afq_put(afq *q, afq_item *item) {
     q->ring[(q->head + q->count) & (q->cap - 1)] = *item;
     item->data = NULL; /* the queue's now */
     if (q->count++ == 0) signal_fd(q); /* empty -> non-empty: the one write */
+    mirror(q);
     pthread_mutex_unlock(&q->lock);
     return 0;
 }
@@ -90,6 +96,7 @@ int afq_take(afq *q, afq_item *out) {
         *out = q->ring[q->head];
         q->head = (q->head + 1) & (q->cap - 1);
         if (--q->count == 0) clear_fd(q); /* non-empty -> empty: the one read */
+        mirror(q);
         rc = 1;
     }
     pthread_mutex_unlock(&q->lock);
@@ -116,9 +123,17 @@ uint32_t afq_close(afq *q) {
             closed++;
         }
         signal_fd(q); /* readable for good: every waiter wakes and sees it closed */
+        mirror(q);
     }
     pthread_mutex_unlock(&q->lock);
     return closed;
+}
+
+void afq_mirror_count(afq *q, volatile uint32_t *cell) {
+    pthread_mutex_lock(&q->lock);
+    q->mirror = cell;
+    mirror(q);
+    pthread_mutex_unlock(&q->lock);
 }
 
 uint64_t afq_lost(afq *q) {
@@ -131,6 +146,7 @@ uint64_t afq_lost(afq *q) {
 void afq_free(afq *q) {
     if (!q) return;
     afq_close(q);
+    q->mirror = NULL;
     close(q->efd);
     free(q->ring);
     pthread_mutex_destroy(&q->lock);

@@ -61,6 +61,10 @@ int afq_take(afq *q, afq_item *out);
 void afq_item_clear(afq_item *item);
 /* Items queued now. */
 uint32_t afq_len(afq *q);
+/* Keep *cell equal to the item count (written under the lock; NULL: stop). The
+ * caller's memory, read without a call: accept() asks "anything queued?" before
+ * every take, and a call through cffi would drop and retake the GIL for it. */
+void afq_mirror_count(afq *q, volatile uint32_t *cell);
 /* Close the queue and every connection in it; returns how many were closed.
  * Waiters wake (the fd stays readable) and see it closed. Idempotent: 0 after. */
 uint32_t afq_close(afq *q);

@@ -55,14 +55,21 @@ def listener(listen_sock: socket.socket, core: str) -> Iterator[FilteredListener
     lst.close()
 
 
-def test_ready_at_accept_runs_no_filter(listener: FilteredListener, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The background thread stands down while a thread steps inline; make "a while" long,
-    # so that no connection reaches it instead however slow this machine is right now.
+def stand_background_down(listener: FilteredListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the thread that calls accept() the one that steps the engine from now on.
+
+    The background thread stands down while a thread steps inline; "a while" is made long,
+    so that no connection reaches it instead however slow this machine is right now.
+    """
     monkeypatch.setattr(thread_driver, "INLINE_GRACE", 60.0)
     listener.settimeout(0.01)
     with pytest.raises(TimeoutError):
         listener.accept()  # an inline step: the background thread stands down from here on
     listener.settimeout(10)
+
+
+def test_ready_at_accept_runs_no_filter(listener: FilteredListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_background_down(listener, monkeypatch)
     port = listener.getsockname()[1]
     for i in range(20):
         with socket.create_connection(("127.0.0.1", port)) as client:
@@ -247,16 +254,12 @@ def test_a_thread_driver_attached_later_keeps_the_fast_path(listen_sock: socket.
     """`serve` rebuilds its listener on SIGHUP with driver="none" (to adopt the held connections
     first), then attaches a thread driver: accept() must take certified connections at accept
     again, as a listener built with driver="thread" does."""
-    monkeypatch.setattr(thread_driver, "INLINE_GRACE", 60.0)
     lst = acceptfilter.wrap(listen_sock, CountingHttp(), core=core, driver="none")
     try:
         driver = thread_driver.ThreadDriver(lst.engine)
         driver.start()
         lst.attach_driver(driver)
-        lst.settimeout(0.01)
-        with pytest.raises(TimeoutError):
-            lst.accept()  # an inline step: the background thread stands down from here on
-        lst.settimeout(10)
+        stand_background_down(lst, monkeypatch)
         port = lst.getsockname()[1]
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", port)) as client:
@@ -276,10 +279,7 @@ def test_a_request_that_arrives_while_accept_waits_is_handed_over_directly(
     import threading
     import time
 
-    monkeypatch.setattr(thread_driver, "INLINE_GRACE", 60.0)
-    listener.settimeout(0.01)
-    with pytest.raises(TimeoutError):
-        listener.accept()  # an inline step: the background thread stands down from here on
+    stand_background_down(listener, monkeypatch)
     taken_from_queue = []
     real_get = listener._queue.get_nowait
 

@@ -14,33 +14,61 @@ from acceptfilter.drivers import INLINE_GRACE
 
 @pytest.mark.parametrize("core", ["c", "python"])
 def test_blocking_accept_surfaces_in_the_calling_thread(core: str) -> None:
+    """The client sends only once the accepting thread is inside a blocking engine call.
+
+    That thread holds the step lock while it waits, so the background thread cannot
+    take the connection: it must be surfaced by the thread that will serve it. (A
+    connection that is ready *before* accept() is called may be taken by the
+    background thread and queued; that is allowed and not what this test is about.)
+    """
     listener = acceptfilter.wrap(socket.create_server(("127.0.0.1", 0)), "httpready", core=core)
     port = listener.getsockname()[1]
-    stepped_in: list[str] = []
+    me = threading.current_thread()
+    blocking_calls = 0
+    in_blocking_call = threading.Event()
     engine = listener.engine
     real_step = engine.step
-
-    def step(timeout: float | None) -> int:
-        stepped_in.append(threading.current_thread().name)
-        return real_step(timeout)
-
     real_accept_ready = engine.accept_ready
 
+    def note(timeout: float | None) -> None:
+        nonlocal blocking_calls
+        if threading.current_thread() is me and timeout != 0:
+            blocking_calls += 1
+            in_blocking_call.set()
+
+    def step(timeout: float | None) -> int:
+        note(timeout)
+        return real_step(timeout)
+
     def accept_ready(timeout: float | None) -> object:  # the fast path: a step that may take one at accept
-        stepped_in.append(threading.current_thread().name)
+        note(timeout)
         return real_accept_ready(timeout)
 
     engine.step = step  # type: ignore[method-assign]
     engine.accept_ready = accept_ready  # type: ignore[method-assign,assignment]
+    clients: list[socket.socket] = []
+
+    def client(i: int) -> None:
+        assert in_blocking_call.wait(30)
+        c = socket.create_connection(("127.0.0.1", port))
+        clients.append(c)
+        c.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+
     try:
+        listener.settimeout(30)
         for i in range(10):
-            with socket.create_connection(("127.0.0.1", port)) as c:
-                c.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
-                conn, _ = listener.accept()
-                with conn:
-                    assert conn.recv(100).startswith(b"GET /%d " % i)
-        assert threading.current_thread().name in stepped_in
+            in_blocking_call.clear()
+            before = blocking_calls
+            sender = threading.Thread(target=client, args=(i,))
+            sender.start()
+            conn, _ = listener.accept()
+            sender.join(30)
+            with conn:
+                assert conn.recv(100).startswith(b"GET /%d " % i)
+            assert blocking_calls > before, f"accept() #{i} did not wait in the engine in the calling thread"
     finally:
+        for c in clients:
+            c.close()
         listener.close()
 
 

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,10 +80,15 @@ struct af_core {
     uint32_t batch;
     int listening, paused;
     int woken;                /* this poll read the wake fd (af_wake) */
+    int interrupted;          /* this poll's wait was interrupted by a signal (EINTR) */
     int64_t resume_at, backoff_us, now, fake_now;
     const afm_prog *prog;     /* the readiness matcher, or NULL */
     uint32_t ms_hdr;          /* with a matcher: an afm_state in front of each peek buffer */
     af_ready *fast_out;       /* during af_accept(): where the first certified connection goes */
+    int direct_ok;            /* in a waiting af_accept(): a connection with no bytes yet may be waited on directly */
+    int32_t direct;           /* the one accept_batch() left unarmed for wait_direct(), or NIL */
+    int64_t direct_resume_us; /* no direct waits before this (an idle client used up the last one) */
+    int64_t direct_wait_us, direct_backoff_us; /* af_set_direct_wait() */
     char *scratch;            /* af_ready.data: a copy of the peeked bytes */
     uint32_t scratch_size;
     afq *queue;               /* where certified connections go (af_set_queue), or NULL */
@@ -427,6 +433,16 @@ static void on_readable(af_core *c, int fd, uint32_t flags) {
      * gives up (then the filter sees everything), or a final event decides. */
 }
 
+static int arm(af_core *c, int fd);
+
+/* Into the epoll set, or reported failed (a HELD connection the core cannot watch). */
+static void arm_or_fail(af_core *c, int fd) {
+    conn *k = owned(c, fd);
+    if (!k || k->state != CS_HELD || k->armed) return; /* settled (or evicted) meanwhile */
+    int e = arm(c, fd);
+    if (e) emit(c, fd, AF_EV_ERROR, -e);
+}
+
 static int arm(af_core *c, int fd) {
     struct epoll_event ev;
     memset(&ev, 0, sizeof ev);
@@ -520,9 +536,64 @@ static void accept_batch(af_core *c, int64_t now) {
             emit(c, fd, AF_EV_DATA, 0);
             if (remember_pending(c, fd) == 0) continue;
         }
+        if (c->direct_ok && k->len == 0 && now >= c->direct_resume_us && c->direct_wait_us > 0) {
+            /* A waiting accept(): the request of the connection it just took
+             * in is usually a few microseconds behind the handshake. Like a
+             * plain server, which accepts one connection and reads it, it
+             * stops accepting and waits on this one (wait_direct), rather
+             * than add it to the epoll set, wake again for the next
+             * handshake, and take it out again. */
+            c->direct = fd;
+            break;
+        }
         int e = arm(c, fd);
         if (e) emit(c, fd, AF_EV_ERROR, -e);
     }
+}
+
+/* The connection accept_batch() left unarmed for a waiting af_accept(): a
+ * poll() on it and on the wake fd alone, for at most direct_wait_us (and
+ * within the caller's wait and the next deadline). Meanwhile new connections
+ * wait in the listen queue and other held ones in the epoll set's ready list,
+ * as they would behind a plain server's read. Its bytes are peeked and matched
+ * as on_readable() does; it is armed (added to the epoll set, which reports
+ * what arrived since: an edge-triggered ADD checks readiness) unless that
+ * settled it. A connection that sends nothing within that time (an idle
+ * client) turns direct waits off for direct_backoff_us, so that idle
+ * clients cannot stall the accepting thread that long each. Returns 1 when the
+ * caller's wait is used up (a signal, the caller's timeout or a deadline: the
+ * epoll_wait after it must not wait again), else 0. */
+static int wait_direct(af_core *c, int fd, int timeout_ms) {
+    AF_ASSERT(c->conns[fd].state == CS_HELD && !c->conns[fd].armed && c->conns[fd].len == 0);
+    int64_t wait_us = c->direct_wait_us;
+    int bounded = 0; /* by the caller's timeout or a deadline rather than the direct wait */
+    if (timeout_ms >= 0 && (int64_t)timeout_ms * 1000 <= wait_us) { wait_us = (int64_t)timeout_ms * 1000; bounded = 1; }
+    int64_t next = af_next_timeout_ms(c);
+    if (next >= 0 && next * 1000 <= wait_us) { wait_us = next * 1000; bounded = 1; }
+    struct pollfd p[2];
+    memset(p, 0, sizeof p);
+    p[0].fd = fd;
+    p[0].events = POLLIN | POLLRDHUP;
+    p[1].fd = c->wakefd;
+    p[1].events = POLLIN;
+    struct timespec ts = { (time_t)(wait_us / 1000000), (long)(wait_us % 1000000) * 1000 };
+    int n = ppoll(p, 2, &ts, NULL);
+    if (n < 0) {
+        c->interrupted = errno == EINTR; /* else (ENOMEM): the epoll path carries on */
+        n = 1;
+    }
+    c->now = clock_us(c);
+    if (n > 0 && p[0].revents) {
+        uint32_t flags = 0;
+        if (p[0].revents & POLLERR) flags |= EPOLLERR;
+        if (p[0].revents & (POLLHUP | POLLRDHUP)) flags |= EPOLLRDHUP;
+        on_readable(c, fd, flags);
+    } else if (n == 0 && !bounded) {
+        c->stats.direct_idle++;
+        c->direct_resume_us = c->now + c->direct_backoff_us;
+    }
+    arm_or_fail(c, fd);
+    return (n == 0 && bounded) || c->interrupted;
 }
 
 af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t max_held,
@@ -539,6 +610,9 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
     c->finals.head = c->finals.tail = NIL;
     c->epfd = c->wakefd = -1;
     c->fake_now = -1;
+    c->direct = NIL;
+    c->direct_wait_us = AF_DIRECT_WAIT_US;
+    c->direct_backoff_us = AF_DIRECT_BACKOFF_US;
     int rc = pthread_mutex_init(&c->stats_lock, NULL);
     if (rc) { free(c); *err = rc; return NULL; }
     c->events = calloc(c->max_events, sizeof *c->events);
@@ -596,6 +670,26 @@ int64_t af_next_timeout_ms(const af_core *c) {
     return left <= 0 ? 0 : (left + 999) / 1000;
 }
 
+/* A waiting af_accept(): take in from the listen queue (accept_batch) and, if
+ * that settled nothing, wait on the byte-less connection it stopped at
+ * (wait_direct). Returns wait_direct's answer (1: the caller's wait is used
+ * up), 0 without one. */
+static int take_in(af_core *c, int64_t now, int timeout_ms) {
+    c->direct_ok = timeout_ms != 0;
+    c->direct = NIL;
+    accept_batch(c, now);
+    c->direct_ok = 0;
+    int direct = c->direct;
+    c->direct = NIL;
+    if (direct == NIL) return 0;
+    if (c->fast_out->fd >= 0 || c->nevents) {
+        arm_or_fail(c, direct);
+        return 0;
+    }
+    publish(c); /* what was taken in is counted before the wait */
+    return wait_direct(c, direct, timeout_ms);
+}
+
 static void new_batch(af_core *c, af_event **events) {
     *events = c->events;
     c->nevents = 0;
@@ -613,6 +707,7 @@ static void expire(af_core *c, int64_t now) {
 static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
     new_batch(c, events);
     c->woken = 0;
+    c->interrupted = 0;
     if (ready) ready->fd = -1;
     c->fast_out = ready;
     report_finals(c);
@@ -636,17 +731,18 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
         c->stats.paused = 0;
         if (c->listening) set_listening(c, 1);
     }
+    int waited_out = 0;
     if (ready && !c->nevents) {
         /* A thread waiting in accept(): the listen queue first. With
          * TCP_DEFER_ACCEPT what is queued has sent data, often all of it.
          * What was taken in is published before the wait, so that stats()
          * never lags behind it; the wait hands over the first connection the
          * matcher certifies (a request that arrives after the handshake). */
-        accept_batch(c, now);
+        waited_out = take_in(c, now, timeout_ms);
         if (ready->fd >= 0 || c->nevents) goto done;
         publish(c);
     }
-    int wait = timeout_ms;
+    int wait = waited_out ? 0 : timeout_ms;
     int64_t next = af_next_timeout_ms(c);
     if (next >= 0 && (wait < 0 || next < wait)) wait = next > 0x7fffffff ? 0x7fffffff : (int)next;
     if (c->nevents) wait = 0;
@@ -658,6 +754,7 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
     int n = epoll_wait(c->epfd, c->epevents, room > 0 ? room : 1, wait);
     if (n < 0) {
         if (errno != EINTR) { c->fast_out = NULL; return -errno; }
+        c->interrupted = 1; /* the caller goes back to Python, which runs signal handlers */
         n = 0;
     }
     now = c->now = clock_us(c);
@@ -672,7 +769,10 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
             (void)r;
         } else on_readable(c, (int)(uint32_t)tag, c->epevents[i].events);
     }
-    if (want_accept) accept_batch(c, now);
+    if (want_accept) {
+        if (ready) take_in(c, now, timeout_ms);
+        else accept_batch(c, now);
+    }
 done:
     expire(c, c->now);
     c->fast_out = NULL;
@@ -688,12 +788,35 @@ int af_poll(af_core *c, int timeout_ms, af_event **events) {
     for (;;) {
         uint64_t exhausted = c->stats.fd_exhaustion;
         int n = poll_impl(c, timeout_ms, events, NULL);
-        if (n != 0 || timeout_ms >= 0 || c->woken || c->stats.fd_exhaustion != exhausted) return n;
+        if (n != 0 || timeout_ms >= 0 || c->woken || c->interrupted || c->stats.fd_exhaustion != exhausted) return n;
     }
 }
 
+static int64_t real_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 int af_accept(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
-    return poll_impl(c, timeout_ms, events, ready);
+    /* As af_poll(): a wait that saw nothing, or only settled connections into
+     * the ready queue, is no reason to go back to the caller (Python): it
+     * waits again, for at most timeout_ms in all (on the real clock: a test's
+     * fake clock does not move). */
+    int64_t end = timeout_ms > 0 ? real_ms() + timeout_ms : 0;
+    int wait = timeout_ms;
+    for (;;) {
+        uint64_t exhausted = c->stats.fd_exhaustion;
+        int n = poll_impl(c, wait, events, ready);
+        if (n != 0 || ready->fd >= 0 || timeout_ms == 0 || c->woken || c->interrupted ||
+            c->stats.fd_exhaustion != exhausted)
+            return n;
+        if (timeout_ms > 0) {
+            int64_t left = end - real_ms();
+            if (left <= 0) return 0;
+            wait = (int)left;
+        }
+    }
 }
 
 int af_set_matcher(af_core *c, const afm_prog *prog) {
@@ -875,6 +998,12 @@ int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n) {
 }
 
 void af_set_clock(af_core *c, int64_t now_us) { c->fake_now = now_us < 0 ? -1 : now_us; }
+
+void af_set_direct_wait(af_core *c, uint32_t wait_us, uint32_t backoff_us) {
+    c->direct_wait_us = wait_us;
+    c->direct_backoff_us = backoff_us;
+    c->direct_resume_us = 0;
+}
 
 int af_look(int listen_fd, const afm_prog *prog, char *buf, uint32_t cap, af_look_out *out) {
     memset(out, 0, sizeof *out);

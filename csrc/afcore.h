@@ -57,6 +57,7 @@ typedef struct af_stats {
     uint64_t surfaced_lost;  /* of those, put into a queue already closed (closed at once) */
     uint64_t surfaced_age_us; /* their summed times from accept to surfacing */
     uint64_t surfaced_hist[AF_HIST_SLOTS]; /* their times to surfacing, by af_set_hist_bounds() slot */
+    uint64_t direct_idle;    /* af_accept() waits on a new connection that ran out with no byte */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;
@@ -166,5 +167,13 @@ int af_look(int listen_fd, const afm_prog *prog, char *buf, uint32_t cap, af_loo
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */
 void af_set_clock(af_core *c, int64_t now_us);
+/* How long a waiting af_accept() waits on the connection it just accepted,
+ * when that one has sent nothing yet, before it watches the listen queue and
+ * the other held connections again (wait_us; 0: never wait so), and for how
+ * long it stops doing so after a connection sent nothing in that time
+ * (backoff_us). Defaults: AF_DIRECT_WAIT_US, AF_DIRECT_BACKOFF_US. */
+#define AF_DIRECT_WAIT_US 1000
+#define AF_DIRECT_BACKOFF_US 100000
+void af_set_direct_wait(af_core *c, uint32_t wait_us, uint32_t backoff_us);
 
 #endif

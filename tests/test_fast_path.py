@@ -310,3 +310,123 @@ def test_a_request_that_arrives_while_accept_waits_is_handed_over_directly(
     stats = listener.stats()
     assert stats["surfaced_by_core"] == 1 and stats["surfaced_at_accept"] == 0 and stats["surfaced"] == 1
     assert stats["time_to_surface"]["sum"] >= 0.05 and unaccounted(stats) == 0
+
+
+def _core_stats(lst: FilteredListener) -> dict[str, Any]:
+    return lst.engine._core.saved_stats()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_the_waiting_thread_reads_the_connection_it_accepted_first(
+        listener: FilteredListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like a plain server (accept, then read), a thread waiting in accept() that took in a
+    connection with no request yet waits on that one, leaving the next in the listen queue,
+    then serves them in order: the first with no event and no queue (handed over by the
+    core), the second certified at accept. (The wait is made long here to see it; it is 1 ms.)"""
+    import threading
+
+    stand_background_down(listener, monkeypatch)
+    listener.engine._core.set_direct_wait(30.0, 30.0)  # type: ignore[attr-defined]
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(listener.accept()))
+    waiter.start()
+    port = listener.getsockname()[1]
+    first = socket.create_connection(("127.0.0.1", port))
+    second = socket.create_connection(("127.0.0.1", port))
+    try:
+        wait_for(lambda: listener.stats()["held"] == 1, timeout=30)
+        second.sendall(HEAD)  # complete, but behind the first in the listen queue
+        import time
+
+        time.sleep(0.2)
+        assert listener.stats()["accepted"] == 1 and not got  # still waiting on the first
+        first.sendall(HEAD)
+        waiter.join(30)
+        assert got, "accept() did not return"
+        conn, addr = got[0]
+        with conn:
+            assert addr == first.getsockname() and conn.recv(4096) == HEAD
+        conn, addr = listener.accept()
+        with conn:
+            assert addr == second.getsockname() and conn.recv(4096) == HEAD
+        stats = listener.stats()
+        assert stats["surfaced_by_core"] == 2 and stats["surfaced_at_accept"] == 1 and CountingHttp.checks == 0
+        assert _core_stats(listener)["direct_idle"] == 0 and unaccounted(stats) == 0
+    finally:
+        first.close()
+        second.close()
+
+
+def test_an_idle_client_costs_the_waiting_thread_one_short_wait(
+        listener: FilteredListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait on a just-accepted connection is bounded (1 ms): a client that sends nothing
+    is then held like any other, and the requests behind it are served. After one such
+    client the waiting thread stops waiting so for a while (100 ms), so that a flood of idle
+    clients cannot stall it a millisecond each."""
+    stand_background_down(listener, monkeypatch)
+    port = listener.getsockname()[1]
+    idle = socket.create_connection(("127.0.0.1", port))
+    try:
+        listener.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # takes in the idle one, waits on it 1 ms, then on everything
+        assert listener.stats()["held"] == 1 and _core_stats(listener)["direct_idle"] == 1
+        listener.settimeout(10)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(HEAD)
+            conn, addr = listener.accept()
+            with conn:
+                assert addr == client.getsockname() and conn.recv(4096) == HEAD
+        assert listener.stats()["held"] == 1  # the idle one, still held
+    finally:
+        idle.close()
+
+
+@pytest.mark.parametrize("idle_client", [False, True], ids=["nothing-to-accept", "waiting-on-a-new-connection"])
+def test_a_signal_interrupts_a_blocking_accept(listen_sock: socket.socket, core: str, idle_client: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """accept() waits in C without the GIL; a signal must still reach its Python handler at
+    once (Ctrl-C, a server's SIGTERM handler), as with socket.accept(). Also while the thread
+    waits on the connection it just accepted (made long here to be sure to be in it)."""
+    import signal
+    import threading
+    import time
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    lst = acceptfilter.wrap(listen_sock, "httpready", core=core)
+    port = lst.getsockname()[1]
+    lst.engine._core.set_direct_wait(30.0, 30.0)  # type: ignore[attr-defined]
+    stand_background_down(lst, monkeypatch)
+    # If the signal is lost, a complete request ends the wait after 20 s and the test fails.
+    rescue = threading.Timer(20, lambda: socket.create_connection(("127.0.0.1", port)).sendall(HEAD))
+    idle = socket.create_connection(("127.0.0.1", port)) if idle_client else None
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        rescue.start()
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            lst.settimeout(None)
+            lst.accept()
+        assert time.monotonic() - t0 < 10
+        if idle_client:
+            assert lst.stats()["held"] == 1  # it was waiting on it
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        rescue.cancel()
+        lst.close()
+        if idle is not None:
+            idle.close()
+
+
+def test_the_python_core_mirrors_the_direct_wait_constants() -> None:
+    from acceptfilter._core import lib
+
+    from acceptfilter.pycore import DIRECT_BACKOFF, DIRECT_WAIT
+
+    assert (round(DIRECT_WAIT * 1e6), round(DIRECT_BACKOFF * 1e6)) == (lib.AF_DIRECT_WAIT_US, lib.AF_DIRECT_BACKOFF_US)

@@ -108,6 +108,12 @@ class IOCore(Protocol):
     def set_clock(self, now: float | None) -> None:
         """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
 
+    def set_direct_wait(self, wait: float, backoff: float) -> None:
+        """How long (seconds) a waiting :meth:`accept_ready` waits on the connection it just
+        accepted, when that one has sent nothing yet, before it watches the listen queue and
+        the other held connections again (0: never), and for how long it stops doing so after
+        one sent nothing in that time. Defaults 1 ms and 100 ms (``AF_DIRECT_WAIT_US``)."""
+
     def set_matcher(self, program: Program | None) -> None:
         """Run this compiled readiness matcher on every peek (before the first connection).
 
@@ -277,6 +283,7 @@ class CCore:
             "paused": s.paused,
             "surfaced": s.surfaced,
             "fast": s.fast,
+            "direct_idle": s.direct_idle,
             "surfaced_lost": s.surfaced_lost,
             "surfaced_age": s.surfaced_age_us / 1e6,
             "surfaced_hist": list(s.surfaced_hist),
@@ -284,6 +291,12 @@ class CCore:
 
     def set_clock(self, now: float | None) -> None:
         self._lib.af_set_clock(self._core, -1 if now is None else round(now * 1e6))
+
+    def set_direct_wait(self, wait: float, backoff: float) -> None:
+        def us(seconds: float) -> int:
+            return min(max(0, round(seconds * 1e6)), 0xFFFFFFFF)
+
+        self._lib.af_set_direct_wait(self._core, us(wait), us(backoff))
 
     def free(self) -> None:
         if self._core is None:

@@ -321,12 +321,12 @@ class FilteredListener:
         queue = self._queue
         if timeout == 0:
             return queue.get_nowait()
+        deadline = None if timeout is None else time.monotonic() + timeout
         fast = self._hub.fast_inline
         if fast is not None and not queue:
-            got = fast.try_accept()  # the fast path: one C call, no filter, nothing queued
+            got = fast.try_accept(timeout)  # the fast path: one C call, no filter, nothing queued
             if got is not None:
                 return got
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if queue:
                 try:

@@ -27,6 +27,10 @@ _EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
+#: A waiting accept_ready() waits this long on the connection it just accepted, and no
+#: longer waits so after one sent nothing in that time, for DIRECT_BACKOFF (seconds;
+#: AF_DIRECT_WAIT_US and AF_DIRECT_BACKOFF_US in afcore.h).
+DIRECT_WAIT, DIRECT_BACKOFF = 0.001, 0.1
 
 
 class _Conn:
@@ -92,8 +96,13 @@ class PyCore:
         self._fast: Ready | None = None  # during accept_ready(): the connection certified at accept
         self._fast_mode = False
         self._woken = False  # this poll read the wake fd
+        self._direct_ok = False  # in a waiting accept_ready(): a byte-less connection may be waited on directly
+        self._direct: int | None = None  # the one _accept_batch() left unarmed for _wait_direct()
+        self._direct_resume = 0.0  # no direct waits before this (an idle client used up the last one)
+        self._direct_wait, self._direct_backoff = DIRECT_WAIT, DIRECT_BACKOFF
         self._stats: dict[str, Any] = dict.fromkeys(
-            ("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "surfaced", "fast", "surfaced_lost"), 0)
+            ("accepted", "accept_errors", "fd_exhaustion", "peeks", "bytes_peeked", "surfaced", "fast", "surfaced_lost",
+             "direct_idle"), 0)
         self._stats["surfaced_age"] = 0.0
         self._queue: Any = None  # the ready queue certified connections go into (set_ready_queue)
         self._buckets: tuple[float, ...] = ()
@@ -276,8 +285,60 @@ class PyCore:
             elif conn.data and conn.match is None:
                 self._emit(fd, DATA)
                 self._pending.append(fd)
+            elif self._direct_ok and not conn.data and now >= self._direct_resume and self._direct_wait > 0:
+                # As the C core: stop accepting and wait on this one (_wait_direct).
+                self._direct = fd
+                return
             else:
                 self._arm(fd, conn)  # nothing yet, or the matcher still says MORE: no Python
+
+    def _take_in(self, now: float, timeout: float | None) -> bool:
+        """A waiting accept_ready(), as the C core's take_in(): _accept_batch(), then a direct
+        wait on the byte-less connection it stopped at. True: the caller's wait is used up."""
+        self._direct_ok = timeout is None or timeout > 0
+        self._direct = None
+        try:
+            self._accept_batch(now)
+        finally:
+            self._direct_ok = False
+        fd, self._direct = self._direct, None
+        if fd is None:
+            return False
+        conn = self._fifo[fd]
+        if self._fast is not None or self._events:
+            self._arm(fd, conn)
+            return False
+        self.snapshot()  # what was taken in is counted before the wait
+        return self._wait_direct(fd, conn, timeout)
+
+    def _wait_direct(self, fd: int, conn: _Conn, timeout: float | None) -> bool:
+        """As the C core's wait_direct(): a poll on this connection and the wake fd alone, for
+        at most DIRECT_WAIT (within the caller's wait and the next deadline); an idle client
+        turns direct waits off for DIRECT_BACKOFF. True: the caller's wait is used up."""
+        wait, bounded = self._direct_wait, False
+        if timeout is not None and timeout <= wait:
+            wait, bounded = timeout, True
+        nxt = self._next_deadline()
+        if nxt is not None and nxt - self._now() <= wait:
+            wait, bounded = max(0.0, nxt - self._now()), True
+        p = select.poll()
+        p.register(fd, select.POLLIN | select.POLLRDHUP)
+        p.register(self._wakefd, select.POLLIN)
+        ready = dict(p.poll(wait * 1000))
+        flags = ready.get(fd, 0)
+        if flags:
+            epoll_flags = 0
+            if flags & select.POLLERR:
+                epoll_flags |= select.EPOLLERR
+            if flags & (select.POLLHUP | select.POLLRDHUP):
+                epoll_flags |= select.EPOLLRDHUP
+            self._on_readable(fd, epoll_flags)
+        elif not ready and not bounded:
+            self._stats["direct_idle"] += 1
+            self._direct_resume = self._now() + self._direct_backoff
+        if conn.state == HELD and not conn.armed and fd in self._fifo:
+            self._arm(fd, conn)
+        return not ready and bounded
 
     def _next_deadline(self) -> float | None:
         nxt = None
@@ -312,9 +373,22 @@ class PyCore:
                 return events
 
     def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
-        events = self._poll(timeout, True)
-        ready, self._fast = self._fast, None
-        return events, ready
+        # As af_accept: a wait that saw nothing, or only settled connections into the ready
+        # queue, waits again, for at most timeout in all (on the real clock).
+        end = None if timeout is None else time.monotonic() + timeout
+        wait = timeout
+        while True:
+            exhausted = self._stats["fd_exhaustion"]
+            self._woken = False
+            events = self._poll(wait, True)
+            ready, self._fast = self._fast, None
+            if (events or ready is not None or timeout == 0 or self._woken
+                    or self._stats["fd_exhaustion"] != exhausted):
+                return events, ready
+            if end is not None:
+                wait = end - time.monotonic()
+                if wait <= 0:
+                    return events, ready
 
     def set_ready_queue(self, queue: Any, buckets: tuple[float, ...]) -> None:
         self._queue = queue
@@ -351,15 +425,17 @@ class PyCore:
             self._paused_until = None
             if self._listening:
                 self._ep.modify(self._lfd, select.EPOLLIN)
+        waited_out = False
         if fast and not self._events:
             # A thread waiting in accept(): the listen queue first; what was taken in is
             # published before the wait (stats() must not lag behind it), and the wait hands
             # over the first connection the matcher certifies.
-            self._accept_batch(now)
+            waited_out = self._take_in(now, timeout)
             if self._fast is not None or self._events:
-                return self._finish(now)
+                return self._finish(self._now())
             self.snapshot()
-        wait = -1.0 if timeout is None else timeout
+            now = self._now()
+        wait = 0.0 if waited_out else -1.0 if timeout is None else timeout
         nxt = self._next_deadline()
         if nxt is not None and (wait < 0 or nxt - now < wait):
             wait = max(0.0, nxt - now)
@@ -384,7 +460,11 @@ class PyCore:
             else:
                 self._on_readable(fd, flags)
         if want_accept:
-            self._accept_batch(now)
+            if fast:
+                self._take_in(now, timeout)
+                now = self._now()
+            else:
+                self._accept_batch(now)
         return self._finish(now)
 
     def _finish(self, now: float) -> list[Event]:
@@ -507,6 +587,10 @@ class PyCore:
 
     def set_clock(self, now: float | None) -> None:
         self._fake_now = now
+
+    def set_direct_wait(self, wait: float, backoff: float) -> None:
+        self._direct_wait, self._direct_backoff = max(0.0, wait), max(0.0, backoff)
+        self._direct_resume = 0.0
 
     def free(self) -> None:
         self.snapshot()

@@ -17,6 +17,7 @@ does this and takes over again once no thread has stepped inline for
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,31 @@ log = logging.getLogger("acceptfilter")
 #: Seconds the background thread waits after the last inline step before it
 #: drives the engine again (while the application serves a connection).
 INLINE_GRACE = 0.05
+
+
+def raised_by_signal_handler(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a Python signal handler that ran during an engine step.
+
+    The core waits in C; when a signal interrupts the wait, Python runs the handler as the
+    call returns, inside the engine's frames. What the handler raises is the application's
+    (a server's own ``raise Shutdown`` on SIGTERM) and must leave ``accept()`` as it would
+    leave ``socket.accept()``, not be logged and retried as an engine failure.
+    """
+    handlers = set()
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+        code = getattr(handler, "__code__", None)
+        if code is not None:
+            handlers.add(code)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in handlers:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class ThreadDriver:
@@ -63,7 +89,10 @@ class ThreadDriver:
                 self._polling = True
             try:
                 with self._step_lock:
-                    if not self._stopping and self._inline == 0:
+                    # Checked again under the lock: a thread in accept() may have held
+                    # it for a whole wait (try_accept) while this one was queued for it.
+                    if (not self._stopping and self._inline == 0
+                            and time.monotonic() - self._last_inline >= INLINE_GRACE):
                         step(None)
             except Exception:
                 # Never die silently and never spin: log, pause, carry on.
@@ -79,23 +108,33 @@ class ThreadDriver:
         thread's step surfaced it). Returns False once the driver is stopping (do not retry)."""
         return self._inline_step(timeout, queued, take=False) is not False
 
-    def try_accept(self) -> Surfaced | None:
-        """The fast path's first try, for a thread entering ``accept()``: if nobody else is in
-        the core, one non-blocking C call that returns a connection certified at accept (or
-        handles whatever else happened, as a step would). None: use the queue and the
-        blocking paths."""
+    def try_accept(self, timeout: float | None) -> Surfaced | None:
+        """The fast path, for a thread entering ``accept()`` with nothing queued: if nobody
+        else is in the core, one C call that waits up to ``timeout`` seconds (None: for as
+        long as it takes) and returns the first connection the core's matcher certifies,
+        at accept or while it waits, handling whatever else happens as a step would.
+        None: nothing came (a wake, a signal, the timeout, another thread in the core, an
+        event for Python); use the queue and the other paths.
+
+        Unlike :meth:`accept_inline` it counts no inline thread: a wait here only keeps
+        the background thread standing down (it checks the time of the last inline step
+        again once it has the lock), so a server that is always back in ``accept()``
+        within :data:`INLINE_GRACE` pays for no condition variable per connection."""
         lock = self._step_lock
         if not lock.acquire(False):
             return None
         try:
             self._last_inline = time.monotonic()  # keeps the background thread standing down
-            if self._stopping or self._polling:
+            if self._stopping:
                 return None
-            return self.engine.accept_ready(0)
-        except Exception:
+            return self.engine.accept_ready(timeout)
+        except Exception as exc:
+            if raised_by_signal_handler(exc):
+                raise
             log.exception("acceptfilter: engine step failed")
             return None
         finally:
+            self._last_inline = time.monotonic()
             lock.release()
 
     def accept_inline(self, timeout: float | None, queued: Callable[[], int] | None = None) -> Surfaced | bool:
@@ -125,8 +164,11 @@ class ThreadDriver:
                                 return got
                         else:
                             self.engine.step(timeout)
-                    except Exception:
-                        # As in the background thread: accept() never raises an engine failure.
+                    except Exception as exc:
+                        # As in the background thread: accept() never raises an engine failure
+                        # (what a signal handler raises is not one).
+                        if raised_by_signal_handler(exc):
+                            raise
                         log.exception("acceptfilter: engine step failed; retrying in 50 ms")
                         time.sleep(0.05)
             finally:

@@ -732,12 +732,16 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
         if (c->listening) set_listening(c, 1);
     }
     int waited_out = 0;
-    if (ready && !c->nevents) {
-        /* A thread waiting in accept(): the listen queue first. With
-         * TCP_DEFER_ACCEPT what is queued has sent data, often all of it.
-         * What was taken in is published before the wait, so that stats()
-         * never lags behind it; the wait hands over the first connection the
-         * matcher certifies (a request that arrives after the handshake). */
+    if (ready && !c->nevents && !c->fifo.count) {
+        /* A thread waiting in accept(), nothing held: the listen queue first.
+         * With TCP_DEFER_ACCEPT what is queued has sent data, often all of
+         * it. What was taken in is published before the wait, so that
+         * stats() never lags behind it; the wait hands over the first
+         * connection the matcher certifies (a request that arrives after the
+         * handshake). With connections held, epoll_wait below looks at them
+         * and at the listen queue together: taking from the listen queue
+         * first would leave a held connection whose request came starving
+         * for as long as new ones keep arriving. */
         waited_out = take_in(c, now, timeout_ms);
         if (ready->fd >= 0 || c->nevents) goto done;
         publish(c);

@@ -381,6 +381,41 @@ def test_an_idle_client_costs_the_waiting_thread_one_short_wait(
         idle.close()
 
 
+def test_a_held_connection_is_not_starved_by_new_ones(listener: FilteredListener,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held connection whose request has come is served before the connections that
+    arrived after it, however many are waiting in the listen queue: with anything held, the
+    waiting thread looks at the held ones and the listen queue together, not the listen queue
+    first (which left such a connection waiting for as long as new ones kept coming)."""
+    import time
+
+    stand_background_down(listener, monkeypatch)
+    port = listener.getsockname()[1]
+    early = socket.create_connection(("127.0.0.1", port))
+    later: list[socket.socket] = []
+    try:
+        listener.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # takes in `early`, which has sent nothing: held
+        assert listener.stats()["held"] == 1
+        for _ in range(20):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(HEAD)
+            later.append(client)
+        early.sendall(HEAD)
+        time.sleep(0.2)
+        listener.settimeout(10)
+        conn, addr = listener.accept()
+        with conn:
+            assert addr == early.getsockname(), "a newer connection was served first"
+        for _ in later:
+            listener.accept()[0].close()
+    finally:
+        early.close()
+        for client in later:
+            client.close()
+
+
 @pytest.mark.parametrize("idle_client", [False, True], ids=["nothing-to-accept", "waiting-on-a-new-connection"])
 def test_a_signal_interrupts_a_blocking_accept(listen_sock: socket.socket, core: str, idle_client: bool,
                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -426,10 +426,11 @@ class PyCore:
             if self._listening:
                 self._ep.modify(self._lfd, select.EPOLLIN)
         waited_out = False
-        if fast and not self._events:
-            # A thread waiting in accept(): the listen queue first; what was taken in is
-            # published before the wait (stats() must not lag behind it), and the wait hands
-            # over the first connection the matcher certifies.
+        if fast and not self._events and not self._fifo:
+            # A thread waiting in accept(), nothing held: the listen queue first; what was taken
+            # in is published before the wait (stats() must not lag behind it), and the wait hands
+            # over the first connection the matcher certifies. With connections held, the epoll
+            # wait looks at them and the listen queue together (as the C core: no starving).
             waited_out = self._take_in(now, timeout)
             if self._fast is not None or self._events:
                 return self._finish(self._now())

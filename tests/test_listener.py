@@ -65,14 +65,22 @@ def test_head_in_pieces_surfaces_only_after_last_piece(make) -> None:  # type: i
     client.close()
 
 
-def test_accepted_socket_is_exact_and_blocking(make) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("listener_timeout", [None, 5.0])
+def test_accepted_socket_is_exact_and_blocking(make, listener_timeout: float | None) -> None:  # type: ignore[no-untyped-def]
+    """As from socket.accept(): blocking, the descriptor too, whatever the listener's timeout
+    (socket.accept() calls setblocking(True) when the listener has one; accept() relies on
+    the descriptor being blocking already)."""
+    import fcntl
+    import os
+
     listener = make()
     client = connect(listener)
     client.sendall(HEAD)
-    listener.settimeout(None)
+    listener.settimeout(listener_timeout)
     sock, addr = listener.accept()
     assert type(sock) is socket.socket
     assert sock.gettimeout() is None and sock.getblocking()
+    assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
     assert addr == client.getsockname()
     assert sock.getpeername() == client.getsockname()
     sock.sendall(b"HTTP/1.0 200 OK\r\n\r\nhi")

@@ -301,7 +301,8 @@ class Engine:
         and no filter run, counted by the core (None: none was, and whatever else happened
         was handled like :meth:`step`)."""
         events, ready = self._core.accept_ready(timeout)
-        self.handle(events)  # without events: the core published its counters as the poll ended
+        if events:  # without: the core published its counters as the poll ended
+            self.handle(events)
         if ready is None:
             return None
         fd, addr, raw, consume, held_for = ready

@@ -190,17 +190,21 @@ class CCore:
         return self._collect(n)
 
     def accept_ready(self, timeout: float | None) -> tuple[list[Event], Ready | None]:
+        # The fast path of accept(): as little Python as possible after the C call returns.
         ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
         ready = self._ready
         n = self._lib.af_accept(self._core, ms, self._events_out, ready)
-        if n < 0:
-            raise OSError(-n, f"af_accept: {os.strerror(-n)}")
-        events = self._collect(n) if n else []
-        if ready.fd < 0:
+        events: list[Event] = []
+        if n:
+            if n < 0:
+                raise OSError(-n, f"af_accept: {os.strerror(-n)}")
+            events = self._collect(n)
+        fd = ready.fd
+        if fd < 0:
             return events, None
         length = ready.len
         data = self._ffi.buffer(ready.data, length)[:] if length else b""
-        return events, (ready.fd, self._address(ready.addr), data, ready.consume, ready.age_us / 1e6)
+        return events, (fd, c_address(self._ffi, ready.addr), data, ready.consume, ready.age_us / 1e6)
 
     def set_matcher(self, program: Program | None) -> None:
         from .cmatcher import compile_program
@@ -307,11 +311,15 @@ class CCore:
         self._lib.af_free(core)
 
 
+_AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+
+
 def c_address(ffi: Any, addr: Any) -> Address:
     """An ``af_addr`` as ``socket.accept()`` would give the address."""
-    if addr.family == socket.AF_INET:
+    family = addr.family
+    if family == _AF_INET:
         return (ffi.string(addr.host).decode(), addr.port)
-    if addr.family == socket.AF_INET6:
+    if family == _AF_INET6:
         return (ffi.string(addr.host).decode(), addr.port, addr.flowinfo, addr.scope_id)
     return ""  # AF_UNIX peers are unnamed, as socket.accept() reports them
 

@@ -366,8 +366,10 @@ class FilteredListener:
         except OSError:
             os.close(fd)
             raise
-        if socket.getdefaulttimeout() is None and self.gettimeout():
-            sock.setblocking(True)  # what socket.accept() does
+        # socket.accept() calls setblocking(True) here when the listener has a timeout; these
+        # descriptors are blocking already (accepted without SOCK_NONBLOCK, adopted ones made
+        # blocking again by the core), so the socket object, built with the default timeout
+        # None, is right without that system call.
         _remember(sock, info)
         if self._hub.index_peers:
             _index_peer(sock, addr)

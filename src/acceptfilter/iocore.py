@@ -202,9 +202,15 @@ class CCore:
         fd = ready.fd
         if fd < 0:
             return events, None
+        ffi = self._ffi
         length = ready.len
-        data = self._ffi.buffer(ready.data, length)[:] if length else b""
-        return events, (fd, c_address(self._ffi, ready.addr), data, ready.consume, ready.age_us / 1e6)
+        addr = ready.addr
+        if addr.family == _AF_INET:  # c_address(), inline: this runs once per connection
+            address: Address = (ffi.string(addr.host).decode(), addr.port)
+        else:
+            address = c_address(ffi, addr)
+        data = ffi.buffer(ready.data, length)[:] if length else b""
+        return events, (fd, address, data, ready.consume, ready.age_us / 1e6)
 
     def set_matcher(self, program: Program | None) -> None:
         from .cmatcher import compile_program

@@ -123,8 +123,9 @@ class ThreadDriver:
         lock = self._step_lock
         if not lock.acquire(False):
             return None
+        # The background thread cannot step while this one holds the lock, and checks the
+        # time of the last inline step again once it has it: setting it on the way out is enough.
         try:
-            self._last_inline = time.monotonic()  # keeps the background thread standing down
             if self._stopping:
                 return None
             return self.engine.accept_ready(timeout)

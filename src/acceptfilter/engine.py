@@ -306,9 +306,7 @@ class Engine:
         if ready is None:
             return None
         fd, addr, raw, consume, held_for = ready
-        # ready_info(), inline: this runs once per connection
-        return fd, addr, ConnectionInfo(self._fast_route or "", _EMPTY, "ready", held_for, consume, addr, raw,
-                                        self.decider)
+        return fd, addr, self.ready_info(raw, consume, held_for, addr)
 
     def set_clock(self, now: float | None) -> None:
         """Tests: the core keeps deadlines on this clock (seconds); None: the real one again.

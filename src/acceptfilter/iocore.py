@@ -204,13 +204,8 @@ class CCore:
             return events, None
         ffi = self._ffi
         length = ready.len
-        addr = ready.addr
-        if addr.family == _AF_INET:  # c_address(), inline: this runs once per connection
-            address: Address = (ffi.string(addr.host).decode(), addr.port)
-        else:
-            address = c_address(ffi, addr)
         data = ffi.buffer(ready.data, length)[:] if length else b""
-        return events, (fd, address, data, ready.consume, ready.age_us / 1e6)
+        return events, (fd, c_address(ffi, ready.addr), data, ready.consume, ready.age_us / 1e6)
 
     def set_matcher(self, program: Program | None) -> None:
         from .cmatcher import compile_program

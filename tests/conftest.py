@@ -23,6 +23,31 @@ def listen_sock() -> Iterator[socket.socket]:
     sock.close()
 
 
+def free_port() -> int:
+    """A loopback TCP port free now, for a program that must be told one, outside the
+    kernel's ephemeral range: a port taken from that range (bind to 0, then close) can be
+    given to another test's outgoing connection before the program binds it."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high]
+    for _ in range(200):
+        port = random.choice(candidates)
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            probe.close()
+        return port
+    raise AssertionError("no free loopback port outside the ephemeral range")
+
+
 def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 

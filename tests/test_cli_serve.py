@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import free_port
+
 CLI = [sys.executable, "-m", "acceptfilter.cli"]
 LIMIT = 30.0  # seconds any condition may take on a loaded 2-core machine
 
@@ -80,6 +82,9 @@ class Served:
     def stderr_all(self, sig: int = signal.SIGTERM) -> str:
         """Everything stderr has not yet given, once the server has stopped (by ``sig``)."""
         self.stop(sig)
+        if not hasattr(self, "reader"):  # stopped before its banner: nobody reads stderr yet
+            assert self.proc.stderr is not None
+            return self.proc.stderr.read()
         self.reader.join(LIMIT)
         lines = []
         while (line := self.err.get_nowait()) is not None:
@@ -215,8 +220,7 @@ def test_bind_unix_socket(serve: list[Served], tmp_path: Path) -> None:
 
 def test_metrics_port_serves_prometheus_text(serve: list[Served], tmp_path: Path) -> None:
     pytest.importorskip("prometheus_client")
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        mport = probe.getsockname()[1]
+    mport = free_port()
     s = Served(["--port", "0", "--no-status", "--metrics-port", str(mport)], tmp_path)
     serve.append(s)
     assert get(f"http://127.0.0.1:{s.port}/hello.txt") == "hello\n"
@@ -254,8 +258,7 @@ def test_log_format_json(serve: list[Served], tmp_path: Path) -> None:
 def test_status_line_and_access_log_never_share_a_line_on_a_terminal(tmp_path: Path) -> None:
     """On a terminal the status line is redrawn in place; an access line goes above it, never glued to it."""
     (tmp_path / "hello.txt").write_text("hello\n")
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
+    port = free_port()
     leader, follower = pty.openpty()
     proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--directory", str(tmp_path), "--status-interval", "0.05"],
                             stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)

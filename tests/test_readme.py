@@ -17,6 +17,8 @@ import pytest
 from acceptfilter import Filter, Verdict
 from acceptfilter.testing import check_filter
 
+from .conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 LIMIT = 30.0
@@ -69,8 +71,7 @@ def test_testing_example_filter_passes_check_filter_at_2000() -> None:
 def redis_server() -> Iterator[int]:
     server = shutil.which("redis-server")
     assert server, "redis-server is needed (requirements/apt-test.txt)"
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + LIMIT
@@ -95,8 +96,7 @@ def redis_cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
 def run_in_front_of_redis(filter_: Filter, redis_port: int) -> Any:
     """The README's 'in front of a real Redis' block, as written, on free ports."""
     block = next(b for b in python_blocks("## Writing your own filter") if "forward(listener" in b)
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
+    port = free_port()
     code = block.replace("6380", str(port)).replace("6379", str(redis_port)).replace("RedisReady()", "filter_")
     namespace: dict[str, Any] = {"filter_": filter_}
     exec(code, namespace)

@@ -89,6 +89,35 @@ def test_accepted_socket_is_exact_and_blocking(make, listener_timeout: float | N
     client.close()
 
 
+def test_connection_info_lives_as_long_as_the_socket(make) -> None:  # type: ignore[no-untyped-def]
+    """The info store keeps an entry per surfaced socket, and drops it when the socket goes
+    (many connections, none left behind), without keeping the socket alive."""
+    import gc
+    import weakref
+
+    from acceptfilter import listener as listener_module
+
+    listener = make()
+    before = len(listener_module._info_by_socket)
+    alive: list[weakref.ref[socket.socket]] = []
+    for _ in range(20):
+        client = connect(listener)
+        client.sendall(HEAD)
+        sock = accept_within(listener, 10)
+        assert sock is not None
+        assert acceptfilter.connection_info(sock) is not None
+        alive.append(weakref.ref(sock))
+        sock.close()
+        client.close()
+        del sock
+    gc.collect()
+    assert all(ref() is None for ref in alive), "the info store kept a socket alive"
+    assert len(listener_module._info_by_socket) == before
+    with socket.socket() as never_surfaced:
+        assert acceptfilter.connection_info(never_surfaced) is None
+    assert acceptfilter.connection_info(42) is None  # type: ignore[arg-type]
+
+
 def test_idle_connection_surfaced_after_deadline(make) -> None:  # type: ignore[no-untyped-def]
     listener = make(timeout=0.4)
     start = time.monotonic()  # before connect: the deadline starts after this, however late we run

@@ -45,19 +45,27 @@ class Driver(Protocol):
 
     def stop(self) -> None: ...
 
-_info_lock = threading.Lock()
-_info_by_socket: weakref.WeakKeyDictionary[socket.socket, ConnectionInfo] = weakref.WeakKeyDictionary()
+#: What the filters learnt, by a weak reference to the surfaced socket. A plain dict whose
+#: entry removes itself (the reference's callback is the dict's own ``pop``) does what a
+#: WeakKeyDictionary does without running Python per connection: no lock, no Python frame
+#: to store, none when the socket goes away. Every operation on it is one atomic dict call.
+_info_by_socket: dict[weakref.ref[socket.socket], ConnectionInfo] = {}
+_forget = _info_by_socket.pop
+_info_lock = threading.Lock()  # for _socket_by_peer, a WeakValueDictionary
 
 
 def connection_info(sock: socket.socket) -> ConnectionInfo | None:
     """What the filters learnt about a socket returned by a FilteredListener, or None."""
-    with _info_lock:
-        return _info_by_socket.get(sock)
+    try:
+        return _info_by_socket.get(weakref.ref(sock))
+    except TypeError:  # not a socket (nothing weakly referable was ever remembered)
+        return None
 
 
 def _remember(sock: socket.socket, info: ConnectionInfo) -> None:
-    with _info_lock:
-        _info_by_socket[sock] = info
+    """Keep ``info`` for as long as ``sock`` lives. Once per socket, which the caller has just built:
+    a second call would leave two callbacks for one entry."""
+    _info_by_socket[weakref.ref(sock, _forget)] = info
 
 
 #: Surfaced sockets by their TCP peer (host, port), for servers that tell the
@@ -74,7 +82,7 @@ def connection_info_by_peer(host: str, port: int) -> ConnectionInfo | None:
     """
     with _info_lock:
         sock = _socket_by_peer.get((host, int(port)))
-        return None if sock is None else _info_by_socket.get(sock)
+    return None if sock is None else connection_info(sock)
 
 
 def _index_peer(sock: socket.socket, addr: Address) -> None:

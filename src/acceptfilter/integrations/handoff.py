@@ -104,6 +104,7 @@ class HandoffListener:
         self._channel = channel
         self._listener = listener
         self._blocking = False
+        self._sockname: Any = None
         # What the connections are (known, so socket() need not ask the kernel three times each).
         self._kind = (getattr(listener, "family", -1), getattr(listener, "type", -1), getattr(listener, "proto", -1))
 
@@ -143,7 +144,12 @@ class HandoffListener:
         return self._blocking
 
     def getsockname(self) -> Any:
-        return self._listener.getsockname()
+        # gunicorn asks for every request (SERVER_NAME/SERVER_PORT); a bound listen socket's
+        # name never changes, so one system call is enough.
+        name = self._sockname
+        if name is None:
+            name = self._sockname = self._listener.getsockname()
+        return name
 
     def close(self) -> None:
         self._channel.close()

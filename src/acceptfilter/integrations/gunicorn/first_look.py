@@ -29,6 +29,8 @@ FIRST_PEEK = 4096
 _PEEK = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 #: What af_look() says when the listen queue is empty.
 _EMPTY = object()
+#: Unused by a lazy ConnectionInfo (it parses its raw bytes on first use).
+_NO_INFO: dict[str, Any] = {}
 
 
 class FirstLookListener(HandoffListener):
@@ -53,6 +55,7 @@ class FirstLookListener(HandoffListener):
         self._listen = listen
         self._offload = offload
         self._decider = decider
+        self._route_name = decider.routes[0].name  # what a certified head surfaces into
         self._max_bytes = max_bytes
         self._reset_rejects = policy.on_reject.kind == "reset"
         self._surface_overflow = policy.on_timeout.kind == "surface"
@@ -82,7 +85,7 @@ class FirstLookListener(HandoffListener):
                 # listen queue is empty, and at least every READY_EVERY accepts.
                 if self._since_ready >= READY_EVERY and (got := self._take_ready()) is not None:
                     return got
-                looked = self._next_look()
+                looked = self._look_in_c() if self._c_look is not None else self._next_look()
                 if looked is _EMPTY:
                     break
                 self._since_ready += 1
@@ -95,9 +98,8 @@ class FirstLookListener(HandoffListener):
             self._poller.poll()
 
     def _next_look(self) -> tuple[socket.socket, Address, ConnectionInfo] | object | None:
-        """The next connection from the listen queue, looked at (``_EMPTY``: none is waiting)."""
-        if self._c_look is not None:
-            return self._look_in_c()
+        """The next connection from the listen queue, looked at in Python (``_EMPTY``: none is
+        waiting); :meth:`_look_in_c` does the same in one C call when the matcher is the C one."""
         while True:
             try:
                 conn, addr = self._listen.accept()
@@ -133,13 +135,13 @@ class FirstLookListener(HandoffListener):
             raise OSError(-rc, os.strerror(-rc))  # what socket.accept() would raise
         if out.fd < 0:
             return _EMPTY
+        # Every line here runs per connection, in a worker, between gunicorn's own code: as few
+        # Python calls as will do (the info is parsed on first use, see ConnectionInfo.lazy).
         addr = c_address(ffi, out.addr)
         conn = socket.socket(*self._kind, fileno=out.fd)
-        data = ffi.buffer(buf, out.len)[:] if out.len else None
+        data = ffi.unpack(buf, out.len) if out.len else None
         if out.ready:
-            assert data is not None
-            ready = ConnectionInfo.lazy(self._decider.routes[0].name, data, self._decider, "ready", 0.0, out.consume,
-                                        addr)
+            ready = ConnectionInfo(self._route_name, _NO_INFO, "ready", 0.0, out.consume, addr, data, self._decider)
             _remember(conn, ready)
             return conn, addr, ready
         return self._decide(conn, addr, data)
@@ -160,7 +162,7 @@ class FirstLookListener(HandoffListener):
         if data and self._matcher is not None:
             match = self._matcher.match(data)
             if match.ready:
-                route = self._decider.routes[0].name
+                route = self._route_name
                 consume = match.consume
                 while consume > 0:  # already in the socket buffer: this does not block
                     consume -= len(conn.recv(consume))

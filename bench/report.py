@@ -101,6 +101,20 @@ def _slowclient(d: dict[str, Any]) -> list[str]:
         stalled = " (no request completed)" if r.get("stalled_samples") else ""
         lines.append(f"| {label} | {_n(r['rps'])}{stalled} | {_n(r['p50_ms'], '{:.1f}')} | {_n(r['p99_ms'], '{:.1f}')} "
                      f"| {r['errors']} ({r['timeouts']}, {r['non_2xx']}) |")
+    paired = d.get("paired") or {}
+    if paired:
+        lines += ["", f"The goals, measured side by side ({c['paired']}):", ""]
+        for name, label in (("everyday_tax", "everyday tax: acceptfilter, no attack"),
+                            ("protected", "protected: acceptfilter under the attack")):
+            r = paired.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"- {label}: not measured ({r['error'][:200]})")
+                continue
+            lines.append(f"- {label}: **{r['ratio_median']:.3f}x** plain gunicorn unattacked (quartiles "
+                         f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}; {_n(r['rps_other_median'])} against "
+                         f"{_n(r['rps_base_median'])} req/s; errors {r['errors_other']})")
     return lines
 
 
@@ -131,11 +145,16 @@ def _surface(d: dict[str, Any]) -> list[str]:
     c = d["config"]
     lines = [f"**Time to surface** — {c['rounds']} rounds x {c['requests_per_round']} requests at "
              f"{c['rate_per_s']:g}/s, one connection each; from the client's last byte ({c['clock']}).", "",
-             "| mode | accept() p50 µs | accept() p99 µs | head read p50 µs | head read p99 µs |",
-             "|---|---:|---:|---:|---:|"]
+             "| mode | accept() p50 µs | accept() p99 µs | head read p50 µs | head read p99 µs "
+             "| head read p50 / plain's, per round |",
+             "|---|---:|---:|---:|---:|---:|"]
     for mode, r in d["results"].items():
+        ratio = "-"
+        if "read_p50_ratio_median" in r:  # median of the rounds' ratios (quartiles)
+            ratio = (f"{r['read_p50_ratio_median']:.2f}x ({r['read_p50_ratio_q1']:.2f}-"
+                     f"{r['read_p50_ratio_q3']:.2f})")
         lines.append(f"| {MODE_LABELS.get(mode, mode)} | {_n(r['accept_p50_us'])} | {_n(r['accept_p99_us'])} "
-                     f"| {_n(r['read_p50_us'])} | {_n(r['read_p99_us'])} |")
+                     f"| {_n(r['read_p50_us'])} | {_n(r['read_p99_us'])} | {ratio} |")
     return lines
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import logging
 import os
 import random
 import socket
@@ -66,6 +67,24 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+class ServerSide(logging.Handler):
+    """What the engine said about each connection it did not surface (its debug lines name the
+    peer), by client port: a failed client's port finds what the server did to it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.by_port: dict[int, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if " from ('127.0.0.1', " in text:
+            port = int(text.split(" from ('127.0.0.1', ", 1)[1].split(")", 1)[0])
+            self.by_port[port] = text  # a port used again overwrites: the newest is the one that matters
+
+    def explain(self, port: int) -> str:
+        return self.by_port.get(port, "the engine logged nothing for this port (surfaced, or never accepted)")
+
+
 class Soak:
     def __init__(self, port: int, seconds: float, seed: int) -> None:
         self.port = port
@@ -73,6 +92,8 @@ class Soak:
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
         self.failures: list[str] = []
+        #: (client port, what failed) for failures the server side may explain
+        self.failed_ports: list[tuple[int, str]] = []
         self.rng = random.Random(seed)
 
     def running(self) -> bool:
@@ -82,10 +103,17 @@ class Soak:
         with self.lock:
             self.counts[key] = self.counts.get(key, 0) + n
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, conn: socket.socket | None = None, since: float | None = None) -> None:
+        if since is not None:
+            why += f" ({time.monotonic() - since:.3f} s after connecting)"
         with self.lock:
             if len(self.failures) < 20:
                 self.failures.append(why)
+                if conn is not None:
+                    try:
+                        self.failed_ports.append((conn.getsockname()[1], why))
+                    except OSError:
+                        pass
         self.count("legit_failures")
 
     def connect(self) -> socket.socket | None:
@@ -104,17 +132,18 @@ class Soak:
             if c is None:
                 self.fail(f"{path}: connect failed")
                 continue
+            since = time.monotonic()
             try:
                 c.sendall(f"GET {path} HTTP/1.0\r\nHost: soak\r\n\r\n".encode())
                 reply = b""
                 while chunk := c.recv(4096):
                     reply += chunk
                 if not (reply.startswith(b"HTTP/1.0 200") and reply.endswith(f"ok {path}".encode())):
-                    self.fail(f"{path}: bad reply {reply[:60]!r}")
+                    self.fail(f"{path}: bad reply {reply[:60]!r}", c, since)
                 else:
                     self.count("legit_ok")
             except OSError as exc:
-                self.fail(f"{path}: {exc}")
+                self.fail(f"{path}: {exc}", c, since)
             finally:
                 c.close()
 
@@ -184,6 +213,7 @@ class Soak:
             c = self.connect()
             if c is None:
                 continue
+            since = time.monotonic()
             try:
                 c.sendall(b"GET /half HTTP/1.0\r\n\r\n")
                 c.shutdown(socket.SHUT_WR)
@@ -191,11 +221,11 @@ class Soak:
                 while chunk := c.recv(4096):
                     reply += chunk
                 if not reply.endswith(b"ok /half"):
-                    self.fail(f"half-close: bad reply {reply[:60]!r}")
+                    self.fail(f"half-close: bad reply {reply[:60]!r}", c, since)
                 else:
                     self.count("half_close_ok")
             except OSError as exc:
-                self.fail(f"half-close: {exc}")
+                self.fail(f"half-close: {exc}", c, since)
             finally:
                 c.close()
             time.sleep(0.01)
@@ -230,6 +260,10 @@ def main() -> int:
     args = ap.parse_args()
 
     baseline_fds = fd_count()
+    server_side = ServerSide()
+    engine_log = logging.getLogger("acceptfilter")
+    engine_log.addHandler(server_side)
+    engine_log.setLevel(logging.DEBUG)
     srv = Server(("127.0.0.1", 0), Handler)
     listener = install(srv, "httpready", timeout=2, core=args.core, max_held=2000)
     server_thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -274,6 +308,7 @@ def main() -> int:
         "rss_kib": {"after_warmup": warm, "end": rss[-1] if rss else 0, "max": max(rss, default=0)},
         "fds": {"baseline": baseline_fds, "after_close": fd_count()},
         "failures": soak.failures,
+        "failures_server_side": [f"{why} -> {server_side.explain(port)}" for port, why in soak.failed_ports],
     }
     problems = []
     if soak.counts.get("legit_failures"):

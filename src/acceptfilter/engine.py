@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -43,6 +44,27 @@ from .policy import Action, Policy, Route
 __all__ = ["OUTCOMES", "ConnectionInfo", "Engine", "Surfaced", "unaccounted"]
 
 log = logging.getLogger("acceptfilter")
+
+
+class _Peer:
+    """A held connection's peer in a debug line: looked up (a system call) only if the line is logged."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __str__(self) -> str:
+        try:
+            sock = socket.socket(fileno=self.fd)
+        except OSError as exc:
+            return f"? ({exc.strerror})"
+        try:
+            return str(sock.getpeername())
+        except OSError as exc:
+            return f"? ({exc.strerror})"
+        finally:
+            sock.detach()  # the engine's descriptor: never closed here
 
 #: Upper bounds (seconds) of the time-to-verdict histogram buckets.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -417,7 +439,7 @@ class Engine:
     def _one(self, fd: int, kind: int, err: int, data: bytes, age: float, out: dict[str, list[Surfaced]]) -> None:
         if kind == ERROR:
             self._waiting.pop(fd, None)
-            log.debug("fd %d failed while held (errno %d)", fd, err)
+            log.debug("fd %d from %s failed while held (errno %d)", fd, _Peer(fd), err)
             self._close(fd, reset=False, outcome="failed")
             return
         if kind == EOF and not data:
@@ -456,14 +478,16 @@ class Engine:
             if self.default_route is not None:
                 self._surface(fd, self.default_route, 0, {}, "default", age, out)
                 return
-            log.debug("fd %d rejected (%s) after %.3fs", fd, outcome.reason or KIND_NAMES[kind], age)
+            log.debug("fd %d from %s rejected (%s) after %.3fs", fd, _Peer(fd), outcome.reason or KIND_NAMES[kind],
+                      age)
             self._close(fd, reset=self.policy.on_reject.kind == "reset", outcome="rejected")
             return
         if kind == SHUTDOWN:
             self._apply(fd, self._shutdown_action, "shutdown", outcome, age, out)
             return
         reason = "timeout" if kind == TIMEOUT else "evicted"
-        log.debug("fd %d %s after %.3fs with %d bytes: %s", fd, reason, age, len(data), self.policy.on_timeout)
+        log.debug("fd %d from %s %s after %.3fs with %d bytes: %s", fd, _Peer(fd), reason, age, len(data),
+                  self.policy.on_timeout)
         self._apply(fd, self.policy.on_timeout, reason, outcome, age, out)
 
     def _apply(self, fd: int, action: Action, reason: str, outcome: Outcome, age: float,

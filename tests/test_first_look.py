@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,31 @@ def test_a_complete_head_is_served_at_once_with_lazy_info(look: Any) -> None:
             assert acceptfilter.connection_info(conn) is info
             assert info["target"] == "/look" and info.parsed
     assert receive_fds(offload) == []  # nothing went to the filter process
+    for c in clients:
+        c.close()
+
+
+def test_accept_builds_the_info_only_when_asked(look: Any) -> None:
+    """accept(), what gunicorn calls, keeps only the makings of a certified connection's info:
+    connection_info() builds it on first use, once, and it matches accept_with_info()'s."""
+    from acceptfilter import listener as listener_module
+
+    lst, listen, offload = look
+    clients = [socket.create_connection(listen.getsockname()) for _ in range(2)]
+    for c in clients:
+        c.sendall(HEAD)
+    _wait_queued(listen, 2)
+    conn, addr = lst.accept()
+    conn2, _, eager = lst.accept_with_info()
+    with conn, conn2:
+        if lst._c_look is not None:  # the C look keeps a tuple until asked
+            assert isinstance(listener_module._info_by_socket[weakref.ref(conn)], tuple)
+        info = acceptfilter.connection_info(conn)
+        assert info is not None and acceptfilter.connection_info(conn) is info  # built once
+        assert info.reason == "ready" and info.peer == addr and info.route == eager.route
+        assert info["target"] == "/look" and dict(info) == dict(eager)
+        assert conn.recv(4096) == HEAD
+    assert receive_fds(offload) == []
     for c in clients:
         c.close()
 

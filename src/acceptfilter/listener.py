@@ -20,9 +20,10 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol
 
+from .decision import Decider
 from .drivers.thread import ThreadDriver
 from .engine import ConnectionInfo, Engine, Surfaced
 from .errors import FilterSpecError
@@ -49,23 +50,39 @@ class Driver(Protocol):
 #: entry removes itself (the reference's callback is the dict's own ``pop``) does what a
 #: WeakKeyDictionary does without running Python per connection: no lock, no Python frame
 #: to store, none when the socket goes away. Every operation on it is one atomic dict call.
-_info_by_socket: dict[weakref.ref[socket.socket], ConnectionInfo] = {}
+#: A value is the ConnectionInfo, or the arguments to build it (see remember_certified).
+_info_by_socket: dict[weakref.ref[socket.socket], ConnectionInfo | tuple[Any, ...]] = {}
 _forget = _info_by_socket.pop
 _info_lock = threading.Lock()  # for _socket_by_peer, a WeakValueDictionary
+_UNPARSED: Mapping[str, Any] = MappingProxyType({})
 
 
 def connection_info(sock: socket.socket) -> ConnectionInfo | None:
     """What the filters learnt about a socket returned by a FilteredListener, or None."""
     try:
-        return _info_by_socket.get(weakref.ref(sock))
+        key = weakref.ref(sock)
     except TypeError:  # not a socket (nothing weakly referable was ever remembered)
         return None
+    info = _info_by_socket.get(key)
+    if isinstance(info, tuple):
+        # Certified by a matcher and not asked about until now. Two threads asking at once
+        # would build two equal ConnectionInfos; either is right.
+        info = _info_by_socket[key] = ConnectionInfo(*info)  # an equal key: the entry keeps its callback
+    return info
 
 
 def _remember(sock: socket.socket, info: ConnectionInfo) -> None:
     """Keep ``info`` for as long as ``sock`` lives. Once per socket, which the caller has just built:
     a second call would leave two callbacks for one entry."""
     _info_by_socket[weakref.ref(sock, _forget)] = info
+
+
+def remember_certified(sock: socket.socket, route: str, raw: bytes, consume: int, peer: Address,
+                       decider: Decider) -> None:
+    """:func:`_remember` for a connection a compiled matcher certified at its first look, without
+    building its :class:`ConnectionInfo` until :func:`connection_info` asks (an application that
+    never asks, most of them, pays for a tuple). Once per socket, as for :func:`_remember`."""
+    _info_by_socket[weakref.ref(sock, _forget)] = (route, _UNPARSED, "ready", 0.0, consume, peer, raw, decider)
 
 
 #: Surfaced sockets by their TCP peer (host, port), for servers that tell the

@@ -14,7 +14,7 @@ from ...decision import Decider, Phase
 from ...engine import ConnectionInfo
 from ...events import Address
 from ...iocore import c_address
-from ...listener import _remember
+from ...listener import _remember, remember_certified
 from ...policy import Policy
 from ..handoff import _DONTWAIT, MAX_LOOKS, HandoffListener, offer_fd
 
@@ -78,14 +78,25 @@ class FirstLookListener(HandoffListener):
     def fileno(self) -> int:
         return self._poller.fileno()
 
+    def accept(self) -> tuple[socket.socket, Address]:
+        # What gunicorn calls. Nobody reads the info here: a connection the matcher certified
+        # gets its ConnectionInfo only if connection_info() asks for it.
+        got = self._accept(lazy=True)
+        return got[0], got[1]
+
     def accept_with_info(self) -> tuple[socket.socket, Address, ConnectionInfo]:
+        conn, addr, info = self._accept(lazy=False)
+        assert info is not None  # only lazy=True leaves it out
+        return conn, addr, info
+
+    def _accept(self, *, lazy: bool) -> tuple[socket.socket, Address, ConnectionInfo | None]:
         while True:
             for _ in range(MAX_LOOKS):
                 # Ready ones from the filter process waited longest: take them whenever the
                 # listen queue is empty, and at least every READY_EVERY accepts.
                 if self._since_ready >= READY_EVERY and (got := self._take_ready()) is not None:
                     return got
-                looked = self._look_in_c() if self._c_look is not None else self._next_look()
+                looked = self._look_in_c(lazy) if self._c_look is not None else self._next_look()
                 if looked is _EMPTY:
                     break
                 self._since_ready += 1
@@ -124,23 +135,29 @@ class FirstLookListener(HandoffListener):
         finally:
             self._blocking = blocking
 
-    def _look_in_c(self) -> tuple[socket.socket, Address, ConnectionInfo] | object | None:
+    def _look_in_c(self, lazy: bool) -> tuple[socket.socket, Address, ConnectionInfo | None] | object | None:
         """The next connection looked at in one C call: served if the matcher certified it,
         else decided by the filters here or held elsewhere, as :meth:`_look` does.
-        ``_EMPTY`` when the listen queue is empty."""
+        ``_EMPTY`` when the listen queue is empty. ``lazy``: a certified connection comes back
+        without its ConnectionInfo, which :func:`.connection_info` builds if asked."""
         assert self._c_look is not None
         lib, ffi, prog, buf, out = self._c_look
         rc = lib.af_look(self._listen.fileno(), prog, buf, len(buf), out)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))  # what socket.accept() would raise
-        if out.fd < 0:
+        fd = out.fd
+        if fd < 0:
             return _EMPTY
         # Every line here runs per connection, in a worker, between gunicorn's own code: as few
-        # Python calls as will do (the info is parsed on first use, see ConnectionInfo.lazy).
+        # Python calls and cffi field reads as will do.
         addr = c_address(ffi, out.addr)
-        conn = socket.socket(*self._kind, fileno=out.fd)
-        data = ffi.unpack(buf, out.len) if out.len else None
+        conn = socket.socket(*self._kind, fileno=fd)
+        n = out.len
+        data = ffi.unpack(buf, n) if n else None
         if out.ready:
+            if lazy:
+                remember_certified(conn, self._route_name, data, out.consume, addr, self._decider)  # type: ignore[arg-type]
+                return conn, addr, None
             ready = ConnectionInfo(self._route_name, _NO_INFO, "ready", 0.0, out.consume, addr, data, self._decider)
             _remember(conn, ready)
             return conn, addr, ready

@@ -266,52 +266,58 @@ def measure(setup: str, *, seconds: float, idle: int, slowloris: int, connection
 
 
 def paired(base: str, other: str, *, pairs: int, seconds: float, idle: int, slowloris: int,
-           connections: int) -> dict[str, Any]:
+           connections: int, starts: int = 1) -> dict[str, Any]:
     """``other`` against ``base``, both running side by side, wrk alternating between them.
 
     A ratio from separate runs mixes the set-ups' difference with whatever else this machine
     did in between (on two cores, +-5 % from one 10 s run to the next). Here each pair is two
     short runs back to back, in ABBA order, and the result is the median of the per-pair
-    ratios. An attack runs only while its own set-up is measured: it is stopped (SIGSTOP;
-    its connections stay open) while the other is, so the unattacked set-up shares the
-    machine with nothing but an idle server.
+    ratios. A started server also keeps a speed of its own for as long as it runs (where its
+    workers and wrk's threads land on the two cores): two identical servers side by side
+    differed by 3 %. So the pairs are split over ``starts`` fresh starts of both set-ups.
+    An attack runs only while its own set-up is measured: it is stopped (SIGSTOP; its
+    connections stay open) while the other is, so the unattacked set-up shares the machine
+    with nothing but an idle server.
     """
-    with tempfile.TemporaryDirectory(prefix="af-bench-") as tmp, ExitStack() as stack:
-        running: dict[str, dict[str, Any]] = {}
-        for setup in (base, other):
-            (Path(tmp) / setup).mkdir()
-            started = start_setup(stack, setup, Path(tmp) / setup, idle=idle, slowloris=slowloris,
-                                  attack_seconds=pairs * 2 * (seconds + 5) + 120)
-            if "error" in started:
-                return {"base": base, "other": other, "error": started["error"]}
-            running[setup] = started
+    rps: dict[str, list[float]] = {base: [], other: []}
+    errors = dict.fromkeys((base, other), 0)
+    attack: dict[str, Any] | None = None
+    per_start = max(1, pairs // starts)
+    for start in range(starts):
+        with tempfile.TemporaryDirectory(prefix="af-bench-") as tmp, ExitStack() as stack:
+            running: dict[str, dict[str, Any]] = {}
+            for setup in (base, other) if start % 2 == 0 else (other, base):
+                (Path(tmp) / setup).mkdir()
+                started = start_setup(stack, setup, Path(tmp) / setup, idle=idle, slowloris=slowloris,
+                                      attack_seconds=per_start * 2 * (seconds + 5) + 120)
+                if "error" in started:
+                    return {"base": base, "other": other, "error": started["error"]}
+                running[setup] = started
 
-        def sample(setup: str, length: float) -> dict[str, Any]:
-            for name, st in running.items():
+            def sample(setup: str, length: float, running: dict[str, dict[str, Any]] = running) -> dict[str, Any]:
+                for name, st in running.items():
+                    if "attack_proc" in st:
+                        st["attack_proc"].send_signal(signal.SIGCONT if name == setup else signal.SIGSTOP)
+                return run_wrk(f"http://127.0.0.1:{running[setup]['port']}/", seconds=length,
+                               connections=connections, threads=2)
+
+            for setup in (base, other):
+                sample(setup, 1)  # warm up: the first second of a fresh gunicorn is slower
+            for i in range(per_start):
+                for setup in (base, other) if i % 2 == 0 else (other, base):
+                    got = sample(setup, seconds)
+                    rps[setup].append(got["rps"])
+                    errors[setup] += int(got["errors"])
+            for st in running.values():
                 if "attack_proc" in st:
-                    st["attack_proc"].send_signal(signal.SIGCONT if name == setup else signal.SIGSTOP)
-            return run_wrk(f"http://127.0.0.1:{running[setup]['port']}/", seconds=length,
-                           connections=connections, threads=2)
-
-        for setup in (base, other):
-            sample(setup, 1)  # warm up: the first second of a fresh gunicorn is slower
-        rps: dict[str, list[float]] = {base: [], other: []}
-        errors = dict.fromkeys((base, other), 0)
-        for i in range(pairs):
-            for setup in (base, other) if i % 2 == 0 else (other, base):
-                got = sample(setup, seconds)
-                rps[setup].append(got["rps"])
-                errors[setup] += int(got["errors"])
-        for st in running.values():
-            if "attack_proc" in st:
-                finish_attack(st["attack_proc"], st["attack"])
+                    finish_attack(st["attack_proc"], st["attack"])
+                    attack = st["attack"]
     ratios = sorted(o / b if b else float("nan") for o, b in zip(rps[other], rps[base], strict=True))
-    return {"base": base, "other": other, "pairs": pairs, "seconds_per_sample": seconds,
+    return {"base": base, "other": other, "pairs": len(ratios), "starts": starts, "seconds_per_sample": seconds,
             "ratio_median": median(ratios), "ratio_q1": percentile(ratios, 25), "ratio_q3": percentile(ratios, 75),
             "rps_base_median": median(rps[base]), "rps_other_median": median(rps[other]),
             "errors_base": errors[base], "errors_other": errors[other],
-            "ratios": [round(r, 3) for r in ratios],
-            "attack": running[other].get("attack") or running[base].get("attack")}
+            "ratios": [round(r, 3) for r in ratios], "attack": attack}
 
 
 def _median_or_none(xs: list[float | None]) -> float | None:
@@ -323,7 +329,7 @@ def run(*, quick: bool, rounds: int | None = None, seconds: float | None = None,
         idle: int = 2000, slowloris: int = 2000) -> dict[str, Any]:
     rounds = rounds or (1 if quick else 3)
     seconds = seconds or (5.0 if quick else 10.0)
-    pairs, pair_seconds = (4, 2.0) if quick else (16, 3.0)
+    pairs, pair_seconds, starts = (4, 2.0, 1) if quick else (16, 3.0, 4)
     connections = 16
     out: dict[str, Any] = {"benchmark": "slowclient",
                            "config": {"rounds": rounds, "seconds_per_sample": seconds, "wrk_connections": connections,
@@ -332,9 +338,10 @@ def run(*, quick: bool, rounds: int | None = None, seconds: float | None = None,
                                       "nginx": "Debian package, 1 worker, proxy_pass to the same gunicorn",
                                       "acceptfilter": " ".join(f"{k}={v}" for k, v in PROTECTED_ENV.items())
                                       + " gunicorn -c python:acceptfilter.gunicorn ...",
-                                      "paired": f"{pairs} pairs x {pair_seconds:g} s, both set-ups running, wrk "
-                                                "alternating (ABBA), the attack stopped while the unattacked one "
-                                                "is measured; median of the per-pair ratios"}}
+                                      "paired": f"{pairs} pairs x {pair_seconds:g} s over {starts} fresh start(s) "
+                                                "of both set-ups, both running, wrk alternating (ABBA), the attack "
+                                                "stopped while the unattacked one is measured; median of the "
+                                                "per-pair ratios"}}
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
     if not have_wrk() or importlib.util.find_spec("gunicorn") is None:
         out["unavailable"] = "needs wrk and gunicorn (./scripts/bench.sh installs them)"
@@ -357,7 +364,7 @@ def run(*, quick: bool, rounds: int | None = None, seconds: float | None = None,
     for name, other in (("everyday_tax", "no-attack-acceptfilter"), ("protected", "attack-acceptfilter")):
         if other not in unavailable:
             ratios[name] = paired("no-attack", other, pairs=pairs, seconds=pair_seconds, idle=idle,
-                                  slowloris=slowloris, connections=connections)
+                                  slowloris=slowloris, connections=connections, starts=starts)
     out["paired"] = ratios
     results: dict[str, Any] = {}
     for setup in SETUPS:

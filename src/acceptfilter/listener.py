@@ -54,6 +54,7 @@ class Driver(Protocol):
 _info_by_socket: dict[weakref.ref[socket.socket], ConnectionInfo | tuple[Any, ...]] = {}
 _forget = _info_by_socket.pop
 _info_lock = threading.Lock()  # for _socket_by_peer, a WeakValueDictionary
+#: The info of a ConnectionInfo that parses its raw bytes on first use (ignored by it).
 _UNPARSED: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -77,7 +78,7 @@ def _remember(sock: socket.socket, info: ConnectionInfo) -> None:
     _info_by_socket[weakref.ref(sock, _forget)] = info
 
 
-def remember_certified(sock: socket.socket, route: str, raw: bytes, consume: int, peer: Address,
+def remember_certified(sock: socket.socket, route: str, raw: bytes | None, consume: int, peer: Address,
                        decider: Decider) -> None:
     """:func:`_remember` for a connection a compiled matcher certified at its first look, without
     building its :class:`ConnectionInfo` until :func:`connection_info` asks (an application that

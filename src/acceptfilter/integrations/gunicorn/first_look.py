@@ -14,7 +14,7 @@ from ...decision import Decider, Phase
 from ...engine import ConnectionInfo
 from ...events import Address
 from ...iocore import c_address
-from ...listener import _remember, remember_certified
+from ...listener import _UNPARSED, _remember, remember_certified
 from ...policy import Policy
 from ..handoff import _DONTWAIT, MAX_LOOKS, HandoffListener, offer_fd
 
@@ -29,8 +29,6 @@ FIRST_PEEK = 4096
 _PEEK = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 #: What af_look() says when the listen queue is empty.
 _EMPTY = object()
-#: Unused by a lazy ConnectionInfo (it parses its raw bytes on first use).
-_NO_INFO: dict[str, Any] = {}
 
 
 class FirstLookListener(HandoffListener):
@@ -156,9 +154,9 @@ class FirstLookListener(HandoffListener):
         data = ffi.unpack(buf, n) if n else None
         if out.ready:
             if lazy:
-                remember_certified(conn, self._route_name, data, out.consume, addr, self._decider)  # type: ignore[arg-type]
+                remember_certified(conn, self._route_name, data, out.consume, addr, self._decider)
                 return conn, addr, None
-            ready = ConnectionInfo(self._route_name, _NO_INFO, "ready", 0.0, out.consume, addr, data, self._decider)
+            ready = ConnectionInfo(self._route_name, _UNPARSED, "ready", 0.0, out.consume, addr, data, self._decider)
             _remember(conn, ready)
             return conn, addr, ready
         return self._decide(conn, addr, data)

@@ -104,6 +104,26 @@ def test_install_twice_is_refused(server: http.server.ThreadingHTTPServer) -> No
         install(server, "dataready")
 
 
+@pytest.mark.parametrize("queue_size", [5, 1000])
+def test_a_tiny_listen_backlog_is_raised(queue_size: int) -> None:
+    """socketserver listens with a backlog of 5, which a burst overflows (the hostile soak saw a
+    handshake-completed client reset); install() raises it to MIN_BACKLOG and keeps a larger one."""
+    from acceptfilter import diag
+    from acceptfilter.integrations.socketserver import MIN_BACKLOG
+
+    class Server(http.server.HTTPServer):
+        request_queue_size = queue_size
+
+    srv = Server(("127.0.0.1", 0), QuietHandler)
+    try:
+        assert diag.listen_backlog(srv.socket) == queue_size
+        raw = srv.socket
+        install(srv, "httpready")
+        assert diag.listen_backlog(raw) == max(queue_size, MIN_BACKLOG)
+    finally:
+        srv.server_close()
+
+
 def test_single_threaded_server_is_not_pinned_by_idle_clients(core: str) -> None:
     """The classic case: one worker, idle connections would block it forever."""
     srv = http.server.HTTPServer(("127.0.0.1", 0), CountingHandler)

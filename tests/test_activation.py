@@ -26,9 +26,10 @@ CLI = [sys.executable, "-m", "acceptfilter.cli"]
 APP = asgi_app_source("'hello'")
 
 
-def launch(kind: str, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+def launch(kind: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(LAUNCHER), kind, *CLI, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+                            stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=None if env is None else {**os.environ, **env})
 
 
 @needs_curl
@@ -55,15 +56,19 @@ def test_serve_takes_the_socket_systemd_passed(tmp_path: Path) -> None:
 @needs_curl
 def test_workers_share_the_socket_systemd_passed(tmp_path: Path) -> None:
     (tmp_path / "index.html").write_text("both\n")
-    proc = launch("tcp", "serve", "--port", "1", "--workers", "2", "--directory", str(tmp_path), "--no-status")
+    # Unbuffered stdout (as in most containers): each worker must still write its banner as one
+    # whole line, or the two interleave ("Serving ...Serving ...\n\n") on the shared pipe.
+    proc = launch("tcp", "serve", "--port", "1", "--workers", "2", "--directory", str(tmp_path), "--no-status",
+                  env={"PYTHONUNBUFFERED": "1"})
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        # One "Serving ..." line per worker, both on the passed socket. Two processes share the
-        # pipe, so read lines until both are there (each print is one write; other lines may come).
+        # One "Serving ..." line per worker, both on the passed socket; other lines may come between.
         serving = 0
         for _ in range(20):
-            serving += f"127.0.0.1:{port}/" in proc.stdout.readline()
+            line = proc.stdout.readline()
+            assert line.count("Serving ") <= 1 and line.endswith("\n"), f"not one whole line: {line!r}"
+            serving += f"127.0.0.1:{port}/" in line
             if serving == 2:
                 break
         assert serving == 2

@@ -591,11 +591,11 @@ def _run(args: argparse.Namespace, plan: _Plan, sock: socket.socket, signals: _S
         serve.start()
         for name, target in plan.forwards.items():
             chain = " -> ".join(plan.routes.get(name, []) if plan.routes else []) or "(rejected connections)"
-            print(f"route {name}: {chain} forwarded to {target}", flush=True)
-        print(serve.banner(), flush=True)
+            _line(f"route {name}: {chain} forwarded to {target}")
+        _line(serve.banner())
         if metrics is not None:
             host, mport = str(metrics.server_address[0]), int(metrics.server_address[1])
-            print(f"Metrics on http://{f'[{host}]' if ':' in host else host}:{mport}/metrics", flush=True)
+            _line(f"Metrics on http://{f'[{host}]' if ':' in host else host}:{mport}/metrics")
         _kernel_warnings(serve.sock, args.backlog)
         return _run_until_signal(serve, args, signals, ready)
     finally:
@@ -603,6 +603,19 @@ def _run(args: argparse.Namespace, plan: _Plan, sock: socket.socket, signals: _S
             metrics.shutdown()
             metrics.server_close()
         serve.close()
+
+
+def _line(text: str) -> None:
+    """One whole line on stdout in one write, flushed.
+
+    ``print`` writes the text and its newline separately when stdout is
+    unbuffered (``PYTHONUNBUFFERED``, common in containers), and the workers
+    of ``--workers N`` share one stdout: their banners would interleave
+    ("Serving ...Serving ...\\n\\n") and a reader waiting for a line per worker
+    would wait forever. One ``write`` of a short line to a pipe is atomic.
+    """
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _kernel_warnings(sock: socket.socket, backlog: int) -> None:

@@ -49,6 +49,11 @@ def free_port() -> int:
 
 
 def open_fds() -> set[int]:
+    """This process's open descriptors, after collecting garbage (so an earlier test's unreachable
+    socket is closed now, not in the middle of the next comparison)."""
+    import gc
+
+    gc.collect()
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 

@@ -386,7 +386,8 @@ def test_closing_the_loop_closes_every_fd_and_ends_its_threads(back: socket.sock
         p.close()
     assert sum("relay stopped" in r.getMessage() for r in caplog.records) == 20
     assert {t.name for t in threading.enumerate()} - names_before == set()
-    assert open_fds() == before
+    # Nothing new left open. (Not equality: another test's garbage socket may be collected meanwhile.)
+    assert open_fds() - before == set(), sorted(open_fds() - before)
 
 
 def test_forward_stops_the_shared_loop_when_the_listener_closes() -> None:
@@ -444,7 +445,7 @@ def test_a_relay_call_after_close_leaves_the_fds_to_nobody(back: socket.socket) 
         lp.relay(client_end, address, None, Forward(back.getsockname()), "t", ended.append)
     client_end.close()
     client.close()
-    assert open_fds() == before
+    assert open_fds() - before == set(), sorted(open_fds() - before)  # nothing new left open
     assert not ended
 
 

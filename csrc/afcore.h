@@ -14,6 +14,7 @@
 
 #include <stdint.h>
 
+#include "aflook.h"
 #include "afmatch.h"
 #include "afqueue.h"
 
@@ -147,23 +148,6 @@ void af_set_queue(af_core *c, afq *q);
  * stats.surfaced_hist: slot i counts times <= bounds[i] (and above the one
  * before), slot n the rest. -EINVAL if too many. */
 int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n);
-/* One look at the next connection, for a process that serves connections
- * itself but holds none (the gunicorn integration's worker: what is not ready
- * goes to the process that holds): accept4 on the (non-blocking) listen fd,
- * one recv(MSG_PEEK) of up to cap bytes into buf, and the matcher (if any) on
- * them, all in one call without the GIL. Connections that closed or reset
- * before a byte are closed and skipped. out->fd -1: the listen queue is empty.
- * Otherwise the caller owns out->fd (blocking): out->len bytes peeked into
- * buf (0: none sent yet); out->ready 1 when the matcher certified them, and
- * then out->consume bytes were read off. Returns 0, or -errno of accept4. */
-typedef struct af_look_out {
-    int fd;
-    int ready;
-    uint32_t consume;
-    uint32_t len;
-    af_addr addr;
-} af_look_out;
-int af_look(int listen_fd, const afm_prog *prog, char *buf, uint32_t cap, af_look_out *out);
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */
 void af_set_clock(af_core *c, int64_t now_us);

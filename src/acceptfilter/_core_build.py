@@ -43,9 +43,13 @@ MATCH_CDEF = cdef_from_header(os.path.join(CSRC, "afmatch.h"))
 #: The ready queue (csrc/afqueue.h): connections waiting for accept(), filled by the core and the engine.
 QUEUE_CDEF = cdef_from_header(os.path.join(CSRC, "afqueue.h"))
 
+#: One look at a listen socket's next connection (csrc/aflook.h), shared with acceptfilter._look.
+LOOK_CDEF = cdef_from_header(os.path.join(CSRC, "aflook.h"))
+
 ffibuilder = FFI()
 ffibuilder.cdef(MATCH_CDEF)  # first: afcore.h uses afm_prog,
 ffibuilder.cdef(QUEUE_CDEF)  # af_addr and afq
+ffibuilder.cdef(LOOK_CDEF)
 ffibuilder.cdef(CDEF)
 
 # AF_SANITIZE=1 builds the core with AddressSanitizer + UBSan (see README, Reliability).
@@ -61,7 +65,7 @@ ffibuilder.set_source(
     "acceptfilter._core",
     '#include "afcore.h"\n#include "afmatch.h"\n#include "afqueue.h"',
     # Relative to the project root, where setuptools runs the build.
-    sources=["csrc/afcore.c", "csrc/afmatch.c", "csrc/afqueue.c"],
+    sources=["csrc/afcore.c", "csrc/aflook.c", "csrc/afmatch.c", "csrc/afqueue.c"],
     include_dirs=["csrc"],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

@@ -16,7 +16,7 @@ out=${AF_SANITIZE_DIR:-$(mktemp -d)}
 mkdir -p "$out"
 rm -rf "$out/acceptfilter"
 cp -r src/acceptfilter "$out/acceptfilter"
-rm -rf "$out/acceptfilter/filters" "$out"/acceptfilter/_core*.so "$out"/acceptfilter/_relay*.so
+rm -rf "$out/acceptfilter/filters" "$out"/acceptfilter/_core*.so "$out"/acceptfilter/_relay*.so "$out"/acceptfilter/_look*.so
 cp -r filters "$out/acceptfilter/filters"
 AF_SANITIZE=1 "$PY" - "$out" <<'PYEOF'
 import os, sys, shutil, tempfile, importlib.util
@@ -32,6 +32,17 @@ for builder in ("_core_build", "_relay_build"):
     tmp = tempfile.mkdtemp()
     so = mod.ffibuilder.compile(tmpdir=tmp, verbose=False)
     shutil.copy(so, os.path.join(out, "acceptfilter", os.path.basename(so)))
+# The worker's look (csrc/pylook.c, a CPython extension): setuptools' build_ext, same flags.
+from setuptools import Distribution, Extension
+spec = importlib.util.spec_from_file_location("_look_build", "src/acceptfilter/_look_build.py")
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+dist = Distribution({"name": "acceptfilter-sanitized", "ext_modules": [Extension(**mod.extension_kwargs(os.getcwd()))]})
+cmd = dist.get_command_obj("build_ext")
+cmd.build_lib, cmd.build_temp = tempfile.mkdtemp(), tempfile.mkdtemp()
+cmd.ensure_finalized()
+cmd.run()
+so = cmd.get_ext_fullpath("acceptfilter._look")
+shutil.copy(so, os.path.join(out, "acceptfilter", os.path.basename(so)))
 PYEOF
 libasan=$(cc -print-file-name=libasan.so)
 export LD_PRELOAD="$libasan"
@@ -40,7 +51,8 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$out${PYTHONPATH:+:$PYTHONPATH}"
 echo "sanitized core: $("$PY" -c 'import acceptfilter._core as c; print(c.__file__)')"
 echo "sanitized relay: $("$PY" -c 'import acceptfilter._relay as r; print(r.__file__)')"
+echo "sanitized look: $("$PY" -c 'import acceptfilter._look as k; print(k.__file__)')"
 if (($#)); then exec "$PY" -m pytest "$@"; fi
-"$PY" -m pytest -q tests/test_listener.py -k "[c]"
+"$PY" -m pytest -q tests/test_listener.py tests/test_look.py -k "[c] or look"
 # PYTHONMALLOC=malloc: Python's buffers come from malloc, so ASan sees a matcher read past them.
 PYTHONMALLOC=malloc exec "$PY" -m pytest -q -p no:cacheprovider tests/test_matcher.py tests/test_testing_check.py

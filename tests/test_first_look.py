@@ -1,4 +1,4 @@
-"""A gunicorn worker's first look (FirstLookListener), with the C look (af_look) and the Python one.
+"""A gunicorn worker's first look (FirstLookListener), with the C look (acceptfilter._look) and the Python one.
 
 Real sockets on loopback; the filter process's side of the hand-off is a socket
 pair whose other end the test reads. What the matcher certifies is served at once
@@ -43,7 +43,7 @@ def look(request: pytest.FixtureRequest) -> Iterator[tuple[FirstLookListener, so
     offload_send, offload_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     lst = FirstLookListener(ready_recv, listen, listen=listen, offload=offload_send, decider=Decider((route,)),
                             policy=Policy.build(), max_bytes=route.max_bytes, matcher=matcher)
-    assert (lst._c_look is not None) == (request.param == "c")
+    assert (lst._looker is not None) == (request.param == "c")
     yield lst, listen, offload_recv
     lst.close()
     for s in (listen, ready_recv, ready_send, offload_send, offload_recv):
@@ -88,7 +88,7 @@ def test_accept_builds_the_info_only_when_asked(look: Any) -> None:
     conn, addr = lst.accept()
     conn2, _, eager = lst.accept_with_info()
     with conn, conn2:
-        if lst._c_look is not None:  # the C look keeps a tuple until asked
+        if lst._looker is not None:  # the C look keeps a tuple until asked
             assert isinstance(listener_module._info_by_socket[weakref.ref(conn)], tuple)
         info = acceptfilter.connection_info(conn)
         assert info is not None and acceptfilter.connection_info(conn) is info  # built once

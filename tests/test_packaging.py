@@ -19,7 +19,7 @@ PACKAGES = sorted(
 )
 
 SMOKE = textwrap.dedent('''
-    import socket, sys, acceptfilter, acceptfilter._core
+    import socket, sys, acceptfilter, acceptfilter._core, acceptfilter._look
     assert "site-packages" in acceptfilter.__file__, acceptfilter.__file__    # the installed wheel, not src/
     sock = socket.create_server(("127.0.0.1", 0))
     with acceptfilter.wrap(sock, "httpready", core="c", timeout=10) as listener:
@@ -58,8 +58,10 @@ def test_wheel_is_manylinux_abi3_with_every_package(built: tuple[Path, Path]) ->
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         text = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert any(n.startswith("acceptfilter/_core") and n.endswith(".abi3.so") for n in names)
-    assert "acceptfilter/_core_build.py" not in names and "acceptfilter/_relay_build.py" not in names  # build-time files
+    for module in ("_core", "_relay", "_look"):  # the cffi core and relay, the worker's look (csrc/pylook.c)
+        assert any(n.startswith(f"acceptfilter/{module}.") and n.endswith(".abi3.so") for n in names), module
+    assert "acceptfilter/_look.pyi" in names
+    assert not {"acceptfilter/_core_build.py", "acceptfilter/_relay_build.py", "acceptfilter/_look_build.py"} & names  # build-time files
     assert {f"{pkg.replace('.', '/')}/__init__.py" for pkg in PACKAGES} <= names, "a package is missing from the wheel"
     assert {"acceptfilter/filters/httpready.py", "acceptfilter/py.typed"} <= names
     assert "httpready = acceptfilter.filters.httpready:HttpReady" in text and "acceptfilter = acceptfilter.cli:main" in text
@@ -71,7 +73,8 @@ def test_sdist_can_build_the_core_and_run_the_readme_commands(built: tuple[Path,
     with tarfile.open(sdist) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     assert {"scripts/serve.sh", "scripts/test.sh", "scripts/setup-lib.sh", "requirements/apt-test.txt",
-            "src/acceptfilter/_core_build.py", "src/acceptfilter/_relay_build.py", "csrc/afcore.c", "csrc/afmatch.c", "csrc/afqueue.c",
+            "src/acceptfilter/_core_build.py", "src/acceptfilter/_relay_build.py", "src/acceptfilter/_look_build.py",
+            "csrc/afcore.c", "csrc/afmatch.c", "csrc/afqueue.c", "csrc/aflook.c", "csrc/pylook.c",
             "csrc/afrelay.c", "tests/conftest.py"} <= names
     assert not any("__pycache__" in n or n.endswith(".so") for n in names)
 

@@ -15,10 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
 @pytest.mark.parametrize("flags", [["-O2"], ["-O1", "-DAF_DEBUG"]], ids=["release", "assertions"])
-@pytest.mark.parametrize("source", ["afcore.c", "afqueue.c"])
+@pytest.mark.parametrize("source", ["afcore.c", "afqueue.c", "aflook.c"])
 def test_c_core_compiles_without_warnings(tmp_path: Path, flags: list[str], source: str) -> None:
     out = subprocess.run(
         ["cc", "-std=c11", *flags, "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc" / source), "-o", str(tmp_path / "core.o")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+def test_look_extension_compiles_without_warnings(tmp_path: Path) -> None:
+    """csrc/pylook.c (acceptfilter._look) against this Python's headers, with the limited API it declares."""
+    import sysconfig
+
+    out = subprocess.run(
+        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{sysconfig.get_paths()['include']}",
+         f"-I{ROOT / 'csrc'}", "-c", str(ROOT / "csrc/pylook.c"), "-o", str(tmp_path / "pylook.o")],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
@@ -30,15 +43,16 @@ def test_cffi_declarations_come_from_the_header() -> None:
 
     from acceptfilter import _core
 
-    header = (ROOT / "csrc/afcore.h").read_text() + (ROOT / "csrc/afqueue.h").read_text()
+    header = "".join((ROOT / "csrc" / name).read_text() for name in ("afcore.h", "afqueue.h", "aflook.h"))
     declared = set(re.findall(r"^\w[\w\s\*]*?\b(afq?_\w+)\(", header, re.MULTILINE))
-    assert {"af_new", "af_poll", "af_peer", "af_set_clock", "af_set_queue", "afq_new", "afq_take"} <= declared
+    assert {"af_new", "af_poll", "af_peer", "af_set_clock", "af_set_queue", "afq_new", "afq_take", "af_look"} <= declared
     missing = [name for name in declared if not hasattr(_core.lib, name)]
     assert not missing, f"declared in afcore.h but not built: {missing}"
 
 
 def test_c_core_has_no_protocol_knowledge() -> None:
-    source = "".join((ROOT / "csrc" / name).read_text().lower() for name in ("afcore.c", "afqueue.c", "afqueue.h"))
+    source = "".join((ROOT / "csrc" / name).read_text().lower()
+                     for name in ("afcore.c", "afqueue.c", "afqueue.h", "aflook.c", "aflook.h", "pylook.c"))
     for word in ("http", "tls", "proxy", "get ", "dns"):
         assert word not in source, f"the C core mentions {word!r}: protocol logic belongs in filters"
 

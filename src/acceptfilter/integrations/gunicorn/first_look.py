@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import select
 import socket
 import time
@@ -13,7 +12,6 @@ from typing import Any
 from ...decision import Decider, Phase
 from ...engine import ConnectionInfo
 from ...events import Address
-from ...iocore import c_address
 from ...listener import _UNPARSED, _remember, remember_certified
 from ...policy import Policy
 from ..handoff import _DONTWAIT, MAX_LOOKS, HandoffListener, offer_fd
@@ -27,7 +25,7 @@ READY_EVERY = 4
 #: Most request heads fit: peeking max_bytes (64 KiB) would allocate that much each time.
 FIRST_PEEK = 4096
 _PEEK = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
-#: What af_look() says when the listen queue is empty.
+#: What the Python look says when the listen queue is empty.
 _EMPTY = object()
 
 
@@ -65,13 +63,17 @@ class FirstLookListener(HandoffListener):
         self._channel_poll.register(channel.fileno(), select.POLLIN)
         self._overflow_logged = 0.0
         self._since_ready = READY_EVERY
-        #: The look in C (af_look: accept4, the peek and the compiled matcher in one call without
-        #: the GIL) when the matcher is the C one; the Python look otherwise.
-        self._c_look: tuple[Any, Any, Any, Any, Any] | None = None
-        ptr = getattr(matcher, "ptr", None)
-        if ptr is not None and hasattr(matcher.lib, "af_look"):
-            ffi = matcher.ffi
-            self._c_look = (matcher.lib, ffi, ptr, ffi.new("char[]", max(1, max_bytes)), ffi.new("af_look_out *"))
+        #: The look in C (acceptfilter._look: accept4, the peek and the compiled matcher in one
+        #: call without the GIL, the address and bytes built in C) when the matcher is the C one;
+        #: the Python look otherwise.
+        self._looker: Any = None
+        program = getattr(matcher, "ptr", None)
+        if program is not None:
+            from ..._look import Looker
+
+            address = int(matcher.ffi.cast("uintptr_t", program))
+            self._looker = Looker(address, max(1, max_bytes), matcher)  # the matcher keeps the program alive
+        self._family, self._type, self._proto = self._kind
 
     def fileno(self) -> int:
         return self._poller.fileno()
@@ -88,18 +90,39 @@ class FirstLookListener(HandoffListener):
         return conn, addr, info
 
     def _accept(self, *, lazy: bool) -> tuple[socket.socket, Address, ConnectionInfo | None]:
+        looker = self._looker
+        decided: tuple[socket.socket, Address, ConnectionInfo] | object | None
         while True:
             for _ in range(MAX_LOOKS):
                 # Ready ones from the filter process waited longest: take them whenever the
                 # listen queue is empty, and at least every READY_EVERY accepts.
                 if self._since_ready >= READY_EVERY and (got := self._take_ready()) is not None:
                     return got
-                looked = self._look_in_c(lazy) if self._c_look is not None else self._next_look()
-                if looked is _EMPTY:
-                    break
-                self._since_ready += 1
-                if looked is not None:
-                    return looked  # type: ignore[return-value]
+                if looker is not None:
+                    # The C look, inline: this runs per connection in a worker, between gunicorn's
+                    # own code, so as few Python calls as will do.
+                    looked = looker.look(self._listen.fileno())
+                    if looked is None:
+                        break
+                    self._since_ready += 1
+                    fd, addr, data, ready, consume = looked
+                    conn = socket.socket(self._family, self._type, self._proto, fd)
+                    if ready:
+                        if lazy:  # gunicorn's accept(): the info is built if connection_info() asks
+                            remember_certified(conn, self._route_name, data, consume, addr, self._decider)
+                            return conn, addr, None
+                        info = ConnectionInfo(self._route_name, _UNPARSED, "ready", 0.0, consume, addr, data,
+                                              self._decider)
+                        _remember(conn, info)
+                        return conn, addr, info
+                    decided = self._decide(conn, addr, data)
+                else:
+                    decided = self._next_look()
+                    if decided is _EMPTY:
+                        break
+                    self._since_ready += 1
+                if decided is not None:
+                    return decided  # type: ignore[return-value]
             if (got := self._take_ready()) is not None:
                 return got
             if not self._blocking:
@@ -108,7 +131,7 @@ class FirstLookListener(HandoffListener):
 
     def _next_look(self) -> tuple[socket.socket, Address, ConnectionInfo] | object | None:
         """The next connection from the listen queue, looked at in Python (``_EMPTY``: none is
-        waiting); :meth:`_look_in_c` does the same in one C call when the matcher is the C one."""
+        waiting); with the C matcher, :meth:`_accept` does the same in one C call."""
         while True:
             try:
                 conn, addr = self._listen.accept()
@@ -132,34 +155,6 @@ class FirstLookListener(HandoffListener):
             return None
         finally:
             self._blocking = blocking
-
-    def _look_in_c(self, lazy: bool) -> tuple[socket.socket, Address, ConnectionInfo | None] | object | None:
-        """The next connection looked at in one C call: served if the matcher certified it,
-        else decided by the filters here or held elsewhere, as :meth:`_look` does.
-        ``_EMPTY`` when the listen queue is empty. ``lazy``: a certified connection comes back
-        without its ConnectionInfo, which :func:`.connection_info` builds if asked."""
-        assert self._c_look is not None
-        lib, ffi, prog, buf, out = self._c_look
-        rc = lib.af_look(self._listen.fileno(), prog, buf, len(buf), out)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))  # what socket.accept() would raise
-        fd = out.fd
-        if fd < 0:
-            return _EMPTY
-        # Every line here runs per connection, in a worker, between gunicorn's own code: as few
-        # Python calls and cffi field reads as will do.
-        addr = c_address(ffi, out.addr)
-        conn = socket.socket(*self._kind, fileno=fd)
-        n = out.len
-        data = ffi.unpack(buf, n) if n else None
-        if out.ready:
-            if lazy:
-                remember_certified(conn, self._route_name, data, out.consume, addr, self._decider)
-                return conn, addr, None
-            ready = ConnectionInfo(self._route_name, _UNPARSED, "ready", 0.0, out.consume, addr, data, self._decider)
-            _remember(conn, ready)
-            return conn, addr, ready
-        return self._decide(conn, addr, data)
 
     def _look(self, conn: socket.socket, addr: Address) -> tuple[socket.socket, Address, ConnectionInfo] | None:
         try:

@@ -125,6 +125,38 @@ def proc_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (a gunicorn arbiter: its workers and the filter process)."""
+    found = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    found += process_tree(int(child))
+    except FileNotFoundError:  # gone meanwhile
+        pass
+    return found
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of these processes together (0 for one that is gone)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc_cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds this machine spent busy, every core and every process together (user, system,
+    interrupts; not idle or iowait), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

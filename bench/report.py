@@ -115,6 +115,13 @@ def _slowclient(d: dict[str, Any]) -> list[str]:
             lines.append(f"- {label}: **{r['ratio_median']:.3f}x** plain gunicorn unattacked (quartiles "
                          f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}; {_n(r['rps_other_median'])} against "
                          f"{_n(r['rps_base_median'])} req/s; errors {r['errors_other']})")
+            cpu = r.get("cpu_us") or {}
+            mine, theirs = cpu.get(r["other"], {}), cpu.get(r["base"], {})
+            if mine.get("machine") and theirs.get("machine") and mine.get("server") and theirs.get("server"):
+                lines.append(f"  - CPU per request (medians): the whole machine {mine['machine']:.1f} against "
+                             f"{theirs['machine']:.1f} µs ({mine['machine'] / theirs['machine'] - 1:+.1%}), the "
+                             f"server's processes {mine['server']:.1f} against {theirs['server']:.1f} µs "
+                             f"({mine['server'] / theirs['server'] - 1:+.1%})")
     return lines
 
 

@@ -27,7 +27,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, free_port, have_wrk, median, percentile, raise_nofile, run_wrk
+from bench.common import (
+    ROOT,
+    free_port,
+    have_wrk,
+    machine_busy_seconds,
+    median,
+    percentile,
+    process_tree,
+    raise_nofile,
+    run_wrk,
+    tree_cpu_seconds,
+)
 
 #: "no-attack-acceptfilter" is the everyday tax: what the filter costs when nobody attacks.
 SETUPS = ["no-attack", "no-attack-acceptfilter", "attack-unprotected", "attack-acceptfilter", "attack-nginx",
@@ -232,7 +243,7 @@ def start_setup(stack: ExitStack, setup: str, prefix: Path, *, idle: int, slowlo
         stack.callback(stop, ngx)
         if not wait_port(port):
             return {"error": "nginx did not start: " + (prefix / "error.log").read_text()[-500:]}
-    out: dict[str, Any] = {"port": port}
+    out: dict[str, Any] = {"port": port, "pid": guni.pid}
     if setup.startswith("attack"):
         out["attack_proc"], out["attack"] = start_attack(stack, port, idle=idle, slowloris=slowloris,
                                                          seconds=attack_seconds)
@@ -280,6 +291,7 @@ def paired(base: str, other: str, *, pairs: int, seconds: float, idle: int, slow
     with nothing but an idle server.
     """
     rps: dict[str, list[float]] = {base: [], other: []}
+    cpu: dict[str, dict[str, list[float]]] = {name: {"server": [], "machine": []} for name in (base, other)}
     errors = dict.fromkeys((base, other), 0)
     attack: dict[str, Any] | None = None
     per_start = max(1, pairs // starts)
@@ -298,8 +310,16 @@ def paired(base: str, other: str, *, pairs: int, seconds: float, idle: int, slow
                 for name, st in running.items():
                     if "attack_proc" in st:
                         st["attack_proc"].send_signal(signal.SIGCONT if name == setup else signal.SIGSTOP)
-                return run_wrk(f"http://127.0.0.1:{running[setup]['port']}/", seconds=length,
-                               connections=connections, threads=2)
+                server = process_tree(running[setup]["pid"])  # arbiter, workers, filter process
+                server_before, machine_before = tree_cpu_seconds(server), machine_busy_seconds()
+                got = run_wrk(f"http://127.0.0.1:{running[setup]['port']}/", seconds=length,
+                              connections=connections, threads=2)
+                if got["requests"]:
+                    # CPU per request: a steadier view of the cost than requests/s, which also moves
+                    # with where the scheduler puts the workers and wrk's threads on two cores.
+                    got["server_cpu_us"] = (tree_cpu_seconds(server) - server_before) / got["requests"] * 1e6
+                    got["machine_cpu_us"] = (machine_busy_seconds() - machine_before) / got["requests"] * 1e6
+                return got
 
             for setup in (base, other):
                 sample(setup, 1)  # warm up: the first second of a fresh gunicorn is slower
@@ -308,6 +328,9 @@ def paired(base: str, other: str, *, pairs: int, seconds: float, idle: int, slow
                     got = sample(setup, seconds)
                     rps[setup].append(got["rps"])
                     errors[setup] += int(got["errors"])
+                    for kind in ("server", "machine"):
+                        if f"{kind}_cpu_us" in got:
+                            cpu[setup][kind].append(got[f"{kind}_cpu_us"])
             for st in running.values():
                 if "attack_proc" in st:
                     finish_attack(st["attack_proc"], st["attack"])
@@ -317,7 +340,10 @@ def paired(base: str, other: str, *, pairs: int, seconds: float, idle: int, slow
             "ratio_median": median(ratios), "ratio_q1": percentile(ratios, 25), "ratio_q3": percentile(ratios, 75),
             "rps_base_median": median(rps[base]), "rps_other_median": median(rps[other]),
             "errors_base": errors[base], "errors_other": errors[other],
-            "ratios": [round(r, 3) for r in ratios], "attack": attack}
+            "ratios": [round(r, 3) for r in ratios], "attack": attack,
+            # Median CPU per request over the same samples (microseconds): the server's processes,
+            # and the whole machine (wrk, and for an attack set-up the attacking process, included).
+            "cpu_us": {name: {kind: median(v) if v else None for kind, v in kinds.items()} for name, kinds in cpu.items()}}
 
 
 def _median_or_none(xs: list[float | None]) -> float | None:
@@ -329,7 +355,7 @@ def run(*, quick: bool, rounds: int | None = None, seconds: float | None = None,
         idle: int = 2000, slowloris: int = 2000) -> dict[str, Any]:
     rounds = rounds or (1 if quick else 3)
     seconds = seconds or (5.0 if quick else 10.0)
-    pairs, pair_seconds, starts = (4, 2.0, 1) if quick else (16, 3.0, 4)
+    pairs, pair_seconds, starts = (4, 2.0, 1) if quick else (24, 3.0, 12)
     connections = 16
     out: dict[str, Any] = {"benchmark": "slowclient",
                            "config": {"rounds": rounds, "seconds_per_sample": seconds, "wrk_connections": connections,

@@ -53,3 +53,43 @@ Requests/sec:  12000.50
     assert r["requests"] == 24000 and r["rps"] == 12000.5
     assert r["p50_ms"] == pytest.approx(0.41) and r["p99_ms"] == pytest.approx(2.5)
     assert r["errors"] == 9 and r["timeouts"] == 2 and r["non_2xx"] == 4
+
+
+def test_cpu_of_a_process_tree_and_of_the_machine() -> None:
+    """What the slow-client benchmark divides by the requests: a parent's whole tree, and the machine."""
+    import subprocess
+    import time
+
+    from bench.common import machine_busy_seconds, process_tree, tree_cpu_seconds
+
+    spin = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {spin!r}]); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 60
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = process_tree(parent.pid)
+        assert tree[0] == parent.pid and len(tree) == 2, tree
+        machine_before = machine_busy_seconds()
+        while tree_cpu_seconds(tree[1:]) < 0.5 and time.monotonic() < deadline:  # the grandchild spins 0.5 s
+            time.sleep(0.05)
+        assert tree_cpu_seconds(tree) >= 0.5
+        assert machine_busy_seconds() - machine_before > 0  # the spinning showed up machine-wide too
+        assert tree_cpu_seconds([tree[1], 2**22 + 7]) == tree_cpu_seconds([tree[1]])  # a gone pid counts 0
+    finally:
+        for pid in reversed(process_tree(parent.pid)):
+            subprocess.run(["kill", str(pid)], check=False)
+        parent.wait(10)
+
+
+def test_paired_cpu_is_rendered() -> None:
+    paired = {"base": "no-attack", "other": "no-attack-acceptfilter", "ratio_median": 0.98, "ratio_q1": 0.97,
+              "ratio_q3": 0.99, "rps_other_median": 9800.0, "rps_base_median": 10000.0, "errors_other": 0,
+              "cpu_us": {"no-attack": {"server": 100.0, "machine": 150.0},
+                         "no-attack-acceptfilter": {"server": 102.0, "machine": 153.0}}}
+    d = {"config": {"gunicorn": "g", "attack": "a", "wrk_connections": 16, "rounds": 1, "seconds_per_sample": 1.0,
+                    "nginx": "n", "paired": "p"}, "results": {}, "paired": {"everyday_tax": paired}}
+    text = "\n".join(report._slowclient(d))
+    assert "**0.980x**" in text
+    assert "the whole machine 153.0 against 150.0 µs (+2.0%), the server's processes 102.0 against 100.0 µs (+2.0%)" in text

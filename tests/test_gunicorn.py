@@ -146,6 +146,27 @@ def open_conns(port: int, n: int, payload: bytes = b"") -> list[socket.socket]:
     return conns
 
 
+def held_by(pid: int, port: int) -> int:
+    """Client connections to ``port`` that process ``pid`` has open (its established TCP sockets)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)  # the header
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                count += state == "01" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes
+    return count
+
+
 def finish_and_read(conns: list[socket.socket]) -> list[dict]:
     """Complete each half-sent head and read its response (Connection: close)."""
     for s in conns:
@@ -311,7 +332,7 @@ def test_hup_reload_keeps_the_filter_process_and_held_connections(start_gunicorn
     server = start_gunicorn("-k", "sync", env={"ACCEPTFILTER_FILTER": "httpready"})
     held = open_conns(server.port, 10, HEAD)
     try:
-        time.sleep(0.3)
+        wait_for(lambda: held_by(server.feeder_pids()[0], server.port) == 10, timeout=30)  # all held, then HUP
         before = set(server.worker_pids())
         server.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: len(set(server.live_workers()) - before) == 2 and not set(server.live_workers()) & before,
@@ -344,7 +365,8 @@ def test_own_config_file_and_hup_with_new_settings_hands_held_connections_over(s
     assert (tmp_path / "post_fork_ran").read_text() == "yes"
     held = open_conns(server.port, 10, HEAD)
     try:
-        time.sleep(0.3)
+        # All 10 held by the first filter process before the HUP, so all 10 are passed on.
+        wait_for(lambda: held_by(server.feeder_pids()[0], server.port) == 10, timeout=30)
         assert curl(server.port)["info"]["method"] == "GET"
         before = set(server.worker_pids())
         (tmp_path / "filter.txt").write_text("httpready:oversize=reject")

@@ -21,7 +21,7 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 PLOT = RESULTS / "bench.png"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-NAMES = ("overhead", "slowclient", "scale", "surface", "syscalls", "defaults", "relay", "asyncidle", "deadworker")
+NAMES = ("overhead", "slowclient", "workercpu", "scale", "surface", "syscalls", "defaults", "relay", "asyncidle", "deadworker")
 
 MODE_LABELS = {
     "plain": "plain `accept()`",
@@ -122,6 +122,36 @@ def _slowclient(d: dict[str, Any]) -> list[str]:
                              f"{theirs['machine']:.1f} µs ({mine['machine'] / theirs['machine'] - 1:+.1%}), the "
                              f"server's processes {mine['server']:.1f} against {theirs['server']:.1f} µs "
                              f"({mine['server'] / theirs['server'] - 1:+.1%})")
+    return lines
+
+
+def _workercpu(d: dict[str, Any]) -> list[str]:
+    if "unavailable" in d or "error" in d:
+        return [f"**CPU per request in gunicorn** — not run: {d.get('unavailable') or d.get('error')}."]
+    c, r = d["config"], d["results"]
+    plain, mine = r["setups"]["plain"], r["setups"]["acceptfilter"]
+    lines = [f"**CPU per request in gunicorn** (where the everyday tax goes) — gunicorn {c['gunicorn']}; wrk "
+             f"(Connection: close, {c['wrk_connections']} connections), {c['seconds_per_sample']:g} s samples; "
+             f"{c['method']}.", "",
+             "| CPU µs per request | plain gunicorn (median) | acceptfilter `httpready` (median) "
+             "| difference, median over starts (quartiles) | x plain |", "|---|---:|---:|---:|---:|"]
+    labels = {"workers": "the workers", "arbiter": "the arbiter", "filter_process": "the filter process",
+              "server": "all of the server's processes", "machine": "the whole machine (wrk included)"}
+    for part, label in labels.items():
+        diff, ratio = r["difference_us"][part], r["ratio"].get(part)
+        times = f"{ratio['median']:.3f}x" if ratio else "-"  # no ratio of the parts that are ~0 in both
+        lines.append(f"| {label} | {plain['cpu_us_median'][part]:.1f} | {mine['cpu_us_median'][part]:.1f} "
+                     f"| {diff['median']:+.1f} ({diff['q1']:+.1f} to {diff['q3']:+.1f}) | {times} |")
+    rps = r["ratio"]["rps"]
+
+    def spread(xs: list[float]) -> str:
+        return f"{min(xs):.1f}-{max(xs):.1f}"
+
+    lines += ["", f"Requests/s meanwhile: {_n(mine['rps_median'])} against {_n(plain['rps_median'])} "
+              f"({rps['median']:.3f}x, quartiles {rps['q1']:.3f}-{rps['q3']:.3f}); errors {mine['errors']} and "
+              f"{plain['errors']}. The workers' CPU per request, one started instance to the next: "
+              f"{spread(plain['instances_workers_cpu_us_median'])} µs plain, "
+              f"{spread(mine['instances_workers_cpu_us_median'])} µs with acceptfilter."]
     return lines
 
 
@@ -275,7 +305,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
            _machine(results), ""]
     if results:
         out += [f"![benchmark plot](bench/results/{PLOT.name})", ""]
-    for name, fn in (("overhead", _overhead), ("slowclient", _slowclient), ("scale", _scale), ("surface", _surface),
+    for name, fn in (("overhead", _overhead), ("slowclient", _slowclient), ("workercpu", _workercpu),
+                     ("scale", _scale), ("surface", _surface),
                      ("syscalls", _syscalls), ("defaults", _defaults), ("relay", _relay),
                      ("asyncidle", _asyncidle), ("deadworker", _deadworker)):
         if name in results:

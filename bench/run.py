@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the benchmarks and write one JSON per benchmark to bench/results/.
 
-    python bench/run.py [--quick] [--only overhead,surface,scale,slowclient,syscalls,defaults,relay,asyncidle,deadworker] [--out DIR]
+    python bench/run.py [--quick] [--only overhead,surface,scale,slowclient,workercpu,syscalls,defaults,relay,asyncidle,deadworker] [--out DIR]
 
 Every comparison runs side by side in this process tree (servers and clients are child
 processes), alternating the modes round by round. Each JSON carries the machine facts.
@@ -20,7 +20,19 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import asyncidle, deadworker, defaults, machine, overhead, relay, scale, slowclient, surface, syscalls
+from bench import (
+    asyncidle,
+    deadworker,
+    defaults,
+    machine,
+    overhead,
+    relay,
+    scale,
+    slowclient,
+    surface,
+    syscalls,
+    workercpu,
+)
 from bench.common import RESULTS, raise_nofile, write_result
 
 BENCHMARKS: dict[str, Any] = {
@@ -28,6 +40,7 @@ BENCHMARKS: dict[str, Any] = {
     "surface": surface.run,
     "scale": scale.run,
     "slowclient": slowclient.run,
+    "workercpu": workercpu.run,
     "syscalls": syscalls.run,
     "defaults": defaults.run,
     "relay": relay.run,
@@ -52,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         print(f"== {name} ({'quick' if args.quick else 'full'})", flush=True)
         result = BENCHMARKS[name](quick=args.quick)
+        # wall_s: how long the whole benchmark took here, so the README can say what a run costs.
         result = {"benchmark": name, "quick": args.quick, "date": time.strftime("%Y-%m-%d"),
-                  "machine": facts, **result}
+                  "machine": facts, **result, "wall_s": round(time.monotonic() - t0, 1)}
         path = write_result(name, result, args.out)
         print(f"   {time.monotonic() - t0:.0f} s -> {path}", flush=True)
         print(json.dumps(result.get("goals", {})), flush=True)

@@ -51,7 +51,7 @@ BENCHMARKS: dict[str, Any] = {
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer rounds, shorter samples, smaller levels (< 3 min)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds, shorter samples, smaller levels (about 5 min)")
     p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(BENCHMARKS))
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
     args = p.parse_args(argv)

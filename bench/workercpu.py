@@ -26,10 +26,10 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from bench.common import (
-    free_port,
     have_wrk,
     machine_busy_seconds,
     median,
@@ -38,9 +38,11 @@ from bench.common import (
     process_tree,
     run_wrk,
 )
-from bench.slowclient import PROTECTED_ENV, acceptfilter_gunicorn_available, start_gunicorn, stop, wait_port
+from bench.slowclient import PROTECTED_ENV, acceptfilter_gunicorn_available, start_setup
 
 SETUPS = ("plain", "acceptfilter")
+#: The same servers as the slow-client benchmark's unattacked set-ups, started by its start_setup().
+AS_SLOWCLIENT_SETUP = {"plain": "no-attack", "acceptfilter": "no-attack-acceptfilter"}
 #: What each sample splits the CPU into. "server" is the three together; "machine" is every
 #: process on every core (wrk included), from /proc/stat.
 PARTS = ("workers", "arbiter", "filter_process", "server", "machine")
@@ -59,16 +61,22 @@ def part_of(arbiter: int, pid: int) -> str:
     return "arbiter" if pid == arbiter else "filter_process" if _is_filter_process(pid) else "workers"
 
 
-def cpu_by_part(arbiter: int) -> dict[str, float]:
+def parts_of(arbiter: int) -> dict[int, str]:
+    """Every process of a gunicorn, and which part it is."""
+    return {pid: part_of(arbiter, pid) for pid in process_tree(arbiter)}
+
+
+def cpu_by_part(arbiter: int, parts: dict[int, str] | None = None) -> dict[str, float]:
     """CPU seconds so far of a gunicorn's arbiter, its workers and its filter process (if any).
 
-    A process that is gone counts 0, so a sample is only valid while the set of processes stays
-    the same: :func:`sample` checks that and refuses the sample otherwise.
+    ``parts`` is :func:`parts_of` taken once for a sample's before and after. A process that is
+    gone counts 0, so a sample is only valid while the set of processes stays the same:
+    :func:`sample` checks that and refuses the sample otherwise.
     """
     out = dict.fromkeys(("workers", "arbiter", "filter_process"), 0.0)
-    for pid in process_tree(arbiter):
+    for pid, part in (parts or parts_of(arbiter)).items():
         try:
-            out[part_of(arbiter, pid)] += proc_cpu_seconds(pid)
+            out[part] += proc_cpu_seconds(pid)
         except (FileNotFoundError, ProcessLookupError):
             continue
     out["server"] = out["workers"] + out["arbiter"] + out["filter_process"]
@@ -77,20 +85,17 @@ def cpu_by_part(arbiter: int) -> dict[str, float]:
 
 def sample(arbiter: int, port: int, *, seconds: float, connections: int) -> dict[str, Any]:
     """One wrk run against one instance: requests/s, errors and microseconds of CPU per request."""
-    pids = sorted(process_tree(arbiter))
-    before, machine_before = cpu_by_part(arbiter), machine_busy_seconds()
+    parts = parts_of(arbiter)
+    before, machine_before = cpu_by_part(arbiter, parts), machine_busy_seconds()
     got = run_wrk(f"http://127.0.0.1:{port}/", seconds=seconds, connections=connections, threads=2)
-    after, machine_after = cpu_by_part(arbiter), machine_busy_seconds()
-    if sorted(process_tree(arbiter)) != pids:
+    after, machine_after = cpu_by_part(arbiter, parts), machine_busy_seconds()
+    if sorted(process_tree(arbiter)) != sorted(parts):
         return {"error": "a process of the server was replaced during the sample", **got}
     if not got.get("requests"):
         return {"error": "wrk completed no request", **got}
     per_request = {part: (after[part] - before[part]) / got["requests"] * 1e6 for part in PARTS[:-1]}
     per_request["machine"] = (machine_after - machine_before) / got["requests"] * 1e6
-    processes = {"workers": 0, "filter_process": 0}
-    for pid in pids:
-        if pid != arbiter:
-            processes[part_of(arbiter, pid)] += 1
+    processes = {part: list(parts.values()).count(part) for part in ("workers", "filter_process")}
     return {"rps": got["rps"], "requests": got["requests"], "errors": int(got["errors"]) + int(got["non_2xx"]),
             "processes": processes, "cpu_us": per_request}
 
@@ -101,10 +106,6 @@ def _quartiles(xs: list[float]) -> dict[str, float]:
 
 Block = dict[str, list[list[dict[str, Any]]]]
 """One start: ``block[setup][instance]`` is that instance's samples, one per round."""
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def summarize(blocks: list[Block]) -> dict[str, Any]:
@@ -129,10 +130,10 @@ def summarize(blocks: list[Block]) -> dict[str, Any]:
                                                 for block in blocks for inst in block[setup]],
         }
     for part in PARTS:
-        diffs = [_mean(values(b, "acceptfilter", part)) - _mean(values(b, "plain", part)) for b in blocks]
+        diffs = [fmean(values(b, "acceptfilter", part)) - fmean(values(b, "plain", part)) for b in blocks]
         out["difference_us"][part] = {**_quartiles(diffs), "starts": [round(d, 1) for d in diffs]}
     for part in ("workers", "server", "machine", "rps"):  # the arbiter and the filter process are ~0 in both
-        ratios = [_mean(values(b, "acceptfilter", part)) / _mean(values(b, "plain", part)) for b in blocks]
+        ratios = [fmean(values(b, "acceptfilter", part)) / fmean(values(b, "plain", part)) for b in blocks]
         out["ratio"][part] = _quartiles(ratios)
     return out
 
@@ -149,12 +150,11 @@ def one_start(tmp: Path, *, start: int, instances: int, rounds: int, seconds: fl
             # Interleaved (plain, acceptfilter, acceptfilter, plain, ...) and flipped every other
             # start, so that neither set-up always starts first or runs first in a round.
             for setup in SETUPS if (start + i) % 2 == 0 else SETUPS[::-1]:
-                port = free_port()
-                proc = start_gunicorn(port, setup == "acceptfilter", tmp)
-                stack.callback(stop, proc)
-                if not wait_port(port):
-                    return f"{setup} gunicorn did not start: " + (tmp / f"gunicorn-{port}.log").read_text()[-500:]
-                servers.append((setup, i, port, proc.pid))
+                started = start_setup(stack, AS_SLOWCLIENT_SETUP[setup], tmp, idle=0, slowloris=0,
+                                      attack_seconds=0)
+                if "error" in started:
+                    return str(started["error"])
+                servers.append((setup, i, started["port"], started["pid"]))
         for _setup, _i, port, _pid in servers:
             run_wrk(f"http://127.0.0.1:{port}/", seconds=1, connections=connections, threads=2)  # warm up
         block: Block = {s: [[] for _ in range(instances)] for s in SETUPS}

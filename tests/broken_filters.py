@@ -132,6 +132,32 @@ class UnsoundMatcher(Filter):
         return Builder(self.max_bytes).search([b"\n"]).ready().build()  # bug: a bare LF is certified too
 
 
+class SharedLastLine(Filter):
+    """Keeps the last complete line on the instance, which every connection shares: 'connections are isolated'."""
+
+    name = "broken-isolation"
+
+    def __init__(self, *, max_bytes: int = 16384, timeout: float | None = None) -> None:
+        super().__init__(max_bytes=max_bytes, timeout=timeout)
+        self.line = b""
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        if not self.line and b"\n" in data:
+            self.line = data.split(b"\n", 1)[0]  # bug: set once, never per connection
+        if self.line:
+            return Decision.accept({"line": self.line.decode("latin-1")}) if data.startswith(self.line) else REJECT
+        return REJECT if final or len(data) >= self.max_bytes else WAIT
+
+
+class BytesInfo(Filter):
+    """Puts raw bytes into info: 'info is plain JSON data'."""
+
+    name = "broken-infotype"
+
+    def check(self, data: bytes, final: bool) -> Decision:
+        return Decision.accept({"first": data[:1]}) if data else REJECT
+
+
 BROKEN: dict[str, tuple[type[Filter], str]] = {
     "broken-raises": (Raises, "raises"),
     "broken-chunking": (ChunkingDependent, "chunking"),
@@ -142,4 +168,6 @@ BROKEN: dict[str, tuple[type[Filter], str]] = {
     "broken-info": (NondeterministicInfo, "deterministic"),
     "broken-slow": (Slow, "slow"),
     "broken-matcher": (UnsoundMatcher, "matcher"),
+    "broken-isolation": (SharedLastLine, "isolation"),
+    "broken-infotype": (BytesInfo, "info"),
 }

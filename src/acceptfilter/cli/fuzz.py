@@ -21,12 +21,8 @@ from typing import Any
 from ..errors import AcceptFilterError, FilterLoadError, FilterSpecError
 from ..filter import Filter
 from ..registry import available_filters, filter_class, register_filter
+from ..testing.budget import DEFAULT_EXAMPLES
 from .args import positive_int
-
-#: Examples per round: enough that the five bugs of issue 15 (chunking, WAIT when final,
-#: raising on a bad length, deciding twice, WAIT past the cap) are found in a filter
-#: that declares its examples, in about 5 s per filter.
-DEFAULT_EXAMPLES = 1000
 
 
 def register(subparsers: Any) -> None:
@@ -144,8 +140,13 @@ def run(args: argparse.Namespace) -> int:
         import hypothesis  # noqa: F401
     except ImportError:
         raise AcceptFilterError("fuzzing needs hypothesis: pip install 'acceptfilter[testing]'") from None
+    from hypothesis.configuration import set_hypothesis_home_dir
+
     from ..registry import load_filter
+    from ..testing.budget import cache_dir
     from ..testing.check import ContractViolation, check_filter
+
+    set_hypothesis_home_dir(cache_dir())  # never a .hypothesis folder in whatever directory fuzz runs from
 
     for target in args.imports:
         _register_defined(_import(target))

@@ -4,29 +4,47 @@ Every example feeds one payload to the filter in two ways -- one-shot on fresh s
 and chunk by chunk to a single session, as the engine does -- and compares. A broken
 contract raises :class:`ContractViolation` (an AssertionError, so pytest shows it as a
 test failure) naming the invariant, and hypothesis shrinks to a minimal counterexample.
+
+Before hypothesis runs, a coverage-guided phase (:mod:`.guided`) searches for inputs that
+reach new arcs of the filter's module; they seed hypothesis. Several connections are then
+interleaved on one filter (:mod:`.isolation`). Every simulated connection otherwise gets a
+pristine filter, so a filter whose answers depend on earlier calls is reported as a
+contract violation, never as hypothesis' own flakiness.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import random
 import time
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.errors import Flaky
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 from ..filter import Checker, Decision, Filter, Verdict
 from ..matcher import DONE, MORE, Match, MatchState, Program
 from ..registry import load_filter
-from . import strategies
+from . import dictionary, guided, strategies, tracing
+from .budget import DEFAULT_EXAMPLES, DEFAULT_GUIDED_SECONDS, cache_dir
+from .corpus import FIRST_FLIGHTS
+from .isolation import Pristine, check_interleaved, interleave
 
 # Some hypothesis releases leave this untyped; a typed alias keeps mypy --strict quiet either way.
 _run_machine: Callable[..., None] = run_state_machine_as_test
 
 __all__ = [
+    "DEFAULT_EXAMPLES",
     "DEFAULT_TIME_LIMIT",
     "ContractViolation",
+    "cache_dir",
     "check_cap",
     "check_filter",
     "check_payload",
@@ -35,6 +53,9 @@ __all__ = [
     "input_strategy",
     "seeded",
 ]
+
+#: Characters info's JSON may take beyond the length of the input it describes.
+INFO_LIMIT = 4096
 
 #: Seconds one check() call may take. Generous: a filter is on the hot path, but CI machines stall.
 DEFAULT_TIME_LIMIT = 0.25
@@ -54,6 +75,8 @@ INVARIANTS = (
     "slow",
     "sockets",
     "matcher",
+    "isolation",
+    "info",
 )
 
 
@@ -86,6 +109,54 @@ def _show(d: Decision) -> str:
     return f"{d.verdict.name}({', '.join(parts)})" if parts else d.verdict.name
 
 
+_PRISTINE: weakref.WeakKeyDictionary[Filter, Pristine] = weakref.WeakKeyDictionary()
+
+
+def pristine(flt: Filter) -> Pristine:
+    """The filter's :class:`Pristine` (made once per filter, while its classes are as imported)."""
+    try:
+        found = _PRISTINE.get(flt)
+        if found is None:
+            found = _PRISTINE[flt] = Pristine(flt)
+        return found
+    except TypeError:  # unhashable or not weak-referenceable: one per runner
+        return Pristine(flt)
+
+
+def _plain(value: Any, depth: int = 0) -> str | None:
+    """Why ``value`` is not plain JSON data (str, int, finite float, bool, None, lists, str-keyed dicts), or None."""
+    if depth > 8:
+        return "nests deeper than 8 levels"
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"holds {value!r}, which JSON cannot carry"
+    if isinstance(value, list | tuple):
+        return next((p for p in (_plain(v, depth + 1) for v in value) if p), None)
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"has the key {k!r}, not a str"
+            problem = _plain(v, depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"holds {type(value).__name__} {value!r:.60}, not plain JSON data (str, int, float, bool, None, list, dict)"
+
+
+def info_problem(info: Any, data_length: int) -> str | None:
+    """Why a decision's ``info`` breaks the info rule, or None: plain JSON data, bounded in size."""
+    if not isinstance(info, Mapping):
+        return f"is a {type(info).__name__}, not a mapping"
+    problem = _plain(info)
+    if problem:
+        return problem
+    size = len(json.dumps(dict(info), ensure_ascii=False))
+    if size > INFO_LIMIT + data_length:
+        return f"is {size} characters of JSON for {data_length} bytes of input (limit {INFO_LIMIT} + the input)"
+    return None
+
+
 class _Runner:
     """Calls a filter's checkers, turning exceptions, bad return types and slowness into violations."""
 
@@ -93,16 +164,22 @@ class _Runner:
         self.flt = flt
         self.time_limit = time_limit
         self.peer = peer
+        self.pristine = pristine(flt)
 
-    def session(self) -> Checker:
+    def open(self, flt: Filter) -> Checker:
+        """``flt``'s session for the peer, as the engine opens one per connection."""
         # Filters that judge the peer (PROXY: trusted balancers) may offer peer_session(peer).
-        peer_session = getattr(self.flt, "peer_session", None)
+        peer_session = getattr(flt, "peer_session", None)
         try:
             if self.peer is not None and callable(peer_session):
                 return cast(Checker, peer_session(self.peer))
-            return self.flt.session()
+            return flt.session()
         except Exception as exc:
             raise ContractViolation("raises", f"session() raised {type(exc).__name__}: {exc}") from exc
+
+    def session(self) -> Checker:
+        """A session for one connection, in a world where no other connection has run (see isolation.py)."""
+        return self.pristine.session(self.open)
 
     def call(self, checker: Checker, data: bytes, final: bool) -> Decision:
         start = time.perf_counter()
@@ -144,6 +221,9 @@ class _Runner:
             )
         if not (isinstance(d.consume, int) and 0 <= d.consume <= len(data)):
             raise ContractViolation("consume", f"consume={d.consume!r} outside 0..{len(data)} for {data!r}")
+        problem = info_problem(d.info, len(data))
+        if problem:
+            raise ContractViolation("info", f"info {problem}; in {d.verdict.name} for {data[:80]!r}")
 
     def matcher(self) -> _MatcherProbe | None:
         """A probe running the filter's matcher for this peer (C and Python), or None when it declares none."""
@@ -492,16 +572,144 @@ def _mostly_ours(draw: st.DrawFn, ours: st.SearchStrategy[bytes], builtin: st.Se
     return draw(builtin) if draw(st.integers(0, 2)) == 2 else draw(ours)
 
 
+#: Hypothesis profiles that are not the user's choice: hypothesis loads "ci" by itself on CI machines.
+_UNCHOSEN_PROFILES = ("default", "ci")
+
+
+def user_profile() -> bool:
+    """True when the user loaded a hypothesis profile of their own (it then decides the budget)."""
+    return settings.get_current_profile_name() not in _UNCHOSEN_PROFILES
+
+
 def _settings(max_examples: int | None, deadline_free: bool = True) -> settings:
-    """The user's active hypothesis profile, with our own timing instead of hypothesis' deadline."""
+    """The user's active hypothesis profile, with our own timing instead of hypothesis' deadline.
+
+    Without the user's own profile, the budget is :data:`DEFAULT_EXAMPLES` (the CLI's) and
+    saved examples go to :func:`cache_dir`.
+    """
     kwargs: dict[str, Any] = {
         "deadline": None,
         "report_multiple_bugs": False,  # one counterexample, the minimal one
         "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     }
+    mine = user_profile()
     if max_examples is not None:
         kwargs["max_examples"] = max_examples
+    elif not mine:
+        kwargs["max_examples"] = DEFAULT_EXAMPLES
+    if not mine:
+        kwargs["database"] = DirectoryBasedExampleDatabase(str(cache_dir() / "examples"))
     return settings(settings(), **kwargs)
+
+
+@contextmanager
+def blaming_the_filter() -> Iterator[None]:
+    """Turn hypothesis' flakiness errors into the contract violation they are.
+
+    Each simulated connection starts pristine, so a failure hypothesis cannot replay means
+    the filter answered the same calls differently: state outside what the fuzzer resets
+    (module globals, the clock, randomness). Hypothesis would say "Flaky" or "Inconsistent
+    data generation" and blame the test; the filter is what broke the rule.
+    """
+    try:
+        yield
+    except Flaky as exc:
+        inner = [e for e in getattr(exc, "exceptions", ()) if isinstance(e, ContractViolation)]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        seen = f"; first seen: {inner[0]}" if inner else ""
+        raise ContractViolation(
+            "deterministic",
+            "the same calls got different answers when repeated: the filter's answers depend on something other "
+            f"than this connection's bytes (module globals, the clock, randomness){seen} ({first})",
+        ) from None
+
+
+def _seeds(flt: Filter, payloads: Payloads) -> list[bytes]:
+    """The guided phase's starting inputs: the user's payloads, the filter's examples, real first flights."""
+    mine = [bytes(p) for p in payloads] if payloads is not None and not isinstance(payloads, st.SearchStrategy) else []
+    examples = [bytes(e) for e in getattr(flt, "examples", ()) or ()]
+    return [*mine, *examples, *(f.data for f in FIRST_FLIGHTS.values())]
+
+
+def _violation(fn: Callable[[], None]) -> ContractViolation | None:
+    try:
+        fn()
+    except ContractViolation as exc:
+        return exc
+    return None
+
+
+def guided_phase(
+    flt: Filter,
+    payloads: Payloads = None,
+    *,
+    max_examples: int = DEFAULT_EXAMPLES,
+    seconds: float = DEFAULT_GUIDED_SECONDS,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    byte_by_byte: int = 256,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
+    seed: int | None = None,
+) -> guided.GuidedResult:
+    """The coverage-guided phase of check_filter: its corpus, or a minimal ContractViolation.
+
+    Budget: up to ``30 * max_examples`` runs or ``seconds``, ending early once
+    ``20 * max_examples`` runs in a row reached nothing new.
+    """
+    run = _Runner(flt, time_limit, peer)
+
+    cap_filler = CAP_FILLERS[0]
+
+    def run_one(data: bytes) -> tuple[Callable[[], None], Callable[[], None]]:
+        run.call(run.session(), data, True)  # checked on every input; only the final=False path is traced
+        first = run.session()
+        answer: list[Decision] = []
+
+        def traced() -> None:
+            answer.append(run.call(first, data, False))
+
+        def after() -> None:
+            # The cap rule on every undecided input, not only on new paths: a declared length
+            # past max_bytes takes the same path as one just under it.
+            if answer and not answer[0].decided and len(data) < flt.max_bytes <= 1 << 20:
+                run.call(run.session(), data + cap_filler * (flt.max_bytes - len(data)), False)
+
+        return traced, after
+
+    def check_all(data: bytes) -> None:
+        check_payload(flt, data, time_limit=time_limit, peer=peer)
+        if len(data) <= byte_by_byte:
+            check_payload(flt, data, range(1, len(data)), time_limit=time_limit, peer=peer)
+        check_cap(flt, data, time_limit=time_limit, peer=peer)
+        check_tails(flt, data, time_limit=time_limit, peer=peer)
+
+    def both(data: bytes) -> None:
+        traced, after = run_one(data)
+        traced()
+        after()
+        check_all(data)
+
+    session_type = type(run.session())
+    files = dictionary.module_files(dictionary.filter_modules(flt, [session_type]))
+    words = dictionary.words(flt, [session_type])
+    try:
+        return guided.fuzz(
+            run_one, check_all, _seeds(flt, payloads), words, flt.max_bytes, files=files, seconds=seconds,
+            max_runs=30 * max_examples, plateau=20 * max_examples, rng=random.Random(seed),
+            guided=bool(files) and tracing.available(),
+        )
+    except ContractViolation as exc:
+        bad = getattr(exc, "data", None)
+        if not isinstance(bad, bytes):
+            raise
+        invariant = exc.invariant
+
+        def same(candidate: bytes) -> bool:
+            found = _violation(lambda: both(candidate))
+            return found is not None and found.invariant == invariant
+
+        smallest = guided.minimize(bad, same)
+        again = _violation(lambda: both(smallest))
+        raise (again or exc) from None
 
 
 def check_filter(
@@ -514,20 +722,38 @@ def check_filter(
     byte_by_byte: int = 256,
     peer: tuple[Any, ...] | None = DEFAULT_PEER,
     defaults: bool = True,
+    guided_seconds: float | None = DEFAULT_GUIDED_SECONDS,
+    isolation: bool = True,
 ) -> None:
     """Fuzz a filter against the whole contract; raise ContractViolation with a minimal counterexample.
 
-    The built-in inputs are random bytes, well-formed and mutated HTTP, TLS, DNS and PROXY
-    inputs, and inputs the size of ``max_bytes``. ``payloads`` (a strategy, or a list of
-    seeds that are also mutated, pipelined and padded to the cap) and the filter's own
-    ``examples`` are *added* to them (``defaults=False``: only yours). ``max_examples``
-    overrides the active hypothesis profile. Payloads up to ``byte_by_byte`` bytes are
-    also fed one byte at a time (every prefix is compared). A filter with
-    ``peer_session(peer)`` gets its sessions for ``peer`` (None: ``session()``).
+    First a coverage-guided phase (``guided_seconds`` at most; None: off) grows a corpus
+    of inputs that reach new arcs of the filter's module, from its ``examples``, real
+    first flights and the literals in its source. Then hypothesis feeds that corpus,
+    mutated and chunked, and the built-in inputs: random bytes, well-formed and mutated
+    HTTP, TLS, DNS and PROXY inputs, and inputs the size of ``max_bytes``. ``payloads``
+    (a strategy, or a list of seeds that are also mutated, pipelined and padded to the
+    cap) and the filter's own ``examples`` are *added* to them (``defaults=False``: only
+    yours). ``max_examples`` defaults to the CLI's :data:`DEFAULT_EXAMPLES` unless a
+    hypothesis profile of your own is loaded. Payloads up to ``byte_by_byte`` bytes are
+    also fed one byte at a time (every prefix is compared). ``isolation`` interleaves
+    several connections on one filter. A filter with ``peer_session(peer)`` gets its
+    sessions for ``peer`` (None: ``session()``).
     """
     flt = load_filter(filter_or_spec)
-    source = input_strategy(payloads, flt, defaults=defaults)
     cfg = _settings(max_examples)
+    corpus: list[bytes] = []
+    if isolation:  # a quick look first: most leaks show on the seeds, before the guided phase's seconds
+        seeds = st.sampled_from(_seeds(flt, payloads))
+        check_isolation(flt, seeds, settings(cfg, max_examples=max(1, cfg.max_examples // 20)),
+                        time_limit=time_limit, peer=peer)
+    if guided_seconds is not None and guided_seconds > 0:
+        found = guided_phase(flt, payloads, max_examples=cfg.max_examples, seconds=guided_seconds,
+                             time_limit=time_limit, byte_by_byte=byte_by_byte, peer=peer)
+        corpus = found.corpus
+    if corpus and not isinstance(payloads, st.SearchStrategy):
+        payloads = [*(payloads or ()), *corpus]
+    source = input_strategy(payloads, flt, defaults=defaults)
 
     @cfg
     @given(case=strategies.chunked(source))
@@ -539,11 +765,62 @@ def check_filter(
         check_cap(flt, data, time_limit=time_limit, peer=peer)
         check_tails(flt, data, time_limit=time_limit, peer=peer)
 
-    contract()
-    if stateful:
-        machine = filter_state_machine(flt, source, time_limit=time_limit, peer=peer)
-        step_settings = settings(cfg, max_examples=max(1, cfg.max_examples // 2), stateful_step_count=20)
-        _run_machine(machine, settings=step_settings)
+    _digest(contract, flt)
+    with blaming_the_filter():
+        if isolation:  # first: the guided corpus reaches the states a leak shows in, and this is quick
+            kept = st.sampled_from(corpus) if corpus else source
+            check_isolation(flt, st.one_of(kept, source), settings(cfg, max_examples=max(1, cfg.max_examples // 4)),
+                            time_limit=time_limit, peer=peer)
+        contract()
+        if stateful:
+            machine = filter_state_machine(flt, source, time_limit=time_limit, peer=peer)
+            step_settings = settings(cfg, max_examples=max(1, cfg.max_examples // 2), stateful_step_count=20)
+            _run_machine(machine, settings=step_settings)
+
+
+def _digest(test: Any, flt: Filter) -> None:
+    """Saved examples per filter class and options, not one pile shared by every filter."""
+    inner = getattr(getattr(test, "hypothesis", None), "inner_test", None)
+    if inner is not None:
+        key = f"{type(flt).__module__}.{type(flt).__qualname__}:{flt.name}:{flt.max_bytes}"
+        inner._hypothesis_internal_add_digest = key.encode()
+
+
+def check_isolation(
+    flt: Filter,
+    source: st.SearchStrategy[bytes] | None = None,
+    cfg: settings | None = None,
+    *,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    peer: tuple[Any, ...] | None = DEFAULT_PEER,
+) -> None:
+    """The isolation rule: connections interleaved on one filter decide as each would alone.
+
+    Two or three connections, each with its own payload and chunking, some on ``flt`` and
+    some on a copy with other options (another ``max_bytes``), arrive in an interleaving
+    hypothesis picks and shrinks. Every decision must equal the one the same connection
+    gets alone on a filter as built.
+    """
+    run = _Runner(flt, time_limit, peer)
+    variant = run.pristine.variant()
+    owners = [flt] if variant is None else [flt, variant]
+    payloads = source if source is not None else input_strategy(None, flt)
+    conn = st.tuples(st.integers(0, len(owners) - 1), strategies.chunked(payloads, max_cuts=4))
+
+    @(cfg if cfg is not None else _settings(None))
+    @given(conns=st.lists(conn, min_size=2, max_size=3), order=st.lists(st.integers(0, 2), max_size=12))
+    def isolation(conns: list[tuple[int, tuple[bytes, tuple[int, ...]]]], order: list[int]) -> None:
+        steps = interleave([c for _, c in conns], order)
+        problem = check_interleaved(
+            steps, [owners[i] for i, _ in conns], run.pristine, run.open, run.call,
+            lambda a, b: _key(a) == _key(b), _show,
+        )
+        if problem:
+            raise ContractViolation("isolation", problem)
+
+    _digest(isolation, flt)
+    with blaming_the_filter():
+        isolation()
 
 
 def violations_of(fn: Callable[[], None]) -> str | None:

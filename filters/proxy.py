@@ -14,7 +14,7 @@ client address and ``info`` carries:
 * ``client_address`` and ``server_address`` (absent for LOCAL, UNKNOWN and
   non-IP families), ``transport`` (``"tcp4"``, ``"tcp6"``, ...),
 * ``balancer`` (the TCP peer that sent the header),
-* ``tlvs`` (v2: ``{type: bytes}``), plus ``authority`` and ``proxy_alpn``
+* ``tlvs`` (v2: ``{"type": "hex of the value"}``, plain JSON like all info), plus ``authority`` and ``proxy_alpn``
   when the TLVs carry them, and ``ssl`` for the SSL TLV (0x20; ``{"malformed": True}``
   when it cannot be parsed, the header being sound otherwise): a dict with
   ``client`` (the PP2_CLIENT_* bit field), ``verify`` (0: the client
@@ -243,7 +243,7 @@ class _ProxySession:
         tlvs = _tlvs(body, addr_len)
         if tlvs is None:
             return Decision.reject("PROXY v2: truncated TLV or TLV running past the header")
-        info["tlvs"] = tlvs
+        info["tlvs"] = {str(kind): value.hex() for kind, value in tlvs.items()}  # info is plain JSON data
         if 0x02 in tlvs:
             info["authority"] = tlvs[0x02].decode("utf-8", "replace")
         if 0x01 in tlvs:

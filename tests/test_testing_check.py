@@ -84,7 +84,7 @@ def test_respects_user_profile() -> None:
     previous = settings.get_current_profile_name()
     settings.load_profile("_af_tiny")
     try:
-        check_filter(Counting(), stateful=False, byte_by_byte=0)
+        check_filter(Counting(), stateful=False, byte_by_byte=0, guided_seconds=None, isolation=False)
     finally:
         settings.load_profile(previous)
     assert 0 < calls < 3 * 30

@@ -816,7 +816,7 @@ def check_isolation(
             lambda a, b: _key(a) == _key(b), _show,
         )
         if problem:
-            raise ContractViolation("isolation", problem)
+            raise ContractViolation(*problem)
 
     _digest(isolation, flt)
     with blaming_the_filter():

@@ -176,8 +176,8 @@ def check_interleaved(
     call: Callable[[Checker, bytes, bool], Decision],
     same: Callable[[Decision, Decision], bool],
     show: Callable[[Decision], str],
-) -> str | None:
-    """A description of the first decision that differs from the connection alone, or None.
+) -> tuple[str, str] | None:
+    """(rule, description) of the first decision that differs from the connection alone, or None.
 
     ``owners[i]`` is the (shared) filter connection ``i`` belongs to. Each connection alone
     runs on a pristine copy of its owner; together they run on the owners themselves.
@@ -185,10 +185,19 @@ def check_interleaved(
     alone: dict[int, Decision] = {}
     for conn in sorted({c for c, _, _ in steps}):
         mine = [(n, s) for n, s in enumerate(steps) if s[0] == conn]
-        owner = pristine.instance(owners[conn])  # its own filter, as built
-        pristine.classes.restore()
-        got = run_steps([s for _, s in mine], lambda _c, o=owner: _watched(pristine, open_session, o), call)  # type: ignore[misc]
-        alone.update({mine[k][0]: d for k, d in got.items()})
+        runs = []
+        for _ in range(2):  # twice: a connection that differs from itself alone is not a leak between two
+            owner = pristine.instance(owners[conn])  # its own filter, as built
+            pristine.classes.restore()
+            got = run_steps([s for _, s in mine], lambda _c, o=owner: _watched(pristine, open_session, o), call)  # type: ignore[misc]
+            runs.append({mine[k][0]: d for k, d in got.items()})
+        for n in runs[0]:
+            if n in runs[1] and not same(runs[0][n], runs[1][n]):
+                return "deterministic", (
+                    f"same bytes, two answers: {show(runs[0][n])} then {show(runs[1][n])} for {steps[n][1]!r} "
+                    "on two fresh filters"
+                )
+        alone.update(runs[0])
     pristine.classes.restore()
     built = {id(o): pristine.instance(o) for o in owners}  # the listener's filters, as built, then shared
     together = run_steps(steps, lambda c: _watched(pristine, open_session, built[id(owners[c])]), call)
@@ -200,7 +209,7 @@ def check_interleaved(
                 f"c{c}{' EOF' if f else ''} {d[-24:]!r}" for c, d, f in steps[: n + 1]
             )
             kind = "this filter" if owners[conn] is owners[0] else "another instance of the class"
-            return (
+            return "isolation", (
                 f"state leaks between connections: connection c{conn} got {show(together[n])} on {data!r}"
                 f"{' at EOF' if final else ''} after other connections used {kind}, but {show(alone[n])} alone; "
                 f"interleaving (connection, last bytes): {trail}"

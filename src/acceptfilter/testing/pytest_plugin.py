@@ -6,7 +6,8 @@ nothing heavy at module level: hypothesis is loaded only when the fixture is use
     def test_my_filter(filter_checker):
         filter_checker(MyFilter())          # or "myfilter:arg=1"
 
-It runs :func:`acceptfilter.testing.check_filter` under the hypothesis profile the user
+It runs :func:`acceptfilter.testing.check_filter` with the budget ``acceptfilter fuzz`` uses
+(1000 examples and the coverage-guided phase), or under the hypothesis profile the user
 configured (``--hypothesis-profile``, ``settings.load_profile``); ``--filter-examples N``
 overrides the example count for the whole run.
 """
@@ -26,7 +27,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="examples per filter_checker() call (default: the active hypothesis profile's max_examples)",
+        help="examples per filter_checker() call (default: acceptfilter fuzz's 1000, or your hypothesis profile's)",
     )
 
 

@@ -162,3 +162,69 @@ def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path) -> None:
     assert out.returncode == 3, out.stderr  # uvicorn's own status for a startup failure, passed on
     assert "failed to start (exit status 3); stopping" in out.stderr
     assert not serving(port)
+
+
+def _reloaded_moved(log: Path) -> list[int]:
+    """How many held connections each worker's "reloaded" line says it moved."""
+    import re
+
+    return [int(m) for m in re.findall(r"reloaded: \d+ chain\(s\) rebuilt, (\d+) held connection", log.read_text())]
+
+
+@needs_curl
+def test_sighup_reloads_every_serve_worker_without_losing_a_held_connection_or_a_request(tmp_path: Path) -> None:
+    """SIGHUP in the parent of ``serve --workers 2``: each worker reloads in place; nothing is closed or refused.
+
+    Before: the parent died of the default SIGHUP action, its workers with it.
+    """
+    import threading
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "slow").write_text("slow")
+    (site / "w0").write_text("w0")
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--no-status", "--directory",
+                                 str(site), "--timeout", "120"], text=True, stdout=subprocess.DEVNULL, stderr=err)
+    held: list[socket.socket] = []
+    try:
+        parent = proc.pid
+        wait_for(lambda: len(children(parent)) >= 2 and serving(port), 60)
+        workers = children(parent)
+        held = open_held(port)
+        # The kernel queue is FIFO and shared: once a later connection is answered, every held one was taken.
+        assert curl(port, "/w0") == (200, "w0")
+        answered: list[tuple[int, str]] = []
+        done = threading.Event()
+
+        def traffic() -> None:
+            while not done.is_set():
+                answered.append(curl(port, "/w0"))
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(_reloaded_moved(log)) >= 2, 60)
+        finally:
+            done.set()
+            thread.join(60)
+        assert proc.poll() is None and children(parent) == workers, "reloaded in place, nobody restarted"
+        assert sum(_reloaded_moved(log)) == len(held), log.read_text()
+        assert answered and all(a == (200, "w0") for a in answered), answered
+        for conn in held[:-5]:
+            conn.sendall(b"GET /w0 HTTP/1.0\r\n\r\n")
+        for conn in held[-5:]:  # the half-sent ones finish their request
+            conn.sendall(b"\r\n")
+        for conn in held:
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.0 200 "), reply[:80]
+        assert "Traceback" not in log.read_text()
+    finally:
+        close_all(held)
+        interrupt(proc)
+    assert proc.returncode == 0

@@ -228,3 +228,63 @@ def test_sighup_reloads_every_serve_worker_without_losing_a_held_connection_or_a
         close_all(held)
         interrupt(proc)
     assert proc.returncode == 0
+
+
+@needs_curl
+def test_sighup_reloads_every_uvicorn_worker_without_losing_a_held_connection_or_a_request(tmp_path: Path) -> None:
+    """``acceptfilter run -- uvicorn --workers 2``: SIGHUP reloads each worker's filters, keeping what it holds.
+
+    Before: the parent died of the default SIGHUP action, its workers with it (plain uvicorn restarts its
+    workers instead, and closes what they held).
+    """
+    import re
+    import threading
+
+    (tmp_path / "app.py").write_text(APP)
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([*CLI, "run", "--timeout", "120", "--", "uvicorn", "app:app", "--port", str(port),
+                                 "--workers", "2"], cwd=tmp_path, text=True, stdout=subprocess.DEVNULL, stderr=err)
+    held: list[socket.socket] = []
+    try:
+        parent = proc.pid
+        wait_for(lambda: len(children(parent)) >= 2 and serving(port), 60)
+        workers = children(parent)
+        held = open_held(port)
+        answers(port, "/first")  # FIFO shared queue: every held connection was taken before this one
+        answered: list[int] = []
+        done = threading.Event()
+
+        def traffic() -> None:
+            while not done.is_set():
+                answered.append(answers(port, "/during")[0])
+
+        def moved() -> list[int]:
+            return [int(n) for n in re.findall(r"reloaded: filters rebuilt, (\d+) held", log.read_text())]
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(moved()) >= 2, 60)
+        finally:
+            done.set()
+            thread.join(60)
+        assert proc.poll() is None and children(parent) == workers, "reloaded in place"
+        assert sum(moved()) == len(held), log.read_text()
+        assert answered and set(answered) <= workers
+        for conn in held[:-5]:
+            conn.sendall(b"GET /idle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for conn in held[-5:]:
+            conn.sendall(b"Connection: close\r\n\r\n")
+        for conn in held:
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200 "), reply[:80]
+        assert "Traceback" not in log.read_text()
+    finally:
+        close_all(held)
+        interrupt(proc)
+    assert proc.returncode in (0, -signal.SIGINT, 130)

@@ -434,6 +434,8 @@ def report(server: Server, load: Load, events: list[tuple[float, str]], code: in
         problems.append(f"client errors: {load.client_errors}")
     if server.kind == "serve" and not lines:
         problems.append("no status line")
+    if server.kind == "serve" and "out of file descriptors" not in text:
+        problems.append("the fd limit was never reached (no EMFILE warning)")
     if broken:
         problems.append(f"{len(broken)} status line(s) that do not add up, e.g. {broken[0]}")
     if code != 0:

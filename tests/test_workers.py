@@ -288,3 +288,40 @@ def test_sighup_reloads_every_uvicorn_worker_without_losing_a_held_connection_or
         close_all(held)
         interrupt(proc)
     assert proc.returncode in (0, -signal.SIGINT, 130)
+
+
+@needs_curl
+def test_a_sigkilled_worker_resets_every_connection_it_held_idle_or_half_sent(tmp_path: Path) -> None:
+    """One rule for what a worker that dies (SIGKILL, a crash) held: an RST, idle or half-sent.
+
+    Before: the kernel closed idle ones with a FIN and half-sent ones (unread bytes) with an RST.
+    Held connections carry SO_LINGER {1, 0} while they are watched; it is cleared before one is
+    handed to the application or closed on purpose (a FIN: tests/test_serve_attack.py, test_gunicorn.py).
+    """
+    (tmp_path / "w0").write_text("w0")
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--no-status", "--directory",
+                             str(tmp_path), "--timeout", "120"], text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    held: list[socket.socket] = []
+    try:
+        parent = proc.pid
+        wait_for(lambda: len(children(parent)) >= 2 and serving(port), 60)
+        workers = children(parent)
+        held = open_held(port)
+        assert curl(port, "/w0") == (200, "w0")  # FIFO shared queue: every held connection was taken
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        outcomes = []
+        for conn in held:
+            conn.settimeout(30)
+            try:
+                outcomes.append("FIN" if conn.recv(100) == b"" else "data")
+            except ConnectionResetError:
+                outcomes.append("RST")
+        assert outcomes == ["RST"] * len(held), outcomes
+        wait_for(lambda: len(children(parent) - workers) >= 2, 60)  # replaced
+        assert curl(port, "/w0") == (200, "w0")
+    finally:
+        close_all(held)
+        interrupt(proc)

@@ -174,7 +174,12 @@ def test_filter_examples_are_fed_without_being_passed() -> None:
     with pytest.raises(ContractViolation) as caught:
         check_filter(Declared(), max_examples=200)
     assert caught.value.invariant == "raises"
-    check_filter(_SeedOnlyBug(), max_examples=200)  # nothing declared: the built-ins never reach the bug
+    # Nothing declared: the built-in inputs alone never reach the bug ...
+    check_filter(_SeedOnlyBug(), max_examples=200, guided_seconds=None)
+    # ... but the guided phase does: b"~~" is a literal in this module, so it is in the dictionary.
+    with pytest.raises(ContractViolation) as guided:
+        check_filter(_SeedOnlyBug(), max_examples=200)
+    assert guided.value.invariant == "raises"
 
 
 def test_counterexamples_show_only_what_matters() -> None:

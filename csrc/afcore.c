@@ -110,6 +110,8 @@ static int64_t clock_us(const af_core *c) {
 }
 
 static void publish(af_core *c) {
+    /* Held connections are in accept order: the head is the oldest (for `acceptfilter stats`). */
+    c->stats.oldest_accepted_us = c->fifo.head != NIL ? c->conns[c->fifo.head].accepted_us : -1;
     pthread_mutex_lock(&c->stats_lock);
     c->published = c->stats;
     pthread_mutex_unlock(&c->stats_lock);

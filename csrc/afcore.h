@@ -59,6 +59,7 @@ typedef struct af_stats {
     uint64_t surfaced_age_us; /* their summed times from accept to surfacing */
     uint64_t surfaced_hist[AF_HIST_SLOTS]; /* their times to surfacing, by af_set_hist_bounds() slot */
     uint64_t direct_idle;    /* af_accept() waits on a new connection that ran out with no byte */
+    int64_t oldest_accepted_us; /* when the oldest held connection was accepted (core clock, CLOCK_MONOTONIC); -1: none */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
 } af_stats;

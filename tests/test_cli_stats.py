@@ -24,7 +24,7 @@ def test_stats_json_shows_the_queue() -> None:
         (view,) = data["listeners"]
         assert view["port"] == port and view["address"] == "127.0.0.1"
         assert view["accept_queue"] == 4 and view["backlog"] == 32
-        assert set(data["namespace"]) == {"listen_overflows", "listen_drops"}
+        assert set(data["namespace"]) == {"listen_overflows", "listen_drops", "defer_accept_drops"}
         for _ in range(4):
             server.accept()[0].close()
         assert json.loads(run("stats", str(port), "--json").stdout)["listeners"][0]["accept_queue"] == 0
@@ -59,11 +59,12 @@ def test_top_once_lists_our_listener() -> None:
             time.sleep(0.05)
             out = run("top", "--count", "1")
     assert out.returncode == 0, out.stderr
-    line = next(line for line in out.stdout.splitlines() if f"127.0.0.1:{port} " in line)
-    assert int(line.split()[1]) == 1  # the QUEUE column: our unaccepted client
+    fields = next(line.split() for line in out.stdout.splitlines() if line.split()[:1] == [str(port)])
+    assert fields[1] == "0" and fields[2] == "-"  # no engine: nothing held that anyone can see
+    assert int(fields[9]) == 1  # the QUEUE column: our unaccepted client
     assert "\x1b[" not in out.stdout  # not a terminal: plain lines
     out = run("top", "--count", "2", "--interval", "0.05")
-    assert out.returncode == 0 and out.stdout.count("LISTENER") == 2
+    assert out.returncode == 0 and out.stdout.count("acceptfilter top") == 2
 
 
 def test_serve_prints_status_lines(tmp_path: Path) -> None:

@@ -590,6 +590,8 @@ class Engine:
             "accept_paused": bool(core["paused"]),
             "peeks": core["peeks"],
             "bytes_peeked": core["bytes_peeked"],
+            # The core's clock is time.monotonic()'s (CLOCK_MONOTONIC); held ones are in accept order.
+            "oldest_held_age": max(0.0, time.monotonic() - oldest) if (oldest := core.get("oldest_accepted")) is not None else 0.0,
             "buffered_bytes": core["buffered"],
             "time_to_surface": {
                 "buckets": list(LATENCY_BUCKETS),

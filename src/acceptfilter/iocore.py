@@ -289,6 +289,7 @@ class CCore:
             "surfaced": s.surfaced,
             "fast": s.fast,
             "direct_idle": s.direct_idle,
+            "oldest_accepted": s.oldest_accepted_us / 1e6 if s.oldest_accepted_us >= 0 else None,
             "surfaced_lost": s.surfaced_lost,
             "surfaced_age": s.surfaced_age_us / 1e6,
             "surfaced_hist": list(s.surfaced_hist),

@@ -246,6 +246,20 @@ class _Hub:
             except Exception:
                 self.engine.free()
                 raise
+        from .publish import publish
+
+        #: This engine's live counters for `acceptfilter stats PORT`, top and the metrics exporter.
+        self.publication = publish(sock, self.published_stats)
+
+    def published_stats(self) -> dict[str, Any]:
+        """What the stats file carries: the engine's counters and the hub's gauges."""
+        out = self.engine.stats()
+        out["queued"] = sum(len(q) for q in self.queues.values())
+        out["max_held"] = self.max_held
+        out["deadline"] = self.deadline
+        out["engines"] = 1
+        out["defer_accept"] = self.defer_accept
+        return out
 
     def attach_driver(self, driver: Driver) -> None:
         """Adopt a driver started elsewhere, so :meth:`close` stops it first.
@@ -313,6 +327,8 @@ class _Hub:
             if self.closed:
                 return
             self.closed = True
+        if self.publication is not None:
+            self.publication.close()
         if self.driver is not None:
             self.driver.stop()
         try:

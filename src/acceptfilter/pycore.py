@@ -581,7 +581,8 @@ class PyCore:
 
     def snapshot(self) -> None:
         self._saved = {**self._stats, "surfaced_hist": list(self._stats["surfaced_hist"]), "buffered": self._buffered,
-                       "held": len(self._owned), "paused": int(self._paused_until is not None)}
+                       "held": len(self._owned), "paused": int(self._paused_until is not None),
+                       "oldest_accepted": next(iter(self._fifo.values())).accepted_at if self._fifo else None}
 
     def saved_stats(self) -> dict[str, Any]:
         return dict(self._saved)

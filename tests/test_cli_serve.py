@@ -227,10 +227,11 @@ def test_metrics_port_serves_prometheus_text(serve: list[Served], tmp_path: Path
     deadline = time.monotonic() + LIMIT
     while True:
         text = get(f"http://127.0.0.1:{mport}/metrics")
-        if "acceptfilter_surfaced_total 1.0" in text or time.monotonic() > deadline:
+        if f'acceptfilter_surfaced_total{{port="{s.port}"}} 1.0' in text or time.monotonic() > deadline:
             break
-    assert "acceptfilter_surfaced_total 1.0" in text, text
+    assert f'acceptfilter_surfaced_total{{port="{s.port}"}} 1.0' in text, text
     assert "# TYPE acceptfilter_time_to_surface_seconds histogram" in text
+    assert f'acceptfilter_kernel_accept_queue_connections{{port="{s.port}"}} 0.0' in text  # the kernel's side too
 
 
 def test_log_format_json(serve: list[Served], tmp_path: Path) -> None:

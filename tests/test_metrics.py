@@ -136,7 +136,8 @@ def test_prometheus_exposition(listener: FilteredListener) -> None:
     hist = families["acceptfilter_time_to_surface_seconds"].samples
     assert [s.value for s in hist if s.name.endswith("_count")] == [1.0]
     assert [s.value for s in hist if s.labels.get("le") == "+Inf"] == [1.0]
-    assert families["acceptfilter_held"].samples[0].value == 0.0
+    assert families["acceptfilter_held_connections"].samples[0].value == 0.0
+    assert [s.value for s in families["acceptfilter_peeked_bytes"].samples] == [float(len(HEAD))]
 
 
 _FD_SCRIPT = r"""

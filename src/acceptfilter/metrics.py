@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from .errors import AcceptFilterError
 
-__all__ = ["PrometheusCollector", "PrometheusMissingError", "exposition"]
+__all__ = ["PortCollector", "PrometheusCollector", "PrometheusMissingError", "exposition", "metric_names"]
 
 
 class PrometheusMissingError(AcceptFilterError, ImportError):
@@ -22,30 +22,64 @@ class _HasStats(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-#: stats() key -> (metric name suffix, help). Monotonic counters.
+#: stats() key -> (metric name, help). Monotonic counters; prometheus_client adds ``_total``.
+#: Names follow Prometheus' conventions: base units (bytes, seconds), no label name inside a name.
 _COUNTERS = {
-    "accepted": "connections the core accepted from the kernel",
-    "surfaced": "connections handed to the application",
-    "rejected": "connections the filters rejected",
-    "timed_out": "connections whose deadline passed while held",
-    "evicted": "held connections evicted because max_held was reached",
-    "closed_empty": "connections closed by the client before sending anything",
-    "failed": "connections that failed while held",
-    "dropped": "connections closed by a timeout/eviction/error policy",
-    "detached": "held connections given up undecided for another holder (detach_held)",
-    "filter_errors": "filter exceptions and contract violations",
-    "unclaimed": "surfaced connections the application never accepted",
-    "fd_exhaustion": "EMFILE/ENFILE events while accepting",
-    "accept_errors": "accept() errors",
-    "peeks": "MSG_PEEK calls",
-    "bytes_peeked": "bytes peeked",
+    "accepted": ("accepted", "connections the core accepted from the kernel"),
+    "surfaced": ("surfaced", "connections handed to the application"),
+    "surfaced_by_core": ("surfaced_by_core", "of those, certified by the filter's compiled matcher in C, no Python run"),
+    "surfaced_at_accept": ("surfaced_at_accept", "of those, certified at accept and handed straight to accept()"),
+    "rejected": ("rejected", "connections the filters rejected"),
+    "timed_out": ("timed_out", "connections whose deadline passed while held"),
+    "evicted": ("evicted", "held connections evicted because max_held was reached"),
+    "aborted": ("aborted", "connections the peer closed or reset before a decision"),
+    "closed_empty": ("closed_empty", "connections closed by the client before sending anything"),
+    "failed": ("failed", "connections that failed while held"),
+    "dropped": ("dropped", "connections closed by a timeout/eviction/error policy"),
+    "detached": ("detached", "held connections given up undecided for another holder (detach_held)"),
+    "filter_errors": ("filter_errors", "filter exceptions and contract violations"),
+    "unclaimed": ("unclaimed", "surfaced connections the application never accepted"),
+    "fd_exhaustion": ("fd_exhaustion", "EMFILE/ENFILE events while accepting"),
+    "accept_errors": ("accept_errors", "accept() errors"),
+    "peeks": ("peeks", "MSG_PEEK calls"),
+    "bytes_peeked": ("peeked_bytes", "bytes peeked"),
 }
 #: Gauges: what is true right now.
 _GAUGES = {
-    "held": "connections held by the accept filter now",
-    "queued": "surfaced connections waiting for accept()",
-    "waiting_with_data": "held connections that sent bytes but are undecided",
+    "held": ("held_connections", "connections held by the accept filter now"),
+    "held_idle": ("held_idle_connections", "held connections that have sent nothing"),
+    "held_partial": ("held_partial_connections", "held connections that sent a part of something"),
+    "waiting_with_data": ("waiting_with_data_connections", "held connections that sent bytes but are undecided"),
+    "queued": ("queued_connections", "surfaced connections waiting for accept()"),
+    "oldest_held_age": ("oldest_held_age_seconds", "seconds the oldest held connection has waited"),
+    "buffered_bytes": ("buffered_bytes", "peek buffer bytes allocated now"),
+    "engines": ("engines", "engines (processes) publishing on this port"),
 }
+#: stats() mapping key -> (metric name, label, help): counters split by one label.
+_SPLITS = (
+    ("surfaced_by_route", "routed", "route", "connections surfaced into each route"),
+    ("surfaced_by_reason", "surface_decisions", "reason", "connections surfaced, by why (ready, timeout, evicted ...)"),
+    ("filter_errors_by_filter", "filter_exceptions", "name", "filter errors, by filter"),
+    ("evicted_by_reason", "evictions", "reason", "held connections evicted, by why"),
+)
+#: The metric names the exporters serve (the Grafana dashboard's test checks its queries against them).
+KERNEL_GAUGES = {
+    "accept_queue": ("kernel_accept_queue_connections", "connections in the kernel's accept queue now"),
+    "backlog": ("kernel_backlog_connections", "the listen backlog the kernel uses (after somaxconn)"),
+    "syn_recv": ("kernel_syn_recv_connections", "request sockets in SYN_RECV (TCP_DEFER_ACCEPT holds them there)"),
+    "drops": ("kernel_drops", "the listeners' sk_drops: handshakes dropped before the accept queue "
+                              "(with TCP_DEFER_ACCEPT also each deferred handshake)"),
+}
+
+
+def metric_names(prefix: str = "acceptfilter") -> set[str]:
+    """Every sample name the exporters can serve (counters with ``_total``, the histogram's series)."""
+    names = {f"{prefix}_{n}_total" for n, _ in _COUNTERS.values()}
+    names |= {f"{prefix}_{n}" for n, _ in _GAUGES.values()}
+    names |= {f"{prefix}_{n}_total" for _, n, _, _ in _SPLITS}
+    names |= {f"{prefix}_{n}" for n, _ in KERNEL_GAUGES.values()}
+    names |= {f"{prefix}_time_to_surface_seconds{s}" for s in ("_bucket", "_sum", "_count")}
+    return names
 
 
 def _client() -> Any:
@@ -75,48 +109,92 @@ class PrometheusCollector:
         return []  # metrics are produced at scrape time; nothing to pre-register
 
     def collect(self) -> Iterator[Any]:
-        core, p, names = self._core, self._prefix, list(self._labels)
-        values = list(self._labels.values())
-        stats = self._source.stats()
-        for key, doc in _COUNTERS.items():
-            if key in stats:
-                m = core.CounterMetricFamily(f"{p}_{key}", doc, labels=names)
-                m.add_metric(values, float(stats[key]))
-                yield m
-        for key, doc in _GAUGES.items():
-            if key in stats:
-                g = core.GaugeMetricFamily(f"{p}_{key}", doc, labels=names)
-                g.add_metric(values, float(stats[key]))
-                yield g
-        for key, label, doc in (
-            ("surfaced_by_route", "route", "connections surfaced, by route"),
-            ("surfaced_by_reason", "reason", "connections surfaced, by why (ready, timeout, evicted ...)"),
-            ("filter_errors_by_filter", "filter", "filter errors, by filter"),
-        ):
-            m = core.CounterMetricFamily(f"{p}_{key}", doc, labels=[*names, label])
-            for name, count in sorted(stats.get(key, {}).items()):
-                m.add_metric([*values, str(name)], float(count))
+        yield from families(self._core, self._source.stats(), self._prefix, self._labels)
+
+
+def families(core: Any, stats: dict[str, Any], prefix: str, labels: dict[str, str],
+             kernel: dict[str, int | None] | None = None) -> Iterator[Any]:
+    """Metric families for one stats() mapping (one engine, or several summed), and the kernel's gauges."""
+    p, names, values = prefix, list(labels), list(labels.values())
+    for key, (name, doc) in _COUNTERS.items():
+        if key in stats:
+            m = core.CounterMetricFamily(f"{p}_{name}", doc, labels=names)
+            m.add_metric(values, float(stats[key]))
             yield m
-        hist = stats["time_to_surface"]
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip(hist["buckets"], hist["counts"], strict=False):
-            running += count
-            buckets.append((repr(float(bound)), float(running)))
-        buckets.append(("+Inf", float(hist["count"])))
-        h = core.HistogramMetricFamily(
-            f"{p}_time_to_surface_seconds", "seconds from the core's accept to surfacing (what clients wait)",
-            labels=names,
-        )
-        h.add_metric(values, buckets, float(hist["sum"]))
-        yield h
+    for key, (name, doc) in _GAUGES.items():
+        if key in stats:
+            g = core.GaugeMetricFamily(f"{p}_{name}", doc, labels=names)
+            g.add_metric(values, float(stats[key]))
+            yield g
+    for key, name, label, doc in _SPLITS:
+        if key in stats or key == "surfaced_by_route":
+            m = core.CounterMetricFamily(f"{p}_{name}", doc, labels=[*names, label])
+            for sub, count in sorted(stats.get(key, {}).items()):
+                m.add_metric([*values, str(sub)], float(count))
+            yield m
+    for key, (name, doc) in KERNEL_GAUGES.items():
+        value = (kernel or {}).get(key)
+        if value is not None:
+            g = core.GaugeMetricFamily(f"{p}_{name}", doc, labels=names)
+            g.add_metric(values, float(value))
+            yield g
+    hist = stats.get("time_to_surface")
+    if not hist:
+        return
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(hist["buckets"], hist["counts"], strict=False):
+        running += count
+        buckets.append((repr(float(bound)), float(running)))
+    buckets.append(("+Inf", float(hist["count"])))
+    h = core.HistogramMetricFamily(
+        f"{p}_time_to_surface_seconds", "seconds from the core's accept to surfacing (what clients wait)",
+        labels=names,
+    )
+    h.add_metric(values, buckets, float(hist["sum"]))
+    yield h
 
 
-def exposition(source: _HasStats, **kwargs: Any) -> bytes:
-    """The Prometheus text format for one listener (for a /metrics handler or a file)."""
+class PortCollector:
+    """Every engine on a port, summed from their stats files, with the kernel's view of the port.
+
+    What ``--metrics-port`` serves for ``serve`` (one worker or many), ``run`` and
+    gunicorn's filter process, and ``acceptfilter metrics PORT`` for any program.
+    """
+
+    def __init__(self, port: int, *, prefix: str = "acceptfilter", labels: dict[str, str] | None = None) -> None:
+        self._core = _client()
+        self.port = port
+        self._prefix = prefix
+        self._labels = {"port": str(port), **(labels or {})}
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from .portview import PortView, port_views
+
+        try:
+            views = port_views(self.port)
+        except AcceptFilterError:  # no kernel view (sock_diag refused): the engines alone
+            from .statsfile import read_port
+
+            views = [PortView(self.port, engines=read_port(self.port))]
+        view = views[0] if views else PortView(self.port)
+        kernel: dict[str, int | None] = {}
+        if view.listeners:
+            kernel = {"accept_queue": view.accept_queue, "backlog": view.backlog, "drops": view.drops,
+                      "syn_recv": sum(v.syn_recv for v in view.listeners)}
+        stats = view.total
+        stats.setdefault("engines", 0)
+        yield from families(self._core, stats, self._prefix, self._labels, kernel)
+
+
+def exposition(source: _HasStats | int, **kwargs: Any) -> bytes:
+    """The Prometheus text format for one listener, or (an int) every engine on that port."""
     _client()
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PrometheusCollector(source, **kwargs))
+    registry.register(PortCollector(source, **kwargs) if isinstance(source, int) else PrometheusCollector(source, **kwargs))
     return bytes(generate_latest(registry))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import stat
 
-from ...errors import AcceptFilterError
+from ...errors import AcceptFilterError, listen_error
 
 
 def listen(bind: str, port: int, backlog: int) -> socket.socket:
@@ -22,16 +21,6 @@ def listen(bind: str, port: int, backlog: int) -> socket.socket:
         return socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False, dualstack_ipv6=dual)
     except OSError as exc:
         raise listen_error(where, exc, "--port") from None
-
-
-def listen_error(where: str, exc: OSError, option: str) -> AcceptFilterError:
-    if exc.errno == errno.EADDRINUSE:
-        return AcceptFilterError(f"cannot listen on {where}: the port is already in use; stop the other server or pick another {option}")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return AcceptFilterError(f"cannot listen on {where}: permission denied (ports below 1024 need privileges)")
-    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:  # a name or an address not here
-        return AcceptFilterError(f"cannot listen on {where}: no such local address")
-    return AcceptFilterError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 def listen_unix(path: str, backlog: int) -> socket.socket:

@@ -40,11 +40,19 @@ def status_loop(current: Current, interval: float) -> None:
             stats = current.stats()
         except Exception:  # the server is shutting down under us
             return
-        line = status_line(stats, kernel)
-        if current.json_logs:
-            fields: dict[str, Any] = {k: stats[k] for k in (*_TERMS, "queued") if k in stats}
-            if kernel is not None:
-                fields.update(kernel_queue=kernel[0], kernel_backlog=kernel[1])
-            status_log.info("%s", line, extra={"fields": {"type": "status", **fields}})
-        else:
-            console.status(line)
+        show_status(stats, kernel, json_logs=current.json_logs)
+
+
+def show_status(stats: dict[str, Any], kernel: tuple[int, int] | None, *, json_logs: bool, prefix: str = "",
+                in_place: bool = True, **extra: Any) -> None:
+    """The status line: in place on a terminal (``in_place``), a plain line or a JSON object otherwise."""
+    line = prefix + status_line(stats, kernel)
+    if json_logs:
+        fields: dict[str, Any] = {k: stats[k] for k in (*_TERMS, "queued") if k in stats}
+        if kernel is not None:
+            fields.update(kernel_queue=kernel[0], kernel_backlog=kernel[1])
+        status_log.info("%s", line, extra={"fields": {"type": "status", **extra, **fields}})
+    elif in_place:
+        console.status(line)
+    else:
+        console.line(line)

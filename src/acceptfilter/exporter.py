@@ -13,20 +13,34 @@ import http.server
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import listen_error
 
-__all__ = ["MetricsServer", "metrics_server", "start"]
+__all__ = ["MetricsServer", "metrics_server", "parse_address", "start"]
 
-Source = int | Callable[[], dict[str, Any]]
+
+def parse_address(text: str, option: str) -> tuple[str, int]:
+    """``PORT`` (on 127.0.0.1) or ``HOST:PORT`` (``[::]:9100``), one line naming ``option`` otherwise."""
+    from .errors import AcceptFilterError
+
+    host, sep, port = str(text).strip().rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise AcceptFilterError(f"{option} takes PORT or HOST:PORT, not {text!r}")
+    return (host.strip("[]") if sep and host else "127.0.0.1"), number
+
+Source = int | Sequence[int] | Callable[[], dict[str, Any]]
 
 
 def _body(source: Source) -> bytes:
     from .metrics import exposition
 
-    if isinstance(source, int):
+    if not callable(source):
         return exposition(source)
 
     class Stats:
@@ -58,6 +72,8 @@ class MetricsServer(http.server.ThreadingHTTPServer):
     """The scrape endpoint; ``source`` is what it exports."""
 
     daemon_threads = True
+    #: A gunicorn reload starts the new filter process before the old one exits: both may bind it meanwhile.
+    allow_reuse_port = True
     #: False: each scrape is answered in the thread that calls serve_for() (a threadless parent).
     threaded = False
     source: Source

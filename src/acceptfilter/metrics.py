@@ -6,7 +6,7 @@ nothing for it: no metric objects are updated per connection.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from .errors import AcceptFilterError
@@ -156,45 +156,55 @@ def families(core: Any, stats: dict[str, Any], prefix: str, labels: dict[str, st
 
 
 class PortCollector:
-    """Every engine on a port, summed from their stats files, with the kernel's view of the port.
+    """Every engine on a port (or on each of several), summed from their stats files, with the kernel's view.
 
     What ``--metrics-port`` serves for ``serve`` (one worker or many), ``run`` and
-    gunicorn's filter process, and ``acceptfilter metrics PORT`` for any program.
+    gunicorn's filter process. Each port is a ``port`` label on every sample.
     """
 
-    def __init__(self, port: int, *, prefix: str = "acceptfilter", labels: dict[str, str] | None = None) -> None:
+    def __init__(self, ports: int | Sequence[int], *, prefix: str = "acceptfilter", labels: dict[str, str] | None = None) -> None:
         self._core = _client()
-        self.port = port
+        self.ports = [ports] if isinstance(ports, int) else list(ports)
         self._prefix = prefix
-        self._labels = {"port": str(port), **(labels or {})}
+        self._labels = dict(labels or {})
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Iterator[Any]:
+        merged: dict[str, Any] = {}
+        for port in self.ports:
+            for family in self._port(port):
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        yield from merged.values()
+
+    def _port(self, port: int) -> Iterator[Any]:
         from .portview import PortView, port_views
 
         try:
-            views = port_views(self.port)
+            views = port_views(port)
         except AcceptFilterError:  # no kernel view (sock_diag refused): the engines alone
             from .statsfile import read_port
 
-            views = [PortView(self.port, engines=read_port(self.port))]
-        view = views[0] if views else PortView(self.port)
+            views = [PortView(port, engines=read_port(port))]
+        view = views[0] if views else PortView(port)
         kernel: dict[str, int | None] = {}
         if view.listeners:
             kernel = {"accept_queue": view.accept_queue, "backlog": view.backlog, "drops": view.drops,
                       "syn_recv": sum(v.syn_recv for v in view.listeners)}
         stats = view.total
         stats.setdefault("engines", 0)
-        yield from families(self._core, stats, self._prefix, self._labels, kernel)
+        yield from families(self._core, stats, self._prefix, {"port": str(port), **self._labels}, kernel)
 
 
-def exposition(source: _HasStats | int, **kwargs: Any) -> bytes:
-    """The Prometheus text format for one listener, or (an int) every engine on that port."""
+def exposition(source: _HasStats | int | Sequence[int], **kwargs: Any) -> bytes:
+    """The Prometheus text format for one listener, or every engine on a port (an int) or on several."""
     _client()
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PortCollector(source, **kwargs) if isinstance(source, int) else PrometheusCollector(source, **kwargs))
+    registry.register(PrometheusCollector(source, **kwargs) if hasattr(source, "stats") else PortCollector(source, **kwargs))
     return bytes(generate_latest(registry))

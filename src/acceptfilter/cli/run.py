@@ -24,6 +24,8 @@ import sys
 from typing import Any
 
 from ..errors import AcceptFilterError
+from ..exporter import MetricsServer
+from ..exporter import start as start_metrics
 from ..policy import DEFAULT_TIMEOUT
 from ..workers import check_workers, fork_workers
 from .args import on_timeout, positive_float, positive_int
@@ -46,6 +48,9 @@ def register(subparsers: Any) -> None:
                         "client would pin; surface for uvicorn and hypercorn)")
     p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
+    p.add_argument("--metrics-port", default=None, metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics there: every engine on the server's port summed (all workers), "
+                        "with the kernel's view of it (host default: 127.0.0.1; needs prometheus_client)")
     p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn|hypercorn|gunicorn ...")
     p.set_defaults(func=run)
 
@@ -55,7 +60,32 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "filter": args.filter or ["httpready"],
         "core": args.core,
         "policy": {"timeout": args.timeout, "on_timeout": args.on_timeout, "max_held": args.max_held},
+        "metrics": _metrics_address(args),
     }
+
+
+def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """--metrics-port checked before the server starts (a bad value, or prometheus_client missing: one line)."""
+    if args.metrics_port is None:
+        return None
+    from ..exporter import parse_address
+    from ..metrics import _client
+
+    address = parse_address(args.metrics_port, "--metrics-port")
+    _client()
+    return address
+
+
+def _metrics(options: dict[str, Any], port: int) -> MetricsServer | None:
+    """The scrape endpoint for every engine on ``port`` (bound now: a port in use is one line, before serving)."""
+    if options["metrics"] is None:
+        return None
+    from ..exporter import metrics_server
+
+    host, mport = options["metrics"]
+    server = metrics_server(host, mport, port)
+    print(f"acceptfilter: metrics on {server.url}", file=sys.stderr, flush=True)
+    return server
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +118,9 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["ACCEPTFILTER_FILTER"] = " ".join(args.filter or ["httpready"])
     env["ACCEPTFILTER_CORE"] = args.core
+    if args.metrics_port is not None:
+        _metrics_address(args)
+        env["ACCEPTFILTER_METRICS_PORT"] = str(args.metrics_port)
     for var, value in (("ACCEPTFILTER_TIMEOUT", args.timeout), ("ACCEPTFILTER_MAX_HELD", args.max_held),
                        ("ACCEPTFILTER_ON_TIMEOUT", args.on_timeout)):
         if value is not None:
@@ -96,6 +129,9 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
 
     settings(env)  # a bad filter spec fails here, before gunicorn starts
     server_args, asgi = _gunicorn_worker_class(server_args)
+    if asgi and args.metrics_port is not None:
+        raise AcceptFilterError("--metrics-port with gunicorn's uvicorn worker is not supported: each worker filters "
+                                "by itself; use `acceptfilter run --metrics-port ... -- uvicorn --workers N ...`")
     # The uvicorn worker filters in each worker (acceptfilter.workers); sync and gthread need the hooks.
     config = [] if asgi else ["-c", "python:acceptfilter.gunicorn"]
     argv = [sys.executable, "-m", "gunicorn", *config, *server_args]
@@ -191,13 +227,20 @@ def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
         config = {k: v for k, v in kwargs.items() if k in accepted and k not in ("uds", "fd", "reload", "workers")}
         policy = {k: v for k, v in options["policy"].items() if v is not None}
         sock = options["sock"]
-        if workers > 1:
+        if workers > 1 or options["metrics"] is not None:
             sock = sock or _bind(host, port, int(config.get("backlog", 2048)))
-            role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
+        metrics = _metrics(options, int(sock.getsockname()[1])) if sock is not None else None
+        if workers > 1:
+            role = fork_workers(workers, idle=metrics.serve_for if metrics else None)  # one engine per worker
             if not role.is_worker:
                 sock.close()
                 exit_code.append(role.exit_code)
                 return
+            if metrics is not None:
+                metrics.server_close()  # the parent answers scrapes, summing the workers
+                metrics = None
+        if metrics is not None:
+            start_metrics(metrics)
         try:
             af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy,
                            sock=sock, **config)
@@ -240,11 +283,17 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
             raise AcceptFilterError(f"acceptfilter run supports Hypercorn's asyncio and uvloop workers, not "
                                     f"{config.worker_class!r} (trio: use acceptfilter.integrations.trio in code)")
         sock = options["sock"] or _bind(host, int(port), config.backlog)
+        metrics = _metrics(options, int(sock.getsockname()[1]))
         if workers > 1:
-            role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
+            role = fork_workers(workers, idle=metrics.serve_for if metrics else None)  # one engine per worker
             if not role.is_worker:
                 sock.close()
                 return role.exit_code
+            if metrics is not None:
+                metrics.server_close()  # the parent answers scrapes, summing the workers
+                metrics = None
+        if metrics is not None:
+            start_metrics(metrics)
         app = load_application(config.application_path, config.wsgi_max_body_size)
         loop = "uvloop" if config.worker_class == "uvloop" else "asyncio"
         policy = {k: v for k, v in options["policy"].items() if v is not None}

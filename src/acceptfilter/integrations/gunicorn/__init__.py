@@ -35,7 +35,9 @@ would pin a sync or gthread worker; ``surface``, ``reset``),
 its hard limit, less 256), ``ACCEPTFILTER_CORE`` (``c`` or ``python``) and
 ``ACCEPTFILTER_DEFER_ACCEPT`` (``TCP_DEFER_ACCEPT`` seconds on the listen
 sockets, default 1, 0 for off: workers then rarely accept a connection whose
-request has not arrived yet).
+request has not arrived yet) and ``ACCEPTFILTER_METRICS_PORT`` (``PORT`` or
+``HOST:PORT``: the filter process serves Prometheus metrics there, every
+filtered port summed with the kernel's view of it; needs prometheus_client).
 An application reads what the filters learnt with
 ``acceptfilter.connection_info(environ["gunicorn.socket"])`` (or
 :func:`connection_info` here).

@@ -24,6 +24,7 @@ _ENV = {
     "max_held": "ACCEPTFILTER_MAX_HELD",
     "core": "ACCEPTFILTER_CORE",
     "defer_accept": "ACCEPTFILTER_DEFER_ACCEPT",
+    "metrics_port": "ACCEPTFILTER_METRICS_PORT",
 }
 _installed: dict[str, Any] = {}
 
@@ -62,9 +63,18 @@ def settings(env: Mapping[str, str] | None = None, **defaults: Any) -> FeederSet
     if core not in ("c", "python"):
         raise AcceptFilterError(f"{_ENV['core']} must be 'c' or 'python', not {core!r}")
     on_timeout = str(merged.get("on_timeout", WORKER_ON_TIMEOUT))  # sync/gthread: a surfaced idle client pins a worker
+    metrics = merged.get("metrics_port")
+    if metrics is not None:
+        from ...exporter import parse_address
+
+        host, port = parse_address(str(metrics), _ENV["metrics_port"])
+        metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        from ...metrics import _client
+
+        _client()  # one line naming what to install if prometheus_client is missing
     load_chain(list(filters))  # unknown names and malformed specs fail here, in the arbiter
     Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held)
-    return FeederSettings(filters, timeout, on_timeout, max_held, core, defer_accept)
+    return FeederSettings(filters, timeout, on_timeout, max_held, core, defer_accept, metrics)
 
 
 def connection_info(environ: Mapping[str, Any]) -> ConnectionInfo | None:

@@ -32,6 +32,9 @@ _COUNTERS = {
     "rejected": ("rejected", "connections the filters rejected"),
     "timed_out": ("timed_out", "connections whose deadline passed while held"),
     "evicted": ("evicted", "held connections evicted because max_held was reached"),
+    "evicted_idle": ("evicted_idle", "of those, idle ones (nothing sent)"),
+    "evicted_partial": ("evicted_partial", "of those, partial ones (a request begun)"),
+    "timed_out_idle": ("timed_out_idle", "timed-out connections that were idle (the idle limit)"),
     "aborted": ("aborted", "connections the peer closed or reset before a decision"),
     "closed_empty": ("closed_empty", "connections closed by the client before sending anything"),
     "failed": ("failed", "connections that failed while held"),
@@ -72,13 +75,17 @@ KERNEL_GAUGES = {
 }
 
 
-def metric_names(prefix: str = "acceptfilter") -> set[str]:
-    """Every sample name the exporters can serve (counters with ``_total``, the histogram's series)."""
-    names = {f"{prefix}_{n}_total" for n, _ in _COUNTERS.values()}
-    names |= {f"{prefix}_{n}" for n, _ in _GAUGES.values()}
-    names |= {f"{prefix}_{n}_total" for _, n, _, _ in _SPLITS}
-    names |= {f"{prefix}_{n}" for n, _ in KERNEL_GAUGES.values()}
-    names |= {f"{prefix}_time_to_surface_seconds{s}" for s in ("_bucket", "_sum", "_count")}
+def metric_names(prefix: str = "acceptfilter") -> dict[str, str]:
+    """Every sample name the exporters can serve, with the stats() key it comes from (``kernel:KEY`` for the kernel's).
+
+    A counter or gauge is served when the engine's stats() has its key: one added by
+    a later engine appears without a change here, one not there yet is left out.
+    """
+    names = {f"{prefix}_{n}_total": key for key, (n, _) in _COUNTERS.items()}
+    names |= {f"{prefix}_{n}": key for key, (n, _) in _GAUGES.items()}
+    names |= {f"{prefix}_{n}_total": key for key, n, _, _ in _SPLITS}
+    names |= {f"{prefix}_{n}": f"kernel:{key}" for key, (n, _) in KERNEL_GAUGES.items()}
+    names |= {f"{prefix}_time_to_surface_seconds{s}": "time_to_surface" for s in ("_bucket", "_sum", "_count")}
     return names
 
 
@@ -126,12 +133,11 @@ def families(core: Any, stats: dict[str, Any], prefix: str, labels: dict[str, st
             g = core.GaugeMetricFamily(f"{p}_{name}", doc, labels=names)
             g.add_metric(values, float(stats[key]))
             yield g
-    for key, name, label, doc in _SPLITS:
-        if key in stats or key == "surfaced_by_route":
-            m = core.CounterMetricFamily(f"{p}_{name}", doc, labels=[*names, label])
-            for sub, count in sorted(stats.get(key, {}).items()):
-                m.add_metric([*values, str(sub)], float(count))
-            yield m
+    for key, name, label, doc in _SPLITS:  # an empty split (no filter error yet) is still a family to query
+        m = core.CounterMetricFamily(f"{p}_{name}", doc, labels=[*names, label])
+        for sub, count in sorted(stats.get(key, {}).items()):
+            m.add_metric([*values, str(sub)], float(count))
+        yield m
     for key, (name, doc) in KERNEL_GAUGES.items():
         value = (kernel or {}).get(key)
         if value is not None:

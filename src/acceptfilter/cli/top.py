@@ -22,9 +22,9 @@ from ..errors import AcceptFilterError
 from ..portview import PortView, held_split, port_views
 from .args import port, positive_float, positive_int
 
-#: key -> (sort name, key function over rows: larger first, then the port).
+#: key -> sort name (larger first, then ports with engines, then the port; "port": ascending).
 SORTS: dict[str, str] = {"h": "held", "p": "port", "s": "surfaced/s", "k": "queue", "d": "drops"}
-HELP = "q quit  sort: h held  p port  s surfaced/s  k queue  d drops"
+HELP = "q quit  sort: h held p port s surf/s k queue d drops"
 
 
 def register(subparsers: Any) -> None:
@@ -100,8 +100,10 @@ class Sampler:
 
 def _sort_key(sort: str) -> Any:
     def key(row: Row) -> tuple[Any, ...]:
+        if sort == "port":
+            return (row.port,)
         value: float = {"held": row.held, "surfaced/s": row.surfaced_rate or 0.0, "queue": row.queue,
-                        "drops": row.drops or 0, "port": 0}[sort]
+                        "drops": row.drops or 0}[sort]
         return (-value, -row.engines, row.port)
     return key
 
@@ -137,7 +139,7 @@ def render(rows: list[Row], counters: dict[str, int], *, sort: str = "held", wid
             engine = f"{'-':>5} {'-':>5} {'-':>5} {'-':>6} {'-':>7} {'-':>6} {'-':>6}"
         line = f"{r.port:>6} {r.engines:>3} {engine} {r.queue:>5} {r.backlog:>7} {drops:>6}"
         body.append(line + (f"  {r.address}" if wide else ""))
-    footer = [HELP + ("   * drops include TCP_DEFER_ACCEPT" if any(r.defer_accept for r in rows) else "")]
+    footer = [HELP + ("  *: TCP_DEFER_ACCEPT drops" if any(r.defer_accept for r in rows) else "")]
     if height is not None:
         room = max(0, height - len(header) - len(footer))
         if len(body) > room:

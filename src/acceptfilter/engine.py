@@ -60,7 +60,10 @@ class _Peer:
         except OSError as exc:
             return f"? ({exc.strerror})"
         try:
-            return str(sock.getpeername())
+            peer = sock.getpeername()
+            if isinstance(peer, tuple) and len(peer) >= 2:  # host:port, [v6]:port, as the relay's lines write it
+                return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+            return str(peer or "unix")
         except OSError as exc:
             return f"? ({exc.strerror})"
         finally:
@@ -76,6 +79,17 @@ _WATCH_INTERVAL = 1.0
 
 #: The terminal outcomes; their sum plus ``held`` is ``accepted``.
 OUTCOMES = ("surfaced", "rejected", "closed_empty", "failed", "dropped", "detached")
+
+
+#: One INFO line per connection that never reached the application (rejected, timed out, evicted), beside the
+#: relay's "forwarded" lines: off unless enabled (``acceptfilter serve --forward`` enables it).
+outcome_log = logging.getLogger("acceptfilter.outcome")
+
+
+def _tell(what: str, fd: int, reason: str, age: float, data: bytes, then: object) -> None:
+    if outcome_log.isEnabledFor(logging.INFO):
+        outcome_log.info("%s client=%s reason=%s bytes=%d seconds=%.3f then=%s", what, _Peer(fd), reason, len(data),
+                         age, then)
 
 
 def unaccounted(stats: Mapping[str, Any]) -> int:
@@ -480,6 +494,7 @@ class Engine:
                 return
             log.debug("fd %d from %s rejected (%s) after %.3fs", fd, _Peer(fd), outcome.reason or KIND_NAMES[kind],
                       age)
+            _tell("rejected", fd, outcome.reason or KIND_NAMES[kind], age, data, self.policy.on_reject)
             self._close(fd, reset=self.policy.on_reject.kind == "reset", outcome="rejected")
             return
         if kind == SHUTDOWN:
@@ -488,6 +503,7 @@ class Engine:
         reason = "timeout" if kind == TIMEOUT else "evicted"
         log.debug("fd %d from %s %s after %.3fs with %d bytes: %s", fd, _Peer(fd), reason, age, len(data),
                   self.policy.on_timeout)
+        _tell("timed out" if kind == TIMEOUT else "evicted", fd, reason, age, data, self.policy.on_timeout)
         self._apply(fd, self.policy.on_timeout, reason, outcome, age, out)
 
     def _apply(self, fd: int, action: Action, reason: str, outcome: Outcome, age: float,

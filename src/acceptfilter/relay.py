@@ -508,11 +508,19 @@ def _fmt(address: Any) -> str:
     return str(address or "?")
 
 
+#: How a peer that is done may end a connection: TLS peers often close right after close_notify, and the
+#: other side's last bytes then meet a reset. After both sides spoke, that is the normal end of a session.
+_CLOSING = (os.strerror(errno.ECONNRESET), os.strerror(errno.EPIPE))
+
+
 def _log(route: str, address: Any, fwd: Forward, info: Any, tally: _Tally, seconds: float) -> None:
     details = getattr(info, "info", {}) or {}
     extra = "".join(f" {key}={details[key]}" for key in ("sni", "ja4") if details.get(key))
     why = getattr(info, "reason", "")
-    errors = f" ({'; '.join(tally.errors)})" if tally.errors else ""
+    if tally.up and tally.down and tally.errors and all(e.endswith(_CLOSING) for e in tally.errors):
+        errors = " closed=reset"  # not an error: a session that ended (psql over TLS does this every time)
+    else:
+        errors = f" ({'; '.join(tally.errors)})" if tally.errors else ""
     log.info("forwarded route=%s client=%s backend=%s:%d reason=%s%s up=%d down=%d seconds=%.3f%s", route,
              _fmt(address), fwd.target[0], fwd.target[1], why, extra, tally.up, tally.down, seconds, errors)
 

@@ -98,6 +98,7 @@ class Serve:
         if isinstance(self.current.source, Router):
             if self.plan.forwards:
                 logging.getLogger("acceptfilter.relay").setLevel(logging.INFO)  # a line per relayed connection
+                logging.getLogger("acceptfilter.outcome").setLevel(logging.INFO)  # and per one rejected or timed out
             # The accept threads of the current listeners (a reload's old ones end with their listeners).
             self.forwards = [forward(self.current.source[name], target) for name, target in self.plan.forwards.items()]
 

@@ -25,10 +25,16 @@ from .statsfile import EngineFile, merge, read_port
 __all__ = ["PortView", "held_split", "port_views"]
 
 
-def held_split(stats: dict[str, Any]) -> tuple[int, int]:
-    """(idle, partial) held connections: the engine's own split where it has one, else partial = sent bytes."""
+def held_split(stats: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(idle, partial) held connections, where the engine counts them apart (None: it does not).
+
+    Partial connections a compiled matcher is still reading stay in the core, so
+    the engine's ``waiting_with_data`` alone would call them idle: no guess is shown.
+    """
+    if "held_idle" not in stats and "held_partial" not in stats:
+        return None, None
     held = int(stats.get("held", 0))
-    partial = int(stats.get("held_partial", stats.get("waiting_with_data", 0)))
+    partial = int(stats.get("held_partial", held - int(stats.get("held_idle", 0))))
     idle = int(stats.get("held_idle", held - partial))
     return max(0, idle), max(0, partial)
 

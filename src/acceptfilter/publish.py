@@ -74,9 +74,12 @@ class Publication:
 
 
 def _label() -> str:
-    """What runs this engine, for the reader: the program's name and arguments, shortened."""
-    argv = [os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else sys.executable), *sys.argv[1:]]
-    return " ".join(argv)[:64]
+    """What runs this engine, for the reader: the program (``python -m X``: X) and its arguments, shortened."""
+    program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else sys.executable)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if program == "__main__.py" and spec is not None:
+        program = spec.name.removesuffix(".__main__").removesuffix(".cli")  # acceptfilter.cli -> acceptfilter
+    return " ".join([program, *sys.argv[1:]])[:64]
 
 
 def publish(sock: socket.socket, source: Callable[[], dict[str, Any]]) -> Publication | None:

@@ -51,7 +51,8 @@ def format_engine(stats: dict[str, Any]) -> str:
     surfaced = f"surfaced {stats.get('surfaced', 0)}"
     if routes:
         surfaced += f" ({routes}; by core {stats.get('surfaced_by_core', 0)}, at accept {stats.get('surfaced_at_accept', 0)})"
-    return (f"held {stats.get('held', 0)} (idle {idle}, partial {partial}, oldest {stats.get('oldest_held_age', 0):.1f} s)  "
+    split = "" if idle is None else f"idle {idle}, partial {partial}, "
+    return (f"held {stats.get('held', 0)} ({split}oldest {stats.get('oldest_held_age', 0):.1f} s)  "
             f"queued {stats.get('queued', 0)}  {surfaced}  rejected {stats.get('rejected', 0)}  "
             f"timed out {stats.get('timed_out', 0)}  evicted {stats.get('evicted', 0)}  "
             f"aborted {stats.get('aborted', 0)}  closed empty {stats.get('closed_empty', 0)}  "

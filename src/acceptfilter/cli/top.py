@@ -52,8 +52,8 @@ class Row:
     address: str
     engines: int
     held: int
-    idle: int
-    partial: int
+    idle: int | None  # None: the engine does not count idle and partial apart
+    partial: int | None
     oldest: float
     surfaced_rate: float | None
     rejected_rate: float | None
@@ -119,11 +119,12 @@ def render(rows: list[Row], counters: dict[str, int], *, sort: str = "held", wid
     """The screen as lines: a fixed header, then one row per port, as many as ``height`` allows."""
     wide = width >= 100
     held = sum(r.held for r in rows)
-    idle, partial = sum(r.idle for r in rows), sum(r.partial for r in rows)
+    split = [r for r in rows if r.idle is not None]
+    idle, partial = sum(r.idle or 0 for r in split), sum(r.partial or 0 for r in split)
     engines = sum(r.engines for r in rows)
     header = [
         f"acceptfilter top  {when or time.strftime('%H:%M:%S')}  {len(rows)} ports, {engines} engines, "
-        f"held {held} (idle {idle}, partial {partial})",
+        f"held {held}" + (f" (idle {idle}, partial {partial})" if split else ""),
         f"sort: {sort}   kernel: ListenOverflows {counters.get('listen_overflows', 0)}  "
         f"ListenDrops {counters.get('listen_drops', 0)}  TCPDeferAcceptDrop {counters.get('defer_accept_drops', 0)}",
         f"{'PORT':>6} {'ENG':>3} {'HELD':>5} {'IDLE':>5} {'PART':>5} {'OLDEST':>6} {'SURF/s':>7} {'REJ/s':>6} "
@@ -133,7 +134,7 @@ def render(rows: list[Row], counters: dict[str, int], *, sort: str = "held", wid
     for r in sorted(rows, key=_sort_key(sort)):
         drops = "?" if r.drops is None else f"{r.drops}{'*' if r.defer_accept else ''}"
         if r.engines:
-            engine = (f"{r.held:>5} {r.idle:>5} {r.partial:>5} {_num(r.oldest, 6, 1)} {_num(r.surfaced_rate, 7, 1)} "
+            engine = (f"{r.held:>5} {_num(r.idle, 5)} {_num(r.partial, 5)} {_num(r.oldest, 6, 1)} {_num(r.surfaced_rate, 7, 1)} "
                       f"{_num(r.rejected_rate, 6, 1)} {_num(r.timed_out_rate, 6, 1)}")
         else:  # no acceptfilter engine on this port: nothing held that anyone can see
             engine = f"{'-':>5} {'-':>5} {'-':>5} {'-':>6} {'-':>7} {'-':>6} {'-':>6}"

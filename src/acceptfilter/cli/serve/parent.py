@@ -48,7 +48,8 @@ class WorkersParent:
             return
         kernel = self.queue.read()
         total = merge([e.stats for e in engines])
-        show_status(total, kernel, json_logs=self.json_logs, prefix=f"{len(engines)} workers: ", workers=len(engines))
+        show_status(total, kernel, json_logs=self.json_logs, prefix=f"{len(engines)} worker{'s' if len(engines) != 1 else ''}: ",
+                    workers=len(engines))
         if self.verbose:
             for index, engine in enumerate(engines):
                 show_status(engine.stats, None, json_logs=self.json_logs, prefix=f"  worker pid {engine.pid}: ",

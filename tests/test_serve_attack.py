@@ -112,7 +112,7 @@ def test_kernel_queue_reads_the_accept_queue_without_netlink() -> None:
         for c in clients:
             c.close()
     assert "kernel queue ?" in status_line({k: 0 for k in ("accepted", "held", "surfaced", "rejected", "closed_empty",
-                                                          "failed", "dropped", "detached", "timed_out", "evicted")}, None)
+                                                          "aborted", "failed", "dropped", "detached", "timed_out", "evicted")}, None)
 
 
 def test_evicted_connections_are_closed_not_handed_to_handler_threads(tmp_path: Path) -> None:

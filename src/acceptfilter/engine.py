@@ -19,7 +19,12 @@ A connection's lifecycle, with the state of each side::
 Every connection the core accepted ends in exactly one terminal outcome, and
 at every moment a reader can observe (:meth:`Engine.stats`)::
 
-    accepted == surfaced + rejected + closed_empty + failed + dropped + detached + held
+    accepted == surfaced + rejected + closed_empty + aborted + failed + dropped + detached + held
+
+``aborted`` is the peer's doing: it reset the connection (HAProxy's health
+checks send a PROXY header, then an RST), or closed it in the middle of a
+request, before a decision. ``failed`` is a filter error or a fault on this
+side (an errno not in :data:`~acceptfilter.events.PEER_ERRNOS`): what to alert on.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .decision import Decider, Outcome, Phase, Progress
-from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, READY, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, PEER_ERRNOS, READY, SHUTDOWN, TIMEOUT, Address, Event
 from .iocore import IOCore
 from .policy import Action, Policy, Route
 
@@ -75,7 +80,7 @@ WARN_INTERVAL = 60.0
 _WATCH_INTERVAL = 1.0
 
 #: The terminal outcomes; their sum plus ``held`` is ``accepted``.
-OUTCOMES = ("surfaced", "rejected", "closed_empty", "failed", "dropped", "detached")
+OUTCOMES = ("surfaced", "rejected", "closed_empty", "aborted", "failed", "dropped", "detached")
 
 
 def unaccounted(stats: Mapping[str, Any]) -> int:
@@ -197,6 +202,7 @@ class _Counters:
     surfaced: int = 0
     rejected: int = 0
     closed_empty: int = 0
+    aborted: int = 0
     failed: int = 0
     dropped: int = 0
     detached: int = 0
@@ -419,8 +425,8 @@ class Engine:
                         self._waiting.pop(fd, None)
                         try:
                             self._core.release(fd, 0)
-                        except OSError:
-                            self._close(fd, reset=False, outcome="failed")
+                        except OSError as exc:
+                            self._close(fd, reset=False, outcome=_ended(exc.errno))
                             continue
                         self._counters.detached += 1
                         fds.append(fd)
@@ -439,8 +445,10 @@ class Engine:
     def _one(self, fd: int, kind: int, err: int, data: bytes, age: float, out: dict[str, list[Surfaced]]) -> None:
         if kind == ERROR:
             self._waiting.pop(fd, None)
-            log.debug("fd %d from %s failed while held (errno %d)", fd, _Peer(fd), err)
-            self._close(fd, reset=False, outcome="failed")
+            ended = _ended(err)
+            log.debug("fd %d from %s %s while held after %.3fs with %d bytes (%s)", fd, _Peer(fd), ended, age,
+                      len(data), os.strerror(err))
+            self._close(fd, reset=False, outcome=ended)
             return
         if kind == EOF and not data:
             self._waiting.pop(fd, None)
@@ -454,7 +462,21 @@ class Engine:
         progress = self._waiting.get(fd)
         if progress is None:
             progress = self.decider.start(self._core.peer(fd) if self._needs_peer else None)
-        outcome = self.decider.feed(progress, data, final)
+        if kind == EOF:
+            # The peer half-closed: a client may do that right after its request, so the
+            # bytes get a final check. First as they are: bytes the filters reject anyway
+            # are "rejected"; a request the peer left unfinished is "aborted".
+            outcome = self.decider.feed(progress, data, False)
+            if outcome is None:
+                outcome = self.decider.feed(progress, data, True)
+                if outcome is not None and outcome.phase is Phase.REJECTED and self.default_route is None:
+                    self._waiting.pop(fd, None)
+                    log.debug("fd %d from %s aborted after %.3fs: closed with an unfinished request (%d bytes: %s)",
+                              fd, _Peer(fd), age, len(data), outcome.reason)
+                    self._close(fd, reset=False, outcome="aborted")
+                    return
+        else:
+            outcome = self.decider.feed(progress, data, final)
         if outcome is None:
             assert not final, "the decider waited on a final event"
             self._waiting[fd] = progress
@@ -519,7 +541,7 @@ class Engine:
             addr = self._core.release(fd, consume)
         except OSError as exc:
             log.debug("fd %d could not be surfaced (%s); closing it", fd, exc)
-            self._close(fd, reset=False, outcome="failed")
+            self._close(fd, reset=False, outcome=_ended(exc.errno))
             return
         # Built from validated plain values (the decider copied info into a dict): cannot fail.
         if raw is None:
@@ -598,6 +620,11 @@ class Engine:
                 "count": sum(latency),
             },
         }
+
+
+def _ended(err: int | None) -> str:
+    """The outcome of a held connection that ended with ``err``: the peer's doing, or ours."""
+    return "aborted" if err in PEER_ERRNOS else "failed"
 
 
 def _close_all(items: list[Surfaced]) -> int:

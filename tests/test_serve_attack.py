@@ -80,7 +80,7 @@ def test_status_line_carries_every_term_of_the_invariant(tmp_path: Path) -> None
             bad.sendall(b"\x00")  # rejected
         assert _get(port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")  # surfaced
         pattern = re.compile(r"status: accepted (\d+) = held (\d+) \+ surfaced (\d+) \+ rejected (\d+) "
-                             r"\+ closed empty (\d+) \+ failed (\d+) \+ dropped (\d+) \+ detached \d+  timed out (\d+)  "
+                             r"\+ closed empty (\d+) \+ aborted (\d+) \+ failed (\d+) \+ dropped (\d+) \+ detached \d+  timed out (\d+)  "
                              r"evicted (\d+)"
                              r"  kernel queue (\d+)/(\d+)")
 
@@ -89,14 +89,14 @@ def test_status_line_carries_every_term_of_the_invariant(tmp_path: Path) -> None
                 m = pattern.match(line)
                 if m:
                     n = [int(g) for g in m.groups()]
-                    return n[0] == 4 and n[7] == 1 and n[3] == 1 and n[4] == 1 and n[2] == 1 and n[6] == 1
+                    return n[0] == 4 and n[8] == 1 and n[3] == 1 and n[4] == 1 and n[2] == 1 and n[7] == 1
             return False
 
         wait_for(settled, timeout=15)
         m = next(pattern.match(line) for line in reversed(err) if pattern.match(line))
         n = [int(g) for g in m.groups()]  # type: ignore[union-attr]
-        assert n[0] == sum(n[1:7])
-        assert n[10] == 1024  # the backlog, from TCP_INFO
+        assert n[0] == sum(n[1:8])
+        assert n[11] == 1024  # the backlog, from TCP_INFO
         idle.close()
     finally:
         proc.terminate()
@@ -112,7 +112,8 @@ def test_kernel_queue_reads_the_accept_queue_without_netlink() -> None:
         for c in clients:
             c.close()
     assert "kernel queue ?" in status_line({k: 0 for k in ("accepted", "held", "surfaced", "rejected", "closed_empty",
-                                                          "aborted", "failed", "dropped", "detached", "timed_out", "evicted")}, None)
+                                                          "aborted", "failed", "dropped", "detached", "timed_out",
+                                                          "evicted")}, None)
 
 
 def test_evicted_connections_are_closed_not_handed_to_handler_threads(tmp_path: Path) -> None:

@@ -172,6 +172,29 @@ class Decider:
         """
         return self.feed(self.start(peer), data, False)
 
+    def timeout_reply(self, progress: Progress | None) -> bytes | None:
+        """What a partial connection is answered at its deadline: the reply of the first
+        route (in priority order) that was still waiting on it, if that route has one."""
+        for i, route in enumerate(self.matching):
+            chain = None if progress is None else progress.chains[i]
+            if chain is None or not chain.rejected:
+                return route.timeout_reply
+        return None
+
+    def serves_silence(self) -> bool:
+        """True if a client that sends nothing is served here (server-first: SMTP, an SSH
+        client that waits for the banner): a default route, or a route whose filters accept
+        silence at the end. Asked once, of fresh filter sessions; a filter that fails to
+        answer counts as not serving it."""
+        if self.default_route is not None:
+            return True
+        quiet = Decider(self.routes)
+        try:
+            outcome = quiet.feed(quiet.start(None), b"", True)
+        except Exception:  # a filter that needs its peer: no answer for a peer-less probe
+            return False
+        return outcome is not None and outcome.phase is Phase.ACCEPTED
+
     # -- the rules -------------------------------------------------------
     def _routes(self, progress: Progress, data: bytes, final: bool) -> Outcome | None:
         waiting = False

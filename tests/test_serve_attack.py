@@ -74,7 +74,8 @@ def test_nul_in_the_path_and_clients_that_leave_give_no_traceback(tmp_path: Path
 def test_status_line_carries_every_term_of_the_invariant(tmp_path: Path) -> None:
     proc, port, err = _start(tmp_path, "--timeout", "0.3", "--status-interval", "0.1")
     try:
-        idle = socket.create_connection(("127.0.0.1", port))  # closed at the deadline (on_timeout close)
+        idle = socket.create_connection(("127.0.0.1", port))  # partial: answered 408 and closed at the deadline
+        idle.sendall(b"GET / HT")
         socket.create_connection(("127.0.0.1", port)).close()  # closed empty
         with socket.create_connection(("127.0.0.1", port)) as bad:
             bad.sendall(b"\x00")  # rejected

@@ -183,17 +183,9 @@ class Decider:
 
     def serves_silence(self) -> bool:
         """True if a client that sends nothing is served here (server-first: SMTP, an SSH
-        client that waits for the banner): a default route, or a route whose filters accept
-        silence at the end. Asked once, of fresh filter sessions; a filter that fails to
-        answer counts as not serving it."""
-        if self.default_route is not None:
-            return True
-        quiet = Decider(self.routes)
-        try:
-            outcome = quiet.feed(quiet.start(None), b"", True)
-        except Exception:  # a filter that needs its peer: no answer for a peer-less probe
-            return False
-        return outcome is not None and outcome.phase is Phase.ACCEPTED
+        client that waits for the banner): a default route, or a route whose first filter
+        declares :attr:`~acceptfilter.Filter.accepts_silence` (``silent``)."""
+        return self.default_route is not None or any(r.chain[0].accepts_silence for r in self.matching)
 
     # -- the rules -------------------------------------------------------
     def _routes(self, progress: Progress, data: bytes, final: bool) -> Outcome | None:

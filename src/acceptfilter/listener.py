@@ -29,7 +29,7 @@ from .engine import ConnectionInfo, Engine, Surfaced
 from .errors import FilterSpecError
 from .filter import Filter
 from .iocore import Address, CoreName, IOCore, make_core
-from .policy import Action, Policy, Route, default_max_held, parse_action
+from .policy import DEFAULT_ON_TIMEOUT, Action, Policy, Route, default_max_held, parse_action
 from .readyqueue import ReadyQueue, make_queue
 from .registry import load_chain
 
@@ -542,7 +542,7 @@ def wrap(
     filter: FilterSpecs = "httpready",
     *,
     timeout: float | None = None,
-    on_timeout: str | Action = "surface",
+    on_timeout: str | Action = DEFAULT_ON_TIMEOUT,
     max_held: int | None = None,
     on_reject: str | Action = "close",
     on_error: str | Action | None = None,
@@ -604,7 +604,7 @@ def route(
     if default is not None and default not in routes:
         built.append(Route(default, ()))
     if on_timeout is None:
-        on_timeout = Action("surface", default) if default else Action("surface")
+        on_timeout = Action("surface", default) if default else Action(DEFAULT_ON_TIMEOUT)
     policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject,
                           on_error=on_error, idle_timeout=idle_timeout)
     hub = _Hub(sock, tuple(built), policy, default_route=default, core=core, driver=driver, defer_accept=defer_accept)

@@ -1,9 +1,11 @@
 """Policies: what happens to a connection the filters did not (or could not) decide.
 
-Every one is explicit and counted. The defaults follow Linux's
-``TCP_DEFER_ACCEPT`` since 2.6.32: a connection whose deadline passes is
-*surfaced*, never silently dropped (the Apache-behind-a-load-balancer failure:
-pre-opened idle connections vanished and users got blank pages).
+Every one is explicit and counted, and nothing is dropped silently (the
+Apache-behind-a-load-balancer failure: pre-opened idle connections vanished and
+users got blank pages). Idle and partial are different: an idle connection
+(nothing sent) is held until it sends, leaves or reaches the long idle limit;
+a partial one (a request begun) has the header deadline, then a 408 on HTTP
+routes and a FIN. See docs/explanation/policies.md.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from .errors import FilterSpecError
 from .filter import Filter
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "WORKER_ON_TIMEOUT", "Action", "Policy", "Route",
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_ON_TIMEOUT", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "WORKER_ON_TIMEOUT", "Action", "Policy", "Route",
            "default_max_held", "parse_action"]
 
 #: Seconds a connection that has begun its request (a partial one) may be held
@@ -35,18 +37,18 @@ MAX_HELD_CAP = 1_000_000
 #: longer ones are clamped, so deadline arithmetic can never overflow.
 MAX_TIMEOUT = float(1 << 40) / 1000
 
-#: The ``on_timeout`` default of the integrations whose server gives every
-#: accepted connection a worker that blocks reading it (gunicorn sync and
-#: gthread, socketserver/http.server, ``acceptfilter serve``). Surfacing an
-#: idle or slowloris connection there pins a worker until the server's own
-#: timeout (gunicorn: 30 s, then WORKER TIMEOUT): with 4 sync workers and
-#: 1,000 idle clients, 303 of 3,500 legit requests were served. Closing sends
-#: the client (or a load balancer's pre-opened connection) a FIN it sees, so
-#: nothing is dropped silently (seed 004); a connection that sends its
-#: request before the deadline is served. Async servers (asyncio, uvicorn,
-#: hypercorn, tornado, trio, twisted) keep ``surface``: an idle connection
-#: costs them a coroutine, and their own header timeouts answer it.
-WORKER_ON_TIMEOUT = "close"
+#: The ``on_timeout`` default everywhere (``wrap()``, every integration, ``serve``, ``run``):
+#: at its deadline a *partial* request is answered ``408 Request Timeout`` on an HTTP
+#: route and closed (FIN), as nginx, Apache and HAProxy do; other routes get the FIN
+#: alone. Surfacing it instead hands the application exactly what the filter exists
+#: to keep away: with 4 gunicorn sync workers and 1,000 idle clients surfaced at the
+#: deadline, 303 of 3,500 legit requests were served. An *idle* connection (nothing
+#: sent: a balancer's pre-opened one) is not timed out at that deadline at all: it is
+#: held up to :data:`DEFAULT_IDLE_TIMEOUT` and served when it sends. ``surface`` stays
+#: available (the application then applies its own timeouts).
+DEFAULT_ON_TIMEOUT = "close"
+#: The former name, from when only worker-per-connection servers closed at the deadline.
+WORKER_ON_TIMEOUT = DEFAULT_ON_TIMEOUT
 
 _ACTIONS = ("surface", "close", "reset")
 
@@ -119,7 +121,7 @@ class Policy:
     """
 
     timeout: float | None = None
-    on_timeout: Action = field(default_factory=lambda: Action("surface"))
+    on_timeout: Action = field(default_factory=lambda: Action(DEFAULT_ON_TIMEOUT))
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_held: int | None = None
     on_reject: Action = field(default_factory=lambda: Action("close"))
@@ -141,7 +143,7 @@ class Policy:
         cls,
         *,
         timeout: float | None = None,
-        on_timeout: str | Action = "surface",
+        on_timeout: str | Action = DEFAULT_ON_TIMEOUT,
         max_held: int | None = None,
         on_reject: str | Action = "close",
         on_error: str | Action | None = None,

@@ -43,7 +43,35 @@ MODELS: dict[str, dict[str, Any]] = {
                        "--port"], "old": {"args": ["--on-timeout", "surface", "--idle-timeout", "5"]}},
     "uvicorn": {"argv": ["-m", "acceptfilter.cli", "run", "--", "uvicorn", "bench.wsgiapp:asgi_app", "--log-level",
                          "warning", "--backlog", "4096", "--port"], "old": None},
+    # waitress's own defaults (4 threads, connection_limit 100) behind the integration's defaults.
+    "waitress": {"argv": ["-c", "import sys; from acceptfilter.integrations.waitress import serve; "
+                                "from bench.wsgiapp import app; serve(app, port=int(sys.argv[1]), backlog=4096)"],
+                 "old": None},
 }
+
+
+def start_server(stack: ExitStack, model: str, tmp: str, *, old: bool = False,
+                 nofile: int | None = None) -> tuple[int, str]:
+    """Start ``model`` with its defaults (``old``: the issue-14 ones), ended by ``stack``: (port, error).
+
+    ``nofile``: the server's soft fd limit (``ulimit -n``), which its max_held default derives from.
+    """
+    import resource
+
+    port = free_port()
+    argv, env = _argv(model, port, tmp, old)
+    log_path = Path(tmp) / f"server-{port}.log"
+    log = stack.enter_context(open(log_path, "wb"))  # noqa: SIM115 - lives as long as the process
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
+    stack.callback(stop, server)
+    if not wait_port(port):
+        return port, "server did not start: " + log_path.read_text()[-500:]
+    return port, ""
 
 
 def _argv(model: str, port: int, tmp: str, old: bool) -> tuple[list[str], dict[str, str]]:
@@ -105,13 +133,9 @@ def legit(port: int, seconds: float, rate: float) -> dict[str, Any]:
 def measure(model: str, *, attack: bool, old: bool, seconds: float, idle: int, slowloris: int,
             rate: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="af-defaults-") as tmp, ExitStack() as stack:
-        port = free_port()
-        argv, env = _argv(model, port, tmp, old)
-        log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - lives as long as the process
-        server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        stack.callback(stop, server)
-        if not wait_port(port):
-            return {"error": "server did not start: " + (Path(tmp) / "server.log").read_text()[-500:]}
+        port, error = start_server(stack, model, tmp, old=old)
+        if error:
+            return {"error": error}
         res: dict[str, Any] = {}
         if attack:
             _, res["attack"] = start_attack(stack, port, idle=idle, slowloris=slowloris, seconds=seconds + 60)

@@ -64,6 +64,19 @@ def test_pool_is_answered_under_attack_from_one_address(model: str) -> None:
         assert attack.poll() is None  # the attack went on for the whole time
 
 
+@pytest.mark.parametrize("model", ["waitress", "serve"])
+def test_pool_is_answered_past_descriptor_1024(model: str) -> None:
+    """1,100 idle connections held in the server's process: what it is handed has descriptors past
+    1023, where select() fails (waitress's default loop died on the first request)."""
+    with tempfile.TemporaryDirectory(prefix="af-pool-") as tmp, ExitStack() as stack:
+        port, error = start_server(stack, model, tmp)
+        assert not error, error
+        for _ in range(1100):
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+        report = BalancerPool(("127.0.0.1", port), size=5, idle=0.5, uses=2, timeout=60).run()
+        _check(report)
+
+
 # -- the pool itself: it must see what a balancer would suffer -------------------------------
 def _raw_server(handle: Callable[[socket.socket], None]) -> tuple[socket.socket, threading.Thread]:
     """A listener whose every connection is given to ``handle`` on its own thread."""

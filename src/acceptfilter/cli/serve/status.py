@@ -14,19 +14,21 @@ if TYPE_CHECKING:
 status_log = logging.getLogger("acceptfilter.status")
 
 
-_TERMS = ("accepted", "held", "surfaced", "rejected", "closed_empty", "failed", "dropped", "timed_out", "evicted")
+_TERMS = ("accepted", "held", "surfaced", "rejected", "closed_empty", "aborted", "failed", "dropped", "timed_out",
+          "evicted")
 
 
 def status_line(stats: dict[str, Any], queue: tuple[int, int] | None) -> str:
     """One line an operator can read at a glance, with every outcome of the invariant.
 
-    ``accepted == surfaced + rejected + closed_empty + failed + dropped + detached + held``:
+    ``accepted == surfaced + rejected + closed_empty + aborted + failed + dropped + detached + held``:
     each term is on the line, so the sum can be checked by eye; then the
     causes (timed out, evicted) and the kernel's accept queue / backlog.
     """
     kernel = "?" if queue is None else f"{queue[0]}/{queue[1]}"
     return (f"accepted {stats['accepted']} = held {stats['held']} + surfaced {stats['surfaced']} "
-            f"+ rejected {stats['rejected']} + closed empty {stats['closed_empty']} + failed {stats['failed']} "
+            f"+ rejected {stats['rejected']} + closed empty {stats['closed_empty']} + aborted {stats['aborted']} "
+            f"+ failed {stats['failed']} "
             f"+ dropped {stats['dropped']} + detached {stats['detached']}  timed out {stats['timed_out']}  "
             f"evicted {stats['evicted']}  kernel queue {kernel}")
 

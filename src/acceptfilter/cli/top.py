@@ -125,7 +125,7 @@ def render(rows: list[Row], counters: dict[str, int], *, sort: str = "held", wid
     header = [
         f"acceptfilter top  {when or time.strftime('%H:%M:%S')}  {len(rows)} ports, {engines} engines, "
         f"held {held}" + (f" (idle {idle}, partial {partial})" if split else ""),
-        f"sort: {sort}   kernel: ListenOverflows {counters.get('listen_overflows', 0)}  "
+        f"sort: {sort}  ListenOverflows {counters.get('listen_overflows', 0)}  "
         f"ListenDrops {counters.get('listen_drops', 0)}  TCPDeferAcceptDrop {counters.get('defer_accept_drops', 0)}",
         f"{'PORT':>6} {'ENG':>3} {'HELD':>5} {'IDLE':>5} {'PART':>5} {'OLDEST':>6} {'SURF/s':>7} {'REJ/s':>6} "
         f"{'TMO/s':>6} {'QUEUE':>5} {'BACKLOG':>7} {'DROPS':>6}" + ("  ADDRESS" if wide else ""),

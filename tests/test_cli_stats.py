@@ -104,3 +104,27 @@ def test_serve_status_can_be_turned_off(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=5)
     assert "status:" not in err
+
+
+def test_stats_says_what_drops_mean_under_defer_accept() -> None:
+    """Under TCP_DEFER_ACCEPT the kernel counts each deferred handshake as a listener drop: stats says so."""
+    import acceptfilter
+    from acceptfilter import diag
+
+    from .conftest import wait_for
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with acceptfilter.wrap(server, "httpready", defer_accept=1):
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # send nothing: deferred
+            wait_for(lambda: (diag.listeners(port)[0].drops or 0) > 0, 30)
+            out = run("stats", str(port))
+            data = json.loads(run("stats", str(port), "--json").stdout)
+            top = run("top", "--count", "1", "--port", str(port))
+            for c in clients:
+                c.close()
+    assert "TCP_DEFER_ACCEPT is on: the kernel counts each deferred handshake as a drop" in out.stdout, out.stdout
+    assert "TCPDeferAcceptDrop" in out.stdout
+    assert data["drops_note"].startswith("TCP_DEFER_ACCEPT is on") and data["total"]["defer_accept"] == 1
+    row = next(line.split() for line in top.stdout.splitlines() if line.split()[:1] == [str(port)])
+    assert row[11].endswith("*")  # the DROPS column: top marks those drops

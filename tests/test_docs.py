@@ -125,3 +125,18 @@ this is not Python
     assert "2 failed, 1 passed" in out.stdout, out.stdout[-4000:]
     assert "NameError: name 'Handler' is not defined" in out.stdout
     assert "did not answer GET / with HTTP: b''" in out.stdout
+
+
+def test_license_and_changelog() -> None:
+    """LICENSE is the BSD-2-Clause text the metadata declares; CHANGELOG.md keeps a changelog and is in the site."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "BSD-2-Clause"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("BSD 2-Clause License") and "acceptfilter developers" in license_text
+    assert license_text.count("Redistributions") == 2 and "Neither the name" not in license_text  # 2, not 3 clauses
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "Keep a Changelog" in changelog
+    assert changelog.index("## [Unreleased]") < changelog.index(f"## [{project['version']}]")
+    assert '--8<-- "CHANGELOG.md"' in (DOCS / "changelog.md").read_text()

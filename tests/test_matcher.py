@@ -466,7 +466,7 @@ def test_near_misses_do_get_certified(name: str) -> None:
 
 
 def test_state_is_small_and_fixed() -> None:
-    """What the README promises per connection: one fixed-size afm_state, no allocation."""
+    """What the docs promise (docs/writing-filters/matchers.md) per connection: one fixed-size afm_state, no allocation."""
     assert ffi.sizeof("afm_state") == 72
 
 

@@ -217,7 +217,7 @@ def test_asan_ubsan_build_runs_the_core_tests_clean(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("soak_core", ["c", "python"])
 def test_hostile_client_soak(soak_core: str) -> None:
-    """scripts/soak.py: 60 s per core in CI (AF_SOAK_SECONDS), 10 minutes documented in the README."""
+    """scripts/soak.py: 60 s per core in CI (AF_SOAK_SECONDS), 10 minutes documented in docs/explanation/reliability.md."""
     import json
 
     seconds = float(os.environ.get("AF_SOAK_SECONDS", "60" if os.environ.get("CI") else "15"))

@@ -58,6 +58,7 @@ typedef struct conn {
     uint8_t matching;     /* the matcher may still certify this connection (MORE so far) */
     uint8_t lowat;        /* SO_RCVLOWAT was raised (reset before the fd is handed over) */
     uint8_t nonblock;     /* adopted with O_NONBLOCK (cleared before the fd is handed over) */
+    uint8_t abortive;     /* SO_LINGER {1, 0} while watched (cleared before the fd is handed over or closed) */
     uint8_t addr[sizeof(struct sockaddr_in6)];
 } conn;
 
@@ -449,7 +450,25 @@ static int arm(af_core *c, int fd) {
     ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
     ev.data.u64 = (uint64_t)(uint32_t)fd;
     if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return -errno;
-    c->conns[fd].armed = 1;
+    conn *k = &c->conns[fd];
+    k->armed = 1;
+    if (!k->abortive) {
+        /* A held connection is closed by the kernel if this process dies (SIGKILL, a crash):
+         * with an RST whether or not the client had sent bytes, one rule instead of a FIN for
+         * idle clients and an RST for half-sent ones. Only watched connections pay for it:
+         * one certified at accept never gets here. Best effort, like SO_RCVLOWAT. */
+        struct linger lg = {1, 0};
+        if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) == 0) k->abortive = 1;
+    }
+    return 0;
+}
+
+/* The default close again (a FIN after the data), for the application or a graceful close. */
+static int clear_abortive(conn *k, int fd) {
+    if (!k->abortive) return 0;
+    struct linger lg = {0, 0};
+    if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) < 0) return -errno;
+    k->abortive = 0;
     return 0;
 }
 
@@ -876,6 +895,8 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
         int one = 1; /* the application's socket: the default low-water mark again */
         if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one) < 0) return -errno;
     }
+    int e = clear_abortive(k, fd);
+    if (e) return e;
     if (addr) fill_addr(k, addr);
     forget(c, fd);
     return 0;
@@ -887,18 +908,21 @@ int af_close(af_core *c, int fd, int reset) {
     if (reset) {
         struct linger lg = {1, 0};
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    } else if (k->len > 0 || !k->eof) {
-        /* Closing with unread data sends an RST; read what is there (up to
-         * max_bytes: what was, or could have been, peeked) so a "close" is a
-         * clean FIN as promised, also for one never peeked at (adopted). */
-        char sink[4096];
-        uint32_t left = c->max_bytes;
-        while (left > 0) {
-            ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
-            if (r < 0 && errno == EINTR) continue;
-            if (r <= 0) break;
-            left -= (uint32_t)r;
+    } else {
+        if (k->len > 0 || !k->eof) {
+            /* Closing with unread data sends an RST; read what is there (up to
+             * max_bytes: what was, or could have been, peeked) so a "close" is a
+             * clean FIN as promised, also for one never peeked at (adopted). */
+            char sink[4096];
+            uint32_t left = c->max_bytes;
+            while (left > 0) {
+                ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
+                if (r < 0 && errno == EINTR) continue;
+                if (r <= 0) break;
+                left -= (uint32_t)r;
+            }
         }
+        (void)clear_abortive(k, fd); /* a FIN, as promised */
     }
     /* Leave the epoll set explicitly: close() only removes it when no other
      * descriptor (dup, fork) refers to the same open file. */

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import http.server
 import logging
+import mimetypes
 import sys
 from typing import Any
 
 access_log = logging.getLogger("acceptfilter.access")
+log = logging.getLogger("acceptfilter")
+
+#: The file-system errors that mean "no such file" (404); EACCES/EPERM are 403; any other is the server's (503).
+NOT_FOUND = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
+FORBIDDEN = frozenset({errno.EACCES, errno.EPERM})
 
 
 class FileServer(http.server.ThreadingHTTPServer):
@@ -16,6 +23,12 @@ class FileServer(http.server.ThreadingHTTPServer):
     Under a flood, clients that reset or stop reading made the stock server
     print a BrokenPipeError/ConnectionResetError traceback per connection.
     """
+
+    def server_activate(self) -> None:
+        # mimetypes reads its tables on the first request otherwise: at the fd limit that raised from
+        # guess_type (a traceback, no answer). Read them now, while descriptors are there.
+        mimetypes.init()
+        super().server_activate()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -37,6 +50,12 @@ class FileHandler(http.server.SimpleHTTPRequestHandler):
     A percent-encoded NUL in the path (``GET /%00/``) made the stock handler raise
     ``ValueError: embedded null byte`` from ``open()`` (a traceback, and no answer
     for the client); it gets a 400 here. (A raw NUL never gets past httpready.)
+
+    http.server answers 404 for *any* ``OSError`` of ``open()`` or ``listdir()``:
+    at the fd limit (EMFILE) a file that exists was "not found". Here only
+    ENOENT/ENOTDIR (and a name too long, a symlink loop) is 404, EACCES/EPERM
+    403, and anything else (EMFILE, ENFILE, EIO, ENOMEM...) is the server's
+    trouble: ``503 Service Unavailable`` and one log line that names the cause.
     """
 
     def send_head(self) -> Any:
@@ -48,6 +67,30 @@ class FileHandler(http.server.SimpleHTTPRequestHandler):
         except ValueError:  # another path open() cannot take
             self.send_error(400, "bad path")
             return None
+        except OSError as exc:  # outside http.server's own except clauses (mimetypes, fstat, stat)
+            self._file_system_error(exc)
+            return None
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # http.server calls send_error(404) from inside `except OSError:`: the error it is handling tells
+        # what really happened.
+        exc = sys.exc_info()[1]
+        if code == 404 and isinstance(exc, OSError) and exc.errno not in NOT_FOUND:
+            self._file_system_error(exc)
+            return
+        super().send_error(code, message, explain)
+
+    def _file_system_error(self, exc: OSError) -> None:
+        if exc.errno in NOT_FOUND:
+            super().send_error(404, "File not found")
+        elif exc.errno in FORBIDDEN:
+            super().send_error(403, "Forbidden")
+        else:
+            name = errno.errorcode.get(exc.errno or 0, "no errno")
+            log.warning("cannot serve %s: %s (%s); answered 503", self.path, exc.strerror or exc, name,
+                        extra={"fields": {"type": "event", "event": "file_system_error", "path": self.path,
+                                          "errno": name}})
+            super().send_error(503, "Service Unavailable", "The server cannot read files right now; try again.")
 
     #: send_error()'s message, told in the access record of the answer it makes (one record per request).
     _error_message: str | None = None

@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
-import importlib
 import logging
 import os
 import socket
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import AcceptFilterError
 from ...listener import FilteredListener, Router, route, wrap
 from ...policy import WORKER_ON_TIMEOUT
 from ...relay import forward
+from ...reloading import reload_filter_modules
 from .files import FileHandler, FileServer
 from .listen import display
 from .plan import Plan
@@ -35,23 +33,6 @@ class Current:
 
     def stats(self) -> dict[str, Any]:
         return self.source.stats()
-
-
-def reload_filter_modules() -> None:
-    """Discover installed filters again and re-import their modules, so an upgraded plugin takes effect."""
-    from ... import registry
-
-    registry._clear_cache()
-    seen: set[str] = set()
-    for eps in registry._entry_points().values():
-        for ep in eps:
-            module = ep.value.partition(":")[0].strip()
-            if module in sys.modules and module not in seen:
-                seen.add(module)
-                try:
-                    importlib.reload(sys.modules[module])
-                except Exception as exc:  # the old module stays in sys.modules: say so, change nothing
-                    raise AcceptFilterError(f"re-importing {module} ({ep.name}) failed: {type(exc).__name__}: {exc}") from None
 
 
 class Serve:

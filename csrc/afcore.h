@@ -7,7 +7,11 @@
  * engine's job. Deadlines are uniform per core, so held connections form a FIFO
  * that is also the deadline order and the eviction order (oldest first).
  *
- * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call.
+ * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call
+ * while the core lives: their caller must make sure none of them runs during or
+ * after af_free() (acceptfilter.iocore.CCore holds one lock around those calls and
+ * around dropping its pointer before af_free, so a waker never reaches a freed core
+ * or writes into its closed, maybe reused, eventfd).
  */
 #ifndef AFCORE_H
 #define AFCORE_H
@@ -112,7 +116,8 @@ int af_close(af_core *c, int fd, int reset);
  * core owns fd from then on. -EEXIST if already held; -ENOTCONN and friends
  * if fd is not a connected socket (the caller still owns it then). */
 int af_adopt(af_core *c, int fd);
-/* Make a concurrent or future af_poll() return promptly. Thread-safe. */
+/* Make a concurrent or future af_poll() return promptly. Thread-safe, but never
+ * concurrent with af_free() (see the top of this file). */
 void af_wake(af_core *c);
 /* Stop taking new connections (the listen fd leaves the epoll set). */
 int af_stop_accepting(af_core *c);

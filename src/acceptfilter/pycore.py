@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -80,6 +81,9 @@ class PyCore:
         self._max_events = max(16, max_events)
         self._ep = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: As CCore._life: held by wake() and by free() around closing the wake fd, so that a
+        #: wake-up never goes into a closed (maybe reused) descriptor; -1 once freed.
+        self._life = threading.Lock()
         self._ep.register(self._lfd, select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
         self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # HELD, in accept order
@@ -541,10 +545,13 @@ class PyCore:
         conn.sock.close()
 
     def wake(self) -> None:
-        try:
-            os.eventfd_write(self._wakefd, 1)
-        except OSError:
-            pass
+        with self._life:  # any thread, any time: after free() a wake is a no-op
+            if self._wakefd < 0:
+                return
+            try:
+                os.eventfd_write(self._wakefd, 1)
+            except OSError:
+                pass
 
     def adopt(self, fd: int) -> None:
         if fd in self._owned:
@@ -602,4 +609,6 @@ class PyCore:
         self._finals.clear()
         if not self._ep.closed:
             self._ep.close()
-            os.close(self._wakefd)
+            with self._life:
+                wakefd, self._wakefd = self._wakefd, -1
+            os.close(wakefd)

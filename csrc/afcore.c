@@ -888,11 +888,14 @@ int af_close(af_core *c, int fd, int reset) {
         struct linger lg = {1, 0};
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     } else if (k->len > 0 || !k->eof) {
-        /* Closing with unread data sends an RST; read what is there (up to
-         * max_bytes: what was, or could have been, peeked) so a "close" is a
-         * clean FIN as promised, also for one never peeked at (adopted). */
-        char sink[4096];
-        uint32_t left = c->max_bytes;
+        /* Closing with unread data sends an RST; read everything that is there
+         * (not just max_bytes, what a filter looks at: the client may have sent
+         * more) so a "close" is a clean FIN as promised, also for one never
+         * peeked at (adopted). Bounded by AF_CLOSE_DRAIN, more than a receive
+         * buffer holds; bytes that arrive after the close get the kernel's RST,
+         * as on any closed socket. */
+        char sink[16384];
+        uint32_t left = AF_CLOSE_DRAIN;
         while (left > 0) {
             ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
             if (r < 0 && errno == EINTR) continue;

@@ -109,7 +109,10 @@ int64_t af_next_timeout_ms(const af_core *c);
  * adopted one that was non-blocking is made blocking).
  * Returns 0 or -errno (then the connection is still owned and must be closed). */
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
-/* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). */
+/* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). reset == 0
+ * sends a FIN: what the client sent and nobody read (up to AF_CLOSE_DRAIN bytes)
+ * is read first, since closing with unread bytes would send an RST instead. */
+#define AF_CLOSE_DRAIN (16u << 20)
 int af_close(af_core *c, int fd, int reset);
 /* Hold a connection accepted elsewhere (another process handed it over), as if
  * just accepted: its deadline starts now, the next af_poll() peeks at it. The

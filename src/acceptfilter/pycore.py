@@ -32,6 +32,8 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 #: longer waits so after one sent nothing in that time, for DIRECT_BACKOFF (seconds;
 #: AF_DIRECT_WAIT_US and AF_DIRECT_BACKOFF_US in afcore.h).
 DIRECT_WAIT, DIRECT_BACKOFF = 0.001, 0.1
+#: close(reset=False) reads at most this much unread input first (AF_CLOSE_DRAIN): a FIN, not an RST.
+CLOSE_DRAIN = 16 << 20
 
 
 class _Conn:
@@ -537,9 +539,11 @@ class PyCore:
             if reset:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif conn.data or not conn.eof:
-                # Closing with unread data sends an RST; read what is there (up to max_bytes,
-                # peeked or not: an adopted one may not be) so "close" is a FIN.
-                conn.sock.recv(self._max_bytes, socket.MSG_DONTWAIT)
+                # Closing with unread data sends an RST; read everything there (not just
+                # max_bytes: the client may have sent more), up to CLOSE_DRAIN, so "close" is a FIN.
+                left = CLOSE_DRAIN
+                while left > 0 and (got := len(conn.sock.recv(min(left, 16384), socket.MSG_DONTWAIT))):
+                    left -= got
         except OSError:
             pass
         conn.sock.close()

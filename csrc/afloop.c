@@ -492,11 +492,15 @@ static void take_in(struct afr_loop *l, struct afr_conn *c) {
     l->live.prev = c;
     STAT_ADD(l, n_live, 1);
     if (c->connecting) {
+        /* The connecting list is kept in deadline order (from the tail: usually the
+         * last), so each turn looks at the due connects and the next one only. */
+        struct afr_conn *before = l->connecting.cprev;
         c->deadline_ns = now_ns() + (int64_t)c->connect_timeout_ms * 1000000;
-        c->cprev = l->connecting.cprev;
-        c->cnext = &l->connecting;
-        l->connecting.cprev->cnext = c;
-        l->connecting.cprev = c;
+        while (before != &l->connecting && before->deadline_ns > c->deadline_ns) before = before->cprev;
+        c->cprev = before;
+        c->cnext = before->cnext;
+        before->cnext->cprev = c;
+        before->cnext = c;
         STAT_ADD(l, n_connecting, 1);
     }
     for (int i = 0; i < 2; i++) {
@@ -547,21 +551,23 @@ static void on_event(struct afr_loop *l, struct afr_side *s, uint32_t events) {
     }
 }
 
-/* Milliseconds epoll_wait may sleep: until the first connect deadline, -1 if none. */
+/* End the connects whose deadline passed; milliseconds epoll_wait may sleep: until
+ * the next deadline, -1 if none. Called on every turn, busy or not (it was called
+ * only when no connection had more to move, so with busy connections a hung connect
+ * was never reported); the list is in deadline order, so the work is the due
+ * connects plus one look. */
 static int expire_connects(struct afr_loop *l) {
-    int64_t now, next = -1;
-    struct afr_conn *c, *after;
-    if (l->connecting.cnext == &l->connecting) return -1;
+    struct afr_conn *c = l->connecting.cnext;
+    int64_t now, left;
+    if (c == &l->connecting) return -1;
     now = now_ns();
-    for (c = l->connecting.cnext; c != &l->connecting; c = after) {
-        after = c->cnext;
-        if (c->deadline_ns <= now)
-            finish(l, c, AFR_END_CONNECT, ETIMEDOUT);
-        else if (next < 0 || c->deadline_ns < next)
-            next = c->deadline_ns;
+    while (c != &l->connecting && c->deadline_ns <= now) {
+        finish(l, c, AFR_END_CONNECT, ETIMEDOUT); /* unlinks it */
+        c = l->connecting.cnext;
     }
-    if (next < 0) return -1;
-    return (int)((next - now) / 1000000 + 1);
+    if (c == &l->connecting) return -1;
+    left = (c->deadline_ns - now) / 1000000 + 1;
+    return left > 0x7fffffff ? 0x7fffffff : (int)left;
 }
 
 static void bury(struct afr_loop *l) {
@@ -603,7 +609,8 @@ int afr_loop_run(struct afr_loop *l) {
     sigaddset(&pipe_only, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &pipe_only, NULL);
     while (!stop) {
-        int timeout = l->ready ? 0 : expire_connects(l);
+        int timeout = expire_connects(l);
+        if (l->ready) timeout = 0; /* connections with more to move: look, do not wait */
         int n = epoll_wait(l->ep, events, AFR_EVENTS, timeout);
         if (n < 0) {
             if (errno == EINTR) continue;

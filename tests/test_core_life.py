@@ -94,3 +94,81 @@ def test_close_without_reset_is_a_clean_eof_however_much_is_unread(core: str, un
             client.close()
         finally:
             io.free()
+
+
+def _peek_offset_supported() -> bool:
+    """SO_PEEK_OFF on TCP (Linux 6.10+): what lets a peek go past an urgent mark."""
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
+        conn, _ = srv.accept()
+        with conn:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, 42, 0)  # SO_PEEK_OFF
+            except OSError:
+                return False
+    return c is not None
+
+
+needs_peek_offset = pytest.mark.skipif(not _peek_offset_supported(),
+                                       reason="this kernel has no SO_PEEK_OFF for TCP (Linux 6.10+)")
+
+
+def _send_urgent(client: socket.socket, before: bytes, urgent: bytes, after: bytes) -> None:
+    client.sendall(before)
+    client.send(urgent, socket.MSG_OOB)
+    client.sendall(after)
+
+
+@needs_peek_offset
+def test_a_peek_sees_the_bytes_after_an_urgent_byte(core: str) -> None:
+    """Issue 24 item 3: a peek stops at the urgent mark, so the core saw b"AB" of b"AB" + urgent b"C"
+    + b"DEF" for ever; it now sees all six bytes, and the application reads them all, C in place."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        io = make_core(core, sock, max_bytes=1024, timeout=None, max_held=16)
+        try:
+            client = socket.create_connection(sock.getsockname(), timeout=30)
+            client.sendall(b"AB")
+            seen: dict[int, bytes] = {}
+
+            def peeked(want: bytes) -> bool:
+                seen.update((fd, data) for fd, _kind, _err, data, _age in io.poll(0.05))
+                return want in seen.values()
+
+            wait_for(lambda: peeked(b"AB"), timeout=30)
+            _send_urgent(client, b"", b"C", b"DEF")
+            wait_for(lambda: peeked(b"ABCDEF"), timeout=10)
+            (fd,) = seen
+            io.release(fd)
+            with socket.socket(fileno=fd) as conn:
+                conn.settimeout(30)
+                client.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := conn.recv(100):
+                    got += chunk
+                assert got == b"ABCDEF"  # SO_OOBINLINE: the urgent byte is ordinary data, in place
+            client.close()
+        finally:
+            io.free()
+
+
+@needs_peek_offset
+def test_httpready_sees_a_head_completed_after_an_urgent_byte(core: str) -> None:
+    """Through the filters: the head's last bytes come after an urgent byte (the urgent one is its
+    final CR); the filter sees them and surfaces the connection at once, not at its deadline."""
+    import acceptfilter
+
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        listener = acceptfilter.wrap(sock, "httpready", timeout=60, core=core)
+        try:
+            client = socket.create_connection(sock.getsockname()[:2], timeout=30)
+            _send_urgent(client, b"GET /urgent HTTP/1.1\r\nHost: x\r\n", b"\r", b"\n")
+            listener.settimeout(20)  # well inside the 60 s deadline
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(30)
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    head += conn.recv(100)
+                assert head == b"GET /urgent HTTP/1.1\r\nHost: x\r\n\r\n"
+            client.close()
+        finally:
+            listener.close()

@@ -8,6 +8,7 @@ held connections in accept order (which is also deadline and eviction order).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import select
@@ -26,7 +27,9 @@ __all__ = ["PyCore"]
 
 _EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_CONN_EVENTS = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLET  # PRI: an urgent byte
+#: SO_PEEK_OFF (asm-generic/socket.h; not in the socket module): peek from an offset (TCP: Linux 6.10+).
+SO_PEEK_OFF = 42
 _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 #: A waiting accept_ready() waits this long on the connection it just accepted, and no
 #: longer waits so after one sent nothing in that time, for DIRECT_BACKOFF (seconds;
@@ -34,6 +37,13 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 DIRECT_WAIT, DIRECT_BACKOFF = 0.001, 0.1
 #: close(reset=False) reads at most this much unread input first (AF_CLOSE_DRAIN): a FIN, not an RST.
 CLOSE_DRAIN = 16 << 20
+
+
+def oob_inline(sock: socket.socket) -> None:
+    """SO_OOBINLINE: a TCP urgent byte is ordinary data (as afcore.c sets it), where a read or a
+    splice would otherwise skip it or stop at it. Best effort (a socket that has no such thing)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
 
 
 class _Conn:
@@ -75,6 +85,7 @@ class PyCore:
         max_events: int = 512,
     ) -> None:
         listen_sock.setblocking(False)
+        oob_inline(listen_sock)  # inherited by every connection accepted from it
         self._lsock = listen_sock
         self._lfd = listen_sock.fileno()
         self._max_bytes = min(max(1, max_bytes), MAX_BYTES)
@@ -166,8 +177,9 @@ class PyCore:
         self._disarm(fd, conn)
         return conn
 
-    def _peek(self, conn: _Conn, hup: bool) -> tuple[int, int]:
-        """(kind, errno): kind 0 when nothing final happened."""
+    def _peek(self, conn: _Conn, hup: bool, urgent: bool = False) -> tuple[int, int]:
+        """(kind, errno): kind 0 when nothing final happened. ``urgent``: EPOLLPRI said a TCP
+        urgent byte is pending (peek past its mark, as afcore.c's peek_past_mark)."""
         self._stats["peeks"] += 1
         try:
             data = conn.sock.recv(self._max_bytes, _PEEK)
@@ -182,6 +194,8 @@ class PyCore:
                 self._stats["bytes_peeked"] += len(data) - len(conn.data)
                 self._buffered += len(data) - len(conn.data)
                 conn.data = data
+        if urgent and conn.data and not conn.eof:
+            self._peek_past_mark(conn)
         if hup:
             conn.eof = True
         if conn.match is not None and conn.data:
@@ -200,6 +214,30 @@ class PyCore:
         if conn.eof:
             return EOF, 0
         return 0, 0
+
+    def _peek_past_mark(self, conn: _Conn) -> None:
+        """A peek stops at a TCP urgent mark when bytes come before it (SO_OOBINLINE or not): peek on
+        from the end of what is known with SO_PEEK_OFF, then switch the offset off again."""
+        sock = conn.sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, len(conn.data))
+        except OSError:
+            return  # an older kernel: the filter sees the bytes up to the mark
+        try:
+            while len(conn.data) < self._max_bytes:
+                self._stats["peeks"] += 1
+                more = sock.recv(self._max_bytes - len(conn.data), _PEEK)
+                if not more:
+                    conn.eof = True
+                    break
+                self._stats["bytes_peeked"] += len(more)
+                self._buffered += len(more)
+                conn.data += more
+        except OSError:
+            pass  # EAGAIN; an error shows at the next peek
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
 
     @staticmethod
     def _set_lowat(conn: _Conn, size: int) -> None:
@@ -328,7 +366,7 @@ class PyCore:
         if nxt is not None and nxt - self._now() <= wait:
             wait, bounded = max(0.0, nxt - self._now()), True
         p = select.poll()
-        p.register(fd, select.POLLIN | select.POLLRDHUP)
+        p.register(fd, select.POLLIN | select.POLLPRI | select.POLLRDHUP)
         p.register(self._wakefd, select.POLLIN)
         ready = dict(p.poll(wait * 1000))
         flags = ready.get(fd, 0)
@@ -338,6 +376,8 @@ class PyCore:
                 epoll_flags |= select.EPOLLERR
             if flags & (select.POLLHUP | select.POLLRDHUP):
                 epoll_flags |= select.EPOLLRDHUP
+            if flags & select.POLLPRI:
+                epoll_flags |= select.EPOLLPRI
             self._on_readable(fd, epoll_flags)
         elif not ready and not bounded:
             self._stats["direct_idle"] += 1
@@ -492,7 +532,7 @@ class PyCore:
             self._emit(fd, ERROR, err or errno.ECONNRESET)
             return
         before = len(conn.data)
-        kind, err = self._peek(conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)))
+        kind, err = self._peek(conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)), bool(flags & select.EPOLLPRI))
         if kind:
             self._settle(fd, kind, err)
         elif len(conn.data) != before and conn.match is None:
@@ -569,6 +609,7 @@ class PyCore:
         self._stats["accepted"] += 1  # taken in, so the accounting still adds up
         conn = _Conn(sock, addr, self._now())
         conn.nonblock = not os.get_blocking(fd)  # left as it is; made blocking when released
+        oob_inline(sock)
         self._owned[fd] = conn
         self._fifo[fd] = conn
         self._pending.append(fd)  # armed, and so peeked, by the next poll(); evicted there if over the bound

@@ -59,6 +59,7 @@ typedef struct conn {
     uint8_t lowat;        /* SO_RCVLOWAT was raised (reset before the fd is handed over) */
     uint8_t nonblock;     /* adopted with O_NONBLOCK (cleared before the fd is handed over) */
     uint8_t urgent;       /* the last wake-up said EPOLLPRI: a TCP urgent byte is pending */
+    uint8_t abortive;     /* SO_LINGER {1, 0} while watched (cleared before the fd is handed over or closed) */
     uint8_t addr[sizeof(struct sockaddr_in6)];
 } conn;
 
@@ -484,7 +485,25 @@ static int arm(af_core *c, int fd) {
     ev.events = EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLET; /* EPOLLPRI: an urgent byte (peek_past_mark) */
     ev.data.u64 = (uint64_t)(uint32_t)fd;
     if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return -errno;
-    c->conns[fd].armed = 1;
+    conn *k = &c->conns[fd];
+    k->armed = 1;
+    if (!k->abortive) {
+        /* A held connection is closed by the kernel if this process dies (SIGKILL, a crash):
+         * with an RST whether or not the client had sent bytes, one rule instead of a FIN for
+         * idle clients and an RST for half-sent ones. Only watched connections pay for it:
+         * one certified at accept never gets here. Best effort, like SO_RCVLOWAT. */
+        struct linger lg = {1, 0};
+        if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) == 0) k->abortive = 1;
+    }
+    return 0;
+}
+
+/* The default close again (a FIN after the data), for the application or a graceful close. */
+static int clear_abortive(conn *k, int fd) {
+    if (!k->abortive) return 0;
+    struct linger lg = {0, 0};
+    if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) < 0) return -errno;
+    k->abortive = 0;
     return 0;
 }
 
@@ -917,6 +936,8 @@ int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr) {
         int one = 1; /* the application's socket: the default low-water mark again */
         if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one) < 0) return -errno;
     }
+    int e = clear_abortive(k, fd);
+    if (e) return e;
     if (addr) fill_addr(k, addr);
     forget(c, fd);
     return 0;
@@ -928,21 +949,24 @@ int af_close(af_core *c, int fd, int reset) {
     if (reset) {
         struct linger lg = {1, 0};
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    } else if (k->len > 0 || !k->eof) {
-        /* Closing with unread data sends an RST; read everything that is there
-         * (not just max_bytes, what a filter looks at: the client may have sent
-         * more) so a "close" is a clean FIN as promised, also for one never
-         * peeked at (adopted). Bounded by AF_CLOSE_DRAIN, more than a receive
-         * buffer holds; bytes that arrive after the close get the kernel's RST,
-         * as on any closed socket. */
-        char sink[16384];
-        uint32_t left = AF_CLOSE_DRAIN;
-        while (left > 0) {
-            ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
-            if (r < 0 && errno == EINTR) continue;
-            if (r <= 0) break;
-            left -= (uint32_t)r;
+    } else {
+        if (k->len > 0 || !k->eof) {
+            /* Closing with unread data sends an RST; read everything that is there
+             * (not just max_bytes, what a filter looks at: the client may have sent
+             * more) so a "close" is a clean FIN as promised, also for one never
+             * peeked at (adopted). Bounded by AF_CLOSE_DRAIN, more than a receive
+             * buffer holds; bytes that arrive after the close get the kernel's RST,
+             * as on any closed socket. */
+            char sink[16384];
+            uint32_t left = AF_CLOSE_DRAIN;
+            while (left > 0) {
+                ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
+                if (r < 0 && errno == EINTR) continue;
+                if (r <= 0) break;
+                left -= (uint32_t)r;
+            }
         }
+        (void)clear_abortive(k, fd); /* a FIN, as promised */
     }
     /* Leave the epoll set explicitly: close() only removes it when no other
      * descriptor (dup, fork) refers to the same open file. */

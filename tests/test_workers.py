@@ -162,3 +162,166 @@ def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path) -> None:
     assert out.returncode == 3, out.stderr  # uvicorn's own status for a startup failure, passed on
     assert "failed to start (exit status 3); stopping" in out.stderr
     assert not serving(port)
+
+
+def _reloaded_moved(log: Path) -> list[int]:
+    """How many held connections each worker's "reloaded" line says it moved."""
+    import re
+
+    return [int(m) for m in re.findall(r"reloaded: \d+ chain\(s\) rebuilt, (\d+) held connection", log.read_text())]
+
+
+@needs_curl
+def test_sighup_reloads_every_serve_worker_without_losing_a_held_connection_or_a_request(tmp_path: Path) -> None:
+    """SIGHUP in the parent of ``serve --workers 2``: each worker reloads in place; nothing is closed or refused.
+
+    Before: the parent died of the default SIGHUP action, its workers with it.
+    """
+    import threading
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "slow").write_text("slow")
+    (site / "w0").write_text("w0")
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--no-status", "--directory",
+                                 str(site), "--timeout", "120"], text=True, stdout=subprocess.DEVNULL, stderr=err)
+    held: list[socket.socket] = []
+    try:
+        parent = proc.pid
+        wait_for(lambda: len(children(parent)) >= 2 and serving(port), 60)
+        workers = children(parent)
+        held = open_held(port)
+        # The kernel queue is FIFO and shared: once a later connection is answered, every held one was taken.
+        assert curl(port, "/w0") == (200, "w0")
+        answered: list[tuple[int, str]] = []
+        done = threading.Event()
+
+        def traffic() -> None:
+            while not done.is_set():
+                answered.append(curl(port, "/w0"))
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(_reloaded_moved(log)) >= 2, 60)
+        finally:
+            done.set()
+            thread.join(60)
+        assert proc.poll() is None and children(parent) == workers, "reloaded in place, nobody restarted"
+        assert sum(_reloaded_moved(log)) == len(held), log.read_text()
+        assert answered and all(a == (200, "w0") for a in answered), answered
+        for conn in held[:-5]:
+            conn.sendall(b"GET /w0 HTTP/1.0\r\n\r\n")
+        for conn in held[-5:]:  # the half-sent ones finish their request
+            conn.sendall(b"\r\n")
+        for conn in held:
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.0 200 "), reply[:80]
+        assert "Traceback" not in log.read_text()
+    finally:
+        close_all(held)
+        interrupt(proc)
+    assert proc.returncode == 0
+
+
+@needs_curl
+def test_sighup_reloads_every_uvicorn_worker_without_losing_a_held_connection_or_a_request(tmp_path: Path) -> None:
+    """``acceptfilter run -- uvicorn --workers 2``: SIGHUP reloads each worker's filters, keeping what it holds.
+
+    Before: the parent died of the default SIGHUP action, its workers with it (plain uvicorn restarts its
+    workers instead, and closes what they held).
+    """
+    import re
+    import threading
+
+    (tmp_path / "app.py").write_text(APP)
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([*CLI, "run", "--timeout", "120", "--", "uvicorn", "app:app", "--port", str(port),
+                                 "--workers", "2"], cwd=tmp_path, text=True, stdout=subprocess.DEVNULL, stderr=err)
+    held: list[socket.socket] = []
+    try:
+        parent = proc.pid
+        wait_for(lambda: len(children(parent)) >= 2 and serving(port), 60)
+        workers = children(parent)
+        held = open_held(port)
+        answers(port, "/first")  # FIFO shared queue: every held connection was taken before this one
+        answered: list[int] = []
+        done = threading.Event()
+
+        def traffic() -> None:
+            while not done.is_set():
+                answered.append(answers(port, "/during")[0])
+
+        def moved() -> list[int]:
+            return [int(n) for n in re.findall(r"reloaded: filters rebuilt, (\d+) held", log.read_text())]
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(moved()) >= 2, 60)
+        finally:
+            done.set()
+            thread.join(60)
+        assert proc.poll() is None and children(parent) == workers, "reloaded in place"
+        assert sum(moved()) == len(held), log.read_text()
+        assert answered and set(answered) <= workers
+        for conn in held[:-5]:
+            conn.sendall(b"GET /idle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for conn in held[-5:]:
+            conn.sendall(b"Connection: close\r\n\r\n")
+        for conn in held:
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200 "), reply[:80]
+        assert "Traceback" not in log.read_text()
+    finally:
+        close_all(held)
+        interrupt(proc)
+    assert proc.returncode in (0, -signal.SIGINT, 130)
+
+
+@needs_curl
+def test_a_sigkilled_worker_resets_every_connection_it_held_idle_or_half_sent(tmp_path: Path) -> None:
+    """One rule for what a worker that dies (SIGKILL, a crash) held: an RST, idle or half-sent.
+
+    Before: the kernel closed idle ones with a FIN and half-sent ones (unread bytes) with an RST.
+    Held connections carry SO_LINGER {1, 0} while they are watched; it is cleared before one is
+    handed to the application or closed on purpose (a FIN: tests/test_serve_attack.py, test_gunicorn.py).
+    """
+    (tmp_path / "w0").write_text("w0")
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--no-status", "--directory",
+                             str(tmp_path), "--timeout", "120"], text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    held: list[socket.socket] = []
+    try:
+        parent = proc.pid
+        wait_for(lambda: len(children(parent)) >= 2 and serving(port), 60)
+        workers = children(parent)
+        held = open_held(port)
+        assert curl(port, "/w0") == (200, "w0")  # FIFO shared queue: every held connection was taken
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        outcomes = []
+        for conn in held:
+            conn.settimeout(30)
+            try:
+                outcomes.append("FIN" if conn.recv(100) == b"" else "data")
+            except ConnectionResetError:
+                outcomes.append("RST")
+        assert outcomes == ["RST"] * len(held), outcomes
+        wait_for(lambda: len(children(parent) - workers) >= 2, 60)  # replaced
+        assert curl(port, "/w0") == (200, "w0")
+    finally:
+        close_all(held)
+        interrupt(proc)

@@ -11,7 +11,12 @@ dropped) there, invisible to the engine's own counters. This module reports:
 * the listener's own drop count (``sk_drops``, element 8 of the
   ``INET_DIAG_SKMEMINFO`` array, which ``tcp_listendrop()`` increments);
 * the namespace-wide ``TcpExt: ListenOverflows / ListenDrops`` of
-  ``/proc/net/netstat``.
+  ``/proc/net/netstat``;
+* :class:`KernelQueue`: the accept queue and backlog of a socket this process
+  holds, from ``TCP_INFO`` (one syscall, no netlink: what a status line polls).
+
+Every reader of the kernel's queues (``serve``'s status line, ``stats``, ``top``)
+goes through this module.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +35,7 @@ from .errors import AcceptFilterError
 __all__ = [
     "DiagError",
     "DiagPermissionError",
+    "KernelQueue",
     "ListenerView",
     "inspect",
     "listen_backlog",
@@ -251,3 +258,28 @@ def listen_backlog(sock: socket.socket) -> int | None:
         return None
     record = listener_record(sock)
     return None if record is None else int(record["idiag_wqueue"])
+
+
+class KernelQueue:
+    """The listen socket's accept queue and backlog, from ``getsockopt(TCP_INFO)``.
+
+    On a listening socket ``tcpi_unacked`` is the accept-queue length and
+    ``tcpi_sacked`` the backlog. One syscall on a socket we already have: the
+    status line used to build a pyroute2 netlink socket (and an asyncio loop)
+    per refresh, which failed every time at EMFILE, the moment it matters.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self) -> tuple[int, int] | None:
+        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        try:
+            raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return None
+        if len(raw) < 32:
+            return None
+        unacked, sacked = struct.unpack_from("=II", raw, 24)
+        return unacked, sacked

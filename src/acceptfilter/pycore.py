@@ -30,6 +30,9 @@ _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _CONN_EVENTS = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLET  # PRI: an urgent byte
 #: SO_PEEK_OFF (asm-generic/socket.h; not in the socket module): peek from an offset (TCP: Linux 6.10+).
 SO_PEEK_OFF = 42
+#: SO_LINGER values: an RST if the process dies holding the connection; the default close (a FIN) again.
+_ABORTIVE = struct.pack("ii", 1, 0)
+_GRACEFUL = struct.pack("ii", 0, 0)
 _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 #: A waiting accept_ready() waits this long on the connection it just accepted, and no
 #: longer waits so after one sent nothing in that time, for DIRECT_BACKOFF (seconds;
@@ -47,7 +50,8 @@ def oob_inline(sock: socket.socket) -> None:
 
 
 class _Conn:
-    __slots__ = ("accepted_at", "addr", "armed", "data", "eof", "final", "lowat", "match", "nonblock", "sock", "state")
+    __slots__ = ("abortive", "accepted_at", "addr", "armed", "data", "eof", "final", "lowat", "match", "nonblock", "sock",
+                 "state")
 
     def __init__(self, sock: socket.socket, addr: Address, now: float) -> None:
         self.sock = sock
@@ -61,6 +65,7 @@ class _Conn:
         self.match: MatchState | None = None  # the matcher's state while it may still certify
         self.lowat = False  # SO_RCVLOWAT raised (reset before the socket is handed over)
         self.nonblock = False  # adopted with O_NONBLOCK (made blocking when handed over)
+        self.abortive = False  # SO_LINGER {1, 0} while watched (cleared before it is handed over or closed)
 
 
 #: A connection's states, as in the C core: HELD (in the FIFO) -> FINAL (reported) -> gone.
@@ -169,6 +174,21 @@ class PyCore:
             conn.armed = True
         except OSError as exc:
             self._emit(fd, ERROR, exc.errno or errno.EIO)
+            return
+        if not conn.abortive:
+            # If this process dies holding it, the kernel resets it, whether or not the client sent
+            # bytes (one rule; see the C core's arm()). Best effort.
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORTIVE)
+                conn.abortive = True
+            except OSError:
+                pass
+
+    @staticmethod
+    def _clear_abortive(conn: _Conn) -> None:
+        if conn.abortive:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _GRACEFUL)
+            conn.abortive = False
 
     def _forget(self, fd: int) -> _Conn:
         conn = self._owned.pop(fd)
@@ -561,6 +581,7 @@ class PyCore:
             conn.sock.setblocking(True)
         if conn.lowat:  # the application's socket: the default low-water mark again
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self._clear_abortive(conn)
         self._forget(fd)
         conn.sock.detach()
         return conn.addr
@@ -578,12 +599,17 @@ class PyCore:
         try:
             if reset:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif conn.data or not conn.eof:
-                # Closing with unread data sends an RST; read everything there (not just
-                # max_bytes: the client may have sent more), up to CLOSE_DRAIN, so "close" is a FIN.
-                left = CLOSE_DRAIN
-                while left > 0 and (got := len(conn.sock.recv(min(left, 16384), socket.MSG_DONTWAIT))):
-                    left -= got
+            else:
+                if conn.data or not conn.eof:
+                    # Closing with unread data sends an RST; read everything there (not just
+                    # max_bytes: the client may have sent more), up to CLOSE_DRAIN, so "close" is a FIN.
+                    left = CLOSE_DRAIN
+                    try:
+                        while left > 0 and (got := len(conn.sock.recv(min(left, 16384), socket.MSG_DONTWAIT))):
+                            left -= got
+                    except OSError:
+                        pass
+                self._clear_abortive(conn)
         except OSError:
             pass
         conn.sock.close()

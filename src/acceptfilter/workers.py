@@ -21,7 +21,12 @@ which is why they keep the filter process.
 The parent only supervises: it never accepts, never starts a thread, and
 forwards SIGINT/SIGTERM to the workers as one SIGTERM each (the workers have
 their own process group, so a terminal's Ctrl-C does not reach them twice;
-under systemd use ``KillMode=mixed`` for the same reason). A worker that exits by
+under systemd use ``KillMode=mixed`` for the same reason). SIGHUP is passed
+on as one SIGHUP to each worker, which reloads its filters in place the way a
+single process does (held connections move to the new filters undecided; the
+listen socket and the application are never closed, so no connection and no
+request is lost). A worker ignores SIGHUP until it has installed its own
+handler: one that is still starting builds the current filters anyway. A worker that exits by
 itself within :data:`BOOT_GRACE` seconds of starting stops everything with its
 exit status (a broken application would otherwise be forked forever); a
 worker killed by a signal, or one that exits later, is logged and replaced.
@@ -84,6 +89,7 @@ def _child(index: int, parent: int) -> Role:
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a graceful stop: close() resolves held connections
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own reload handler is in place
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl
         os._exit(1)
@@ -118,7 +124,17 @@ def fork_workers(count: int, *, label: str = "worker") -> Role:
             except ProcessLookupError:
                 pass
 
+    def reload(signum: int, frame: Any) -> None:
+        # Each worker reloads itself (the default SIGHUP action would have killed the parent, and with it
+        # every worker through PR_SET_PDEATHSIG).
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         for index in range(count):
             role = spawn(index)

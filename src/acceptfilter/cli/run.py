@@ -10,7 +10,11 @@ process; only the final "run it" step is replaced: acceptfilter binds the
 address the server was asked to bind, wraps it in the filter (asyncio driver:
 no thread) and serves it with the server's in-process API
 (``uvicorn.Server.serve(sockets=[listener])``, Hypercorn's asyncio worker).
-One process, one event loop: ``--reload`` and ``--workers N`` are refused.
+One process, one event loop per worker: ``--reload`` is refused; ``--workers N``
+forks N workers on one shared socket (:mod:`acceptfilter.workers`). SIGHUP
+reloads uvicorn's filters in place, in every worker, keeping held connections
+(:mod:`acceptfilter.integrations.uvicorn`); Hypercorn's workers keep running
+through a SIGHUP with the filters they have.
 """
 
 from __future__ import annotations
@@ -200,7 +204,7 @@ def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
                 return
         try:
             af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy,
-                           sock=sock, **config)
+                           sock=sock, reload_on_hup=True, **config)
         except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down for; uvicorn.run() swallows it too
             pass
 

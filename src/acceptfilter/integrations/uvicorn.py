@@ -9,6 +9,12 @@ inside the loop (``driver="asyncio"``: no thread). On uvloop the loop must be
     from acceptfilter.integrations.uvicorn import run
     run(app, "0.0.0.0", 8000, filter="httpready", timeout=10)
 
+With ``reload_on_hup=True`` (what ``acceptfilter run -- uvicorn`` passes),
+SIGHUP reloads the filters in place, as ``acceptfilter serve`` does: a fresh
+listener on a duplicate of the listen socket, the held connections moved to
+it undecided, uvicorn's protocol serving it, and the old listener closed once
+what it had already surfaced was taken (see :class:`_Reloader`).
+
 An ASGI 3 application reads what the filters learnt with
 ``acceptfilter.integrations.asgi.scope_info(scope)`` (see :mod:`.asgi`).
 """
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +71,7 @@ async def serve(
     core: str = "c",
     policy: dict[str, Any] | None = None,
     started: Callable[[FilteredListener, uvicorn.Server], None] | None = None,
+    reload_on_hup: bool = False,
     **config: Any,
 ) -> None:
     """Serve ``app`` with uvicorn on the running loop, behind ``filter``.
@@ -70,7 +79,8 @@ async def serve(
     ``sock`` (a listening socket) replaces ``host``/``port``; ``policy`` goes
     to :func:`acceptfilter.wrap`; ``config`` to ``uvicorn.Config``;
     ``started(listener, server)`` is called before serving (set
-    ``server.should_exit = True`` to stop).
+    ``server.should_exit = True`` to stop); ``reload_on_hup`` makes SIGHUP
+    reload the filters, keeping every held connection.
     """
     loop = asyncio.get_running_loop()
     if not _is_selector_loop(loop) and not _is_filtered_uvloop(loop):
@@ -93,10 +103,117 @@ async def serve(
     )
     if started is not None:
         started(listener, server)
+    reloader = _Reloader(server, listener, filter, core, dict(policy or {}), int(config.get("backlog", 2048)))
+    if reload_on_hup:
+        loop.add_signal_handler(signal.SIGHUP, reloader.schedule)
     try:
         await server.serve(sockets=[listener])  # type: ignore[list-item]
     finally:
+        if reload_on_hup:
+            loop.remove_signal_handler(signal.SIGHUP)
         listener.close()
+        reloader.close()
+
+
+log = logging.getLogger("uvicorn.error")
+
+
+class _Reloader:
+    """SIGHUP for uvicorn: new filters on the same socket, no held connection and no request lost.
+
+    uvicorn serves the listener through an asyncio ``Server`` whose accept
+    callback watches the listener's ``fileno()``. A reload builds a fresh
+    listener (asyncio driver) on a ``dup`` of the listen socket, moves the
+    held connections into it undecided (``detach_held``/``adopt``: the old
+    engine stops accepting first, so each connection is in exactly one
+    engine), serves it with the old server's protocol factory, and closes
+    the old server only after asyncio has taken everything the old listener
+    had already surfaced. Everything runs on the event loop, between two
+    callbacks: no lock, no thread.
+    """
+
+    def __init__(self, server: uvicorn.Server, listener: FilteredListener, filter: FilterSpecs, core: str,
+                 policy: dict[str, Any], backlog: int) -> None:
+        self.server, self.listener, self.filter, self.core = server, listener, filter, core
+        self.policy, self.backlog = policy, backlog
+        self._extra: list[FilteredListener] = []
+        self._busy = False
+        self._again = False
+        self._task: asyncio.Task[None] | None = None
+
+    def schedule(self) -> None:
+        if self._busy:  # a SIGHUP during a reload: one more after it
+            self._again = True
+            return
+        self._busy = True
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._again = False
+                try:
+                    await self.reload()
+                except Exception as exc:  # a plugin that no longer imports, a socket gone at shutdown
+                    log.error("acceptfilter: reload failed, keeping the filters in place: %s", exc)
+                if not self._again or self.server.should_exit:
+                    return
+        finally:
+            self._busy = False
+
+    async def reload(self) -> None:
+        from ..reloading import reload_filter_modules
+        from .asgi import index_peers
+
+        if self.server.should_exit:
+            return
+        reload_filter_modules()
+        old = self.listener
+        old_server, factory = _serving(self.server, old)
+        dup = socket.socket(fileno=os.dup(old._hub.sock.fileno()))
+        try:
+            fresh = wrap(dup, self.filter, core=self.core, driver="asyncio", **self.policy)
+        except BaseException:
+            dup.close()
+            raise
+        index_peers(fresh)
+        moved = 0
+        for fd in old.detach_held():  # the old engine no longer accepts: each connection in one engine
+            try:
+                fresh.adopt(fd)
+                moved += 1
+            except OSError:  # it closed meanwhile
+                os.close(fd)
+        self.listener = fresh
+        self._extra.append(fresh)
+        loop = asyncio.get_running_loop()
+        new_server = await loop.create_server(factory, sock=fresh, backlog=self.backlog)  # type: ignore[call-overload]
+        self.server.servers.append(new_server)
+        # What the old listener had surfaced is accepted by the old server's callback; then close it.
+        deadline = loop.time() + 10.0
+        while old.queued and loop.time() < deadline and not self.server.should_exit:
+            await asyncio.sleep(0.01)
+        old_server.close()  # closes the old listener (a closed listener is not closed twice)
+        log.info("acceptfilter: reloaded: filters rebuilt, %d held connection(s) moved to them", moved)
+
+    def close(self) -> None:
+        for listener in self._extra:
+            listener.close()
+
+
+def _serving(server: uvicorn.Server, listener: FilteredListener) -> tuple[Any, Callable[..., Any]]:
+    """The server uvicorn made for ``listener``, and its protocol factory.
+
+    asyncio's ``Server`` (``_sockets``, ``_protocol_factory``) on the selector
+    loop, :class:`~acceptfilter.integrations.asyncio.FilteredServer`
+    (``_listener``, ``_factory``) on the filtered uvloop.
+    """
+    for candidate in getattr(server, "servers", []):
+        mine = getattr(candidate, "_listener", None) is listener or listener in (getattr(candidate, "_sockets", None) or ())
+        factory = getattr(candidate, "_protocol_factory", None) or getattr(candidate, "_factory", None)
+        if mine and factory is not None:
+            return candidate, factory
+    raise RuntimeError("uvicorn is not serving this listener (yet)")
 
 
 def _with_info(app: Any, config: dict[str, Any]) -> Any:

@@ -1,0 +1,142 @@
+"""``acceptfilter serve``'s run: check, bind, fork workers, serve until a signal stops it (SIGHUP reloads)."""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import logging
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from ...errors import AcceptFilterError
+from ..console import console
+from .listen import listen
+from .metrics_http import serve_metrics
+from .plan import Plan, check
+from .server import Serve
+from .signals import Signals
+from .status import status_log, status_loop
+
+log = logging.getLogger("acceptfilter")
+
+
+def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
+    plan = check(args)
+    from ...activation import inherited_listener
+    from ...workers import check_workers, fork_workers
+
+    workers = check_workers(args.workers)
+    sock = inherited_listener() or listen(args.bind, args.port, args.backlog)  # systemd's socket first
+    if workers > 1:
+        # Before any thread exists: each worker filters and serves the shared socket (acceptfilter.workers).
+        role = fork_workers(workers)
+        if not role.is_worker:
+            sock.close()
+            return role.exit_code
+    with Signals() as signals:
+        return _run(args, plan, sock, signals, ready)
+
+
+def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Signals,
+         ready: threading.Event | None) -> int:
+    serve = Serve(args, plan, sock)
+    metrics: http.server.HTTPServer | None = None
+    try:
+        if args.metrics_port is not None:
+            metrics = serve_metrics(args.bind, args.metrics_port, lambda: serve.current.stats())
+        serve.start()
+        for name, target in plan.forwards.items():
+            chain = " -> ".join(plan.routes.get(name, []) if plan.routes else []) or "(rejected connections)"
+            _line(f"route {name}: {chain} forwarded to {target}")
+        _line(serve.banner())
+        if metrics is not None:
+            host, mport = str(metrics.server_address[0]), int(metrics.server_address[1])
+            _line(f"Metrics on http://{f'[{host}]' if ':' in host else host}:{mport}/metrics")
+        kernel_warnings(serve.sock, args.backlog)
+        return run_until_signal(serve, args, signals, ready)
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
+        serve.close()
+
+
+def _line(text: str) -> None:
+    """One whole line on stdout in one write, flushed.
+
+    ``print`` writes the text and its newline separately when stdout is
+    unbuffered (``PYTHONUNBUFFERED``, common in containers), and the workers
+    of ``--workers N`` share one stdout: their banners would interleave
+    ("Serving ...Serving ...\\n\\n") and a reader waiting for a line per worker
+    would wait forever. One ``write`` of a short line to a pipe is atomic.
+    """
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def kernel_warnings(sock: socket.socket, backlog: int) -> None:
+    if sock.family == socket.AF_UNIX:
+        return  # sock_diag's TCP view has nothing to say about a UNIX socket
+    from ... import diag
+
+    try:
+        for warning in diag.inspect(sock, requested_backlog=backlog).warnings:
+            log.warning("%s", warning)
+    except diag.DiagError as exc:
+        log.warning("no kernel view of the listener: %s", exc)
+
+
+def _say(message: str, **fields: Any) -> None:
+    """A line for the operator (stopping, reloaded): bare text, or a JSON object with ``fields``."""
+    status_log.info("%s", message, extra={"fields": {"type": "event", **fields}})
+
+
+def run_until_signal(serve: Serve, args: argparse.Namespace, signals: Signals, ready: threading.Event | None) -> int:
+    """Serve in a thread; the main thread handles SIGINT/SIGTERM (stop) and SIGHUP (reload)."""
+    wake, pending = signals.wake, signals.pending
+
+    relay_only = serve.plan.serve_name is None  # every route forwarded: no file server to run
+
+    def serve_loop() -> None:
+        try:
+            serve.server.serve_forever(poll_interval=0.2)
+        except Exception:
+            log.exception("the server stopped")
+            signals.post(signal.SIGTERM)
+
+    def start_serving() -> threading.Thread:
+        thread = threading.Thread(target=serve_loop, name="acceptfilter-serve", daemon=True)
+        if not relay_only:
+            thread.start()
+        if args.status:
+            threading.Thread(target=status_loop, args=(serve.current, args.status_interval),
+                             name="acceptfilter-status", daemon=True).start()
+        return thread
+
+    start_serving()
+    if ready is not None:
+        ready.set()
+    while True:
+        wake.wait()
+        wake.clear()
+        while pending:
+            signum = pending.pop(0)
+            if signum == signal.SIGHUP:
+                try:
+                    message = serve.reload()
+                except AcceptFilterError as exc:
+                    log.error("reload failed, keeping the filters in place: %s", exc)
+                else:
+                    _say(message, event="reloaded")
+                    start_serving()
+                continue
+            serve.current.stop.set()  # no status line after the last words
+            console.clear_status()
+            name = signal.Signals(signum).name
+            _say(f"stopping ({name})", event="stopping", signal=name)
+            if not relay_only:
+                serve.server.shutdown()
+            return 0

@@ -955,7 +955,7 @@ int af_close(af_core *c, int fd, int reset) {
              * (not just max_bytes, what a filter looks at: the client may have sent
              * more) so a "close" is a clean FIN as promised, also for one never
              * peeked at (adopted). Bounded by AF_CLOSE_DRAIN, more than a receive
-             * buffer holds; bytes that arrive after the close get the kernel's RST,
+             * buffer holds; bytes that arrive after the close draw the kernel's RST,
              * as on any closed socket. */
             char sink[16384];
             uint32_t left = AF_CLOSE_DRAIN;

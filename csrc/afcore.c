@@ -1,6 +1,7 @@
 /* afcore.c: accept4 + edge-triggered epoll + recv(MSG_PEEK). See afcore.h. */
 #define _GNU_SOURCE
 #include "afcore.h"
+#include "afsrc.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -44,13 +45,17 @@ enum conn_state { CS_FREE = 0, CS_HELD = 1, CS_FINAL = 2 };
  * HELD connections are linked in the FIFO, FINAL ones in the final list (the
  * same links: a connection is in at most one of them). */
 typedef struct conn {
-    int32_t prev, next;   /* FIFO or final-list links (fds) */
-    int64_t accepted_us;  /* on the core's clock; deadline = this + timeout */
+    int32_t prev, next;   /* idle, partial or final-list links (fds) */
+    int64_t accepted_us;  /* on the core's clock; idle deadline = this + idle_timeout */
+    int64_t data_us;      /* its first byte (partial): deadline = this + timeout */
+    int32_t src;          /* idle: its source's entry (afsrc), or AFS_NIL */
+    int32_t sprev, snext; /* idle: its source's other idle connections (fds) */
     char *buf;
     uint32_t len, bufsize;
     uint32_t batch;       /* poll number of this connection's last event */
     uint32_t ev_index;    /* its index in that batch */
     uint8_t state;        /* enum conn_state */
+    uint8_t idle;         /* HELD with nothing sent yet: in the idle list, counted by source */
     uint8_t armed, eof;
     uint8_t final_kind;   /* FINAL: the event it was reported with */
     int32_t final_err;    /* ERROR: the errno; READY: the bytes to consume */
@@ -71,7 +76,10 @@ struct af_core {
     int64_t timeout_us;
     conn *conns;
     uint32_t nconns;          /* table size */
-    list fifo;                /* HELD, in accept order = deadline order */
+    list idle;                /* HELD, nothing sent yet: in accept order = idle deadline order */
+    list fifo;                /* HELD, partial: in first-byte order = deadline order */
+    int64_t idle_us;          /* the idle limit (af_set_idle_timeout; 0: none) */
+    afs_table srcs;           /* idle connections by source address: who loses one when full */
     list finals;              /* FINAL: reported, not yet released or closed */
     uint32_t fresh_data;      /* HELD connections with a DATA event in this batch */
     int32_t *pending;         /* peeked at accept, to be armed at next poll */
@@ -112,14 +120,16 @@ static int64_t clock_us(const af_core *c) {
 }
 
 static void publish(af_core *c) {
+    c->stats.held_idle = c->idle.count;
     pthread_mutex_lock(&c->stats_lock);
     c->published = c->stats;
     pthread_mutex_unlock(&c->stats_lock);
 }
 
 static int64_t deadline_of(const af_core *c, const conn *k) {
-    /* timeout_us <= 2^40 * 1000 and the clock is far below 2^62: no overflow. */
-    return c->timeout_us > 0 ? k->accepted_us + c->timeout_us : INT64_MAX;
+    /* timeouts <= 2^40 * 1000 and the clock is far below 2^62: no overflow. */
+    if (k->idle) return c->idle_us > 0 ? k->accepted_us + c->idle_us : INT64_MAX;
+    return c->timeout_us > 0 ? k->data_us + c->timeout_us : INT64_MAX;
 }
 
 static int grow_table(af_core *c, int fd) {
@@ -140,13 +150,21 @@ static conn *owned(af_core *c, int fd) {
 }
 
 static list *list_of(af_core *c, const conn *k) {
-    return k->state == CS_HELD ? &c->fifo : &c->finals;
+    return k->state == CS_HELD ? (k->idle ? &c->idle : &c->fifo) : &c->finals;
 }
 
 static void list_unlink(af_core *c, int fd) {
     conn *k = &c->conns[fd];
     list *l = list_of(c, k);
     AF_ASSERT(l->count > 0);
+    if (l == &c->idle && k->src != AFS_NIL) { /* out of its source's list too */
+        afs_source *e = &c->srcs.src[k->src];
+        if (k->sprev != NIL) c->conns[k->sprev].snext = k->snext; else e->head = k->snext;
+        if (k->snext != NIL) c->conns[k->snext].sprev = k->sprev; else e->tail = k->sprev;
+        afs_remove(&c->srcs, k->src);
+        k->src = AFS_NIL;
+        k->sprev = k->snext = NIL;
+    }
     if (k->prev != NIL) c->conns[k->prev].next = k->next; else l->head = k->next;
     if (k->next != NIL) c->conns[k->next].prev = k->prev; else l->tail = k->prev;
     k->prev = k->next = NIL;
@@ -161,6 +179,30 @@ static void list_append(af_core *c, int fd) {
     if (l->tail != NIL) c->conns[l->tail].next = fd; else l->head = fd;
     l->tail = fd;
     l->count++;
+    k->src = AFS_NIL;
+    k->sprev = k->snext = NIL;
+    if (l == &c->idle) { /* counted by source (out of memory: only in the idle list, evicted last of the idle) */
+        uint8_t key[AFS_KEY];
+        afs_key(k->addr, k->addrlen, key);
+        int32_t s = afs_add(&c->srcs, key);
+        if (s >= 0) {
+            afs_source *e = &c->srcs.src[s];
+            k->src = s;
+            k->sprev = e->tail;
+            if (e->tail != NIL) c->conns[e->tail].snext = fd; else e->head = fd;
+            e->tail = fd;
+        }
+    }
+}
+
+/* HELD, idle -> partial: its first byte arrived, the header deadline starts now. */
+static void to_partial(af_core *c, int fd) {
+    conn *k = &c->conns[fd];
+    if (k->state != CS_HELD || !k->idle) return;
+    list_unlink(c, fd);
+    k->idle = 0;
+    k->data_us = c->now;
+    list_append(c, fd);
 }
 
 static void disarm(af_core *c, int fd) {
@@ -179,6 +221,7 @@ static conn *hold(af_core *c, int fd, int64_t now, const void *addr, socklen_t a
     k->state = CS_HELD;
     k->prev = k->next = NIL;
     k->accepted_us = now;
+    k->idle = 1;
     k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
     if (k->addrlen) memcpy(k->addr, addr, k->addrlen);
     k->matching = c->prog != NULL;
@@ -332,6 +375,7 @@ static int peek(af_core *c, int fd, int hup, int *err) {
             k->buf = b;
             k->bufsize = cap;
             k->len = (uint32_t)n;
+            to_partial(c, fd);
             more = (uint32_t)n == cap && cap < c->max_bytes; /* filled: grow and peek again */
         }
     }
@@ -537,10 +581,17 @@ static void pause_accepting(af_core *c, int64_t now) {
     set_listening(c, 0);
 }
 
-/* Over max_held: evict the oldest HELD connection that has no fresh data in
- * this batch (one with data may be decided by the caller before the next poll,
- * and then it was never undecided). Returns 0 when there is none. */
-static int evict_oldest_undecided(af_core *c) {
+/* Over max_held: make room. An idle connection first: the oldest of the source
+ * that holds the most idle ones (one client's thousand idle connections go
+ * before anyone else's). Only then a partial one: the oldest that has no fresh
+ * data in this batch (one with data may be decided by the caller before the
+ * next poll, and then it was never undecided). Returns 0 when there is none. */
+static int evict_one(af_core *c) {
+    if (c->idle.count) {
+        int32_t s = afs_top(&c->srcs);
+        emit(c, s != AFS_NIL ? c->srcs.src[s].head : c->idle.head, AF_EV_EVICT, 0);
+        return 1;
+    }
     for (int32_t fd = c->fifo.head; fd != NIL; fd = c->conns[fd].next) {
         conn *k = &c->conns[fd];
         if (k->batch == c->batch && k->ev_index < c->nevents && c->events[k->ev_index].fd == fd) continue;
@@ -573,7 +624,7 @@ static void accept_batch(af_core *c, int64_t now) {
         c->backoff_us = 0;
         c->stats.accepted++;
         /* The bound counts undecided connections only. */
-        if (c->max_held && c->fifo.count - c->fresh_data >= c->max_held) evict_oldest_undecided(c);
+        if (c->max_held && c->idle.count + c->fifo.count - c->fresh_data >= c->max_held) evict_one(c);
         conn *k = hold(c, fd, now, &addr, alen);
         /* Opportunistic peek: on a busy server the request is often already
          * here, and the connection never has to enter the epoll set. */
@@ -662,6 +713,8 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
     c->max_held = max_held;
     c->max_events = max_events < 16 ? 16 : max_events;
     c->fifo.head = c->fifo.tail = NIL;
+    c->idle.head = c->idle.tail = NIL;
+    c->srcs.free_head = AFS_NIL;
     c->finals.head = c->finals.tail = NIL;
     c->epfd = c->wakefd = -1;
     c->fake_now = -1;
@@ -705,6 +758,7 @@ void af_free(af_core *c) {
         }
     }
     free(c->scratch);
+    afs_free(&c->srcs);
     if (c->epfd >= 0) close(c->epfd);
     if (c->wakefd >= 0) close(c->wakefd);
     free(c->conns);
@@ -721,6 +775,10 @@ int64_t af_next_timeout_ms(const af_core *c) {
     int64_t next = INT64_MAX;
     if (c->finals.count) return 0; /* unresolved finals: report them again now */
     if (c->fifo.head != NIL) next = deadline_of(c, &c->conns[c->fifo.head]);
+    if (c->idle.head != NIL) {
+        int64_t idle = deadline_of(c, &c->conns[c->idle.head]);
+        if (idle < next) next = idle;
+    }
     if (c->paused && c->resume_at < next) next = c->resume_at;
     if (next == INT64_MAX) return -1;
     int64_t left = next - clock_us(c);
@@ -756,10 +814,12 @@ static void new_batch(af_core *c, af_event **events) {
     c->now = clock_us(c);
 }
 
-/* Deadlines due by the core's clock: the oldest HELD connections, in order. */
+/* Deadlines due by the core's clock: the oldest HELD connections of each list, in order. */
 static void expire(af_core *c, int64_t now) {
     while (c->fifo.head != NIL && deadline_of(c, &c->conns[c->fifo.head]) <= now && c->nevents < c->max_events)
         emit(c, c->fifo.head, AF_EV_TIMEOUT, 0);
+    while (c->idle.head != NIL && deadline_of(c, &c->conns[c->idle.head]) <= now && c->nevents < c->max_events)
+        emit(c, c->idle.head, AF_EV_TIMEOUT, 0);
 }
 
 static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
@@ -780,8 +840,8 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
     c->npending = 0;
     /* Over the bound (connections the caller kept waiting, adopted ones):
      * evict the oldest, as FreeBSD does. */
-    while (c->max_held && c->fifo.count > c->max_held && c->fifo.head != NIL && c->nevents + 2 <= c->max_events)
-        emit(c, c->fifo.head, AF_EV_EVICT, 0);
+    while (c->max_held && c->idle.count + c->fifo.count > c->max_held && c->nevents + 2 <= c->max_events)
+        if (!evict_one(c)) break;
 
     int64_t now = c->now;
     if (c->paused && now >= c->resume_at) {
@@ -790,7 +850,7 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
         if (c->listening) set_listening(c, 1);
     }
     int waited_out = 0;
-    if (ready && !c->nevents && !c->fifo.count) {
+    if (ready && !c->nevents && !c->fifo.count && !c->idle.count) {
         /* A thread waiting in accept(), nothing held: the listen queue first.
          * With TCP_DEFER_ACCEPT what is queued has sent data, often all of
          * it. What was taken in is published before the wait, so that
@@ -1020,8 +1080,8 @@ int af_stop_accepting(af_core *c) {
 int af_drain(af_core *c, af_event **events) {
     new_batch(c, events);
     report_finals(c);
-    while (c->fifo.head != NIL && c->nevents < c->max_events) {
-        int fd = c->fifo.head;
+    while ((c->idle.head != NIL || c->fifo.head != NIL) && c->nevents < c->max_events) {
+        int fd = c->idle.head != NIL ? c->idle.head : c->fifo.head;
         int err = 0;
         conn *k = &c->conns[fd];
         if (!k->eof) peek(c, fd, 0, &err);
@@ -1045,6 +1105,11 @@ int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) c->hist_bounds[i] = bounds_us[i];
     c->nbounds = n;
     return 0;
+}
+
+void af_set_idle_timeout(af_core *c, int64_t timeout_ms) {
+    if (timeout_ms > AF_MAX_TIMEOUT_MS) timeout_ms = AF_MAX_TIMEOUT_MS;
+    c->idle_us = timeout_ms > 0 ? timeout_ms * 1000 : 0;
 }
 
 void af_set_clock(af_core *c, int64_t now_us) { c->fake_now = now_us < 0 ? -1 : now_us; }

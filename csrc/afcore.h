@@ -4,8 +4,13 @@
  * It accepts eagerly, holds connections in an edge-triggered epoll set, peeks
  * at their first bytes with recv(MSG_PEEK) and reports what happened as a batch
  * of events. It knows nothing about any protocol: deciding is the (Python)
- * engine's job. Deadlines are uniform per core, so held connections form a FIFO
- * that is also the deadline order and the eviction order (oldest first).
+ * engine's job. A held connection is idle (it has sent nothing: held up to the
+ * idle limit, counted by source address for eviction) or partial (it has begun:
+ * held up to the deadline, counted from its first byte). Each limit is uniform
+ * per core, so each state is one FIFO that is also its deadline order. When
+ * max_held is reached, the oldest idle connection of the source address that
+ * holds the most idle ones is evicted; only when none is idle, the oldest
+ * partial one.
  *
  * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call
  * while the core lives: their caller must make sure none of them runs during or
@@ -65,6 +70,7 @@ typedef struct af_stats {
     uint64_t direct_idle;    /* af_accept() waits on a new connection that ran out with no byte */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
+    uint32_t held_idle;      /* of the held ones, those that have sent nothing yet */
 } af_stats;
 
 /* A connection af_accept() released (the matcher certified it, at accept or
@@ -156,6 +162,9 @@ void af_set_queue(af_core *c, afq *q);
  * stats.surfaced_hist: slot i counts times <= bounds[i] (and above the one
  * before), slot n the rest. -EINVAL if too many. */
 int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n);
+/* How long a connection that has sent nothing may be held (ms; <= 0: no limit,
+ * the default). af_new's timeout_ms counts from a connection's first byte. */
+void af_set_idle_timeout(af_core *c, int64_t timeout_ms);
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */
 void af_set_clock(af_core *c, int64_t now_us);

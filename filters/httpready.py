@@ -61,6 +61,9 @@ class HttpReady(Filter):
     """Wait for a complete HTTP request head (any method, HTTP/0.9, h2 preface)."""
 
     name = "httpready"
+    #: A head not complete by the deadline is answered, as nginx, Apache (mod_reqtimeout)
+    #: and HAProxy answer one, before the close: the client learns why, a browser retries.
+    timeout_reply = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
     def __init__(
         self,

@@ -234,7 +234,7 @@ def test_metrics_port_serves_prometheus_text(serve: list[Served], tmp_path: Path
 
 
 def test_log_format_json(serve: list[Served], tmp_path: Path) -> None:
-    s = Served(["--port", "0", "--status-interval", "0.1", "--log-format", "json", "--timeout", "0.2"], tmp_path)
+    s = Served(["--port", "0", "--status-interval", "0.1", "--log-format", "json", "--idle-timeout", "0.2"], tmp_path)
     serve.append(s)
     idle = socket.create_connection(("127.0.0.1", s.port))  # times out: an event, then a status with timed_out 1
     assert get(f"http://127.0.0.1:{s.port}/hello.txt") == "hello\n"

@@ -20,7 +20,7 @@ HEAD = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 @pytest.fixture
 def listener(core: str) -> Iterator[FilteredListener]:
     sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-    lst = acceptfilter.wrap(sock, "httpready:non_http=reject", timeout=0.3, core=core)
+    lst = acceptfilter.wrap(sock, "httpready:non_http=reject", idle_timeout=0.3, on_timeout="surface", core=core)
     yield lst
     lst.close()
 

@@ -201,7 +201,14 @@ class _Counters:
     dropped: int = 0
     detached: int = 0
     timed_out: int = 0
+    #: Of those, idle ones (nothing sent) at the idle limit (or a server-first deadline).
+    timed_out_idle: int = 0
+    #: Partial connections answered with their route's timeout reply (HTTP: 408) before the close.
+    timeout_replies: int = 0
     evicted: int = 0
+    #: Evictions by the state of the connection that made room (idle ones go first).
+    evicted_idle: int = 0
+    evicted_partial: int = 0
     shutdown: int = 0
     filter_errors: int = 0
     unclaimed: int = 0
@@ -245,6 +252,11 @@ class Engine:
         self._fd_exhaustion = 0
         self._next_watch = 0.0
         self._on_error = policy.on_error or policy.on_timeout
+        #: A silent client is served here (server-first): idle ones surface at the deadline.
+        self.server_first = self.decider.serves_silence()
+        #: Seconds an idle connection may be held (None: no limit); the core keeps it.
+        self.idle_timeout = policy.idle_deadline(routes, server_first=self.server_first)
+        core.set_idle_timeout(self.idle_timeout)
         #: The route a compiled matcher's READY connections surface into (set_matcher).
         self._fast_route: str | None = None
         self._shutdown_action = Action("close")
@@ -453,6 +465,8 @@ class Engine:
             return
         final = kind != DATA
         progress = self._waiting.get(fd)
+        # At the deadline of a partial request: the reply of the route that was waiting on it.
+        reply = self.decider.timeout_reply(progress) if kind == TIMEOUT and data else None
         if progress is None:
             progress = self.decider.start(self._core.peer(fd) if self._needs_peer else None)
         outcome = self.decider.feed(progress, data, final)
@@ -461,15 +475,21 @@ class Engine:
             self._waiting[fd] = progress
             return
         self._waiting.pop(fd, None)
-        self._act(fd, kind, outcome, data, age, out)
+        self._act(fd, kind, outcome, data, age, out, reply)
 
-    def _act(self, fd: int, kind: int, outcome: Outcome, data: bytes, age: float, out: dict[str, list[Surfaced]]) -> None:
+    def _act(self, fd: int, kind: int, outcome: Outcome, data: bytes, age: float, out: dict[str, list[Surfaced]],
+             reply: bytes | None = None) -> None:
         if outcome.phase is Phase.FAILED:
             self._apply(fd, self._on_error, "filter_error", outcome, age, out)
             return
         cause = _CAUSE.get(kind)
         if cause is not None:
-            setattr(self._counters, cause, getattr(self._counters, cause) + 1)
+            c = self._counters
+            setattr(c, cause, getattr(c, cause) + 1)
+            if kind == TIMEOUT and not data:
+                c.timed_out_idle += 1
+            elif kind == EVICT:
+                self._evicted(idle=not data)
         if outcome.phase is Phase.ACCEPTED:
             assert outcome.route is not None
             self._surface(fd, outcome.route, outcome.consume, outcome.info, "ready", age, out)
@@ -487,17 +507,33 @@ class Engine:
             self._apply(fd, self._shutdown_action, "shutdown", outcome, age, out)
             return
         reason = "timeout" if kind == TIMEOUT else "evicted"
-        log.debug("fd %d from %s %s after %.3fs with %d bytes: %s", fd, _Peer(fd), reason, age, len(data),
-                  self.policy.on_timeout)
-        self._apply(fd, self.policy.on_timeout, reason, outcome, age, out)
+        # An evicted idle connection makes room: closed (FIN), never handed to the application.
+        action = Action("close") if kind == EVICT and not data and not self.server_first else self.policy.on_timeout
+        log.debug("fd %d from %s %s after %.3fs with %d bytes: %s", fd, _Peer(fd), reason, age, len(data), action)
+        self._apply(fd, action, reason, outcome, age, out, reply)
 
     def _apply(self, fd: int, action: Action, reason: str, outcome: Outcome, age: float,
-               out: dict[str, list[Surfaced]]) -> None:
+               out: dict[str, list[Surfaced]], reply: bytes | None = None) -> None:
         if action.kind == "surface":
             target = action.route or self.default_route or self.routes[0].name
             self._surface(fd, target, outcome.consume, outcome.info, reason, age, out)
+            return
+        if reply is not None and action.kind == "close" and _send_reply(fd, reply):
+            self._counters.timeout_replies += 1
+        self._close(fd, reset=action.kind == "reset", outcome="dropped")
+
+    def _evicted(self, *, idle: bool) -> None:
+        """Count an eviction by the state of its connection; say so, at most once a WARN_INTERVAL."""
+        c = self._counters
+        if idle:
+            c.evicted_idle += 1
         else:
-            self._close(fd, reset=action.kind == "reset", outcome="dropped")
+            c.evicted_partial += 1
+        if self._warn.allow("evicted") is not None:
+            log.warning("held connections reached max_held: evicting to make room, idle ones first (the oldest "
+                        "of the source address holding the most), then partial ones; %d idle and %d partial "
+                        "evicted so far (at most one line every %g s). Raise the fd limit (ulimit -n) or max_held "
+                        "if these are not an attack.", c.evicted_idle, c.evicted_partial, WARN_INTERVAL)
 
     # -- filter failures -------------------------------------------------
     def _filter_failed(self, name: str, what: str, exc: BaseException | None) -> None:
@@ -570,15 +606,22 @@ class Engine:
             for i, n in enumerate(core.get("surfaced_hist", ())[:len(latency)]):
                 latency[i] += n
             latency_sum += float(core.get("surfaced_age", 0.0))
+        held_idle = int(core.get("held_idle", 0))
         return {
             "accepted": core["accepted"],
             "held": core["held"],
+            "held_idle": held_idle,
+            "held_partial": int(core["held"]) - held_idle,
             **{name: getattr(c, name) for name in OUTCOMES},
             "surfaced": c.surfaced + by_core,
             "surfaced_at_accept": int(core.get("fast", 0)),
             "surfaced_by_core": by_core,
             "timed_out": c.timed_out,
+            "timed_out_idle": c.timed_out_idle,
+            "timeout_replies": c.timeout_replies,
             "evicted": c.evicted,
+            "evicted_idle": c.evicted_idle,
+            "evicted_partial": c.evicted_partial,
             "shutdown": c.shutdown,
             "filter_errors": c.filter_errors,
             "unclaimed": c.unclaimed + int(core.get("surfaced_lost", 0)),
@@ -599,6 +642,24 @@ class Engine:
                 "count": sum(latency),
             },
         }
+
+
+def _send_reply(fd: int, reply: bytes) -> bool:
+    """Write ``reply`` to a held connection without blocking, then our FIN after it (the
+    core's close reads what the client sent, so the close itself adds no RST). Best effort:
+    False when the client cannot take it (it left, or its window is shut)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        sent = sock.send(reply, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        sock.shutdown(socket.SHUT_WR)
+        return sent == len(reply)
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # the core's descriptor: it closes it
 
 
 def _close_all(items: list[Surfaced]) -> int:

@@ -102,12 +102,17 @@ class IOCore(Protocol):
     def saved_stats(self) -> dict[str, Any]:
         """The counters last published (by :meth:`snapshot`, after every poll, and whenever the
         core queued a connection): accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked,
-        buffered, held, paused; surfaced (by the core itself, no caller involved), fast (of
+        buffered, held, held_idle (of the held, those that sent nothing yet), paused; surfaced (by the core itself, no caller involved), fast (of
         those, certified at accept), surfaced_lost (put into a closed queue), surfaced_age
         (seconds, summed) and surfaced_hist. Safe from any thread."""
 
     def set_clock(self, now: float | None) -> None:
         """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
+
+    def set_idle_timeout(self, timeout: float | None) -> None:
+        """Seconds a connection that has sent nothing may be held (None or 0: no limit, the
+        default); reported :data:`TIMEOUT` with no data. The ``timeout`` the core was made with
+        counts from a connection's first byte."""
 
     def set_direct_wait(self, wait: float, backoff: float) -> None:
         """How long (seconds) a waiting :meth:`accept_ready` waits on the connection it just
@@ -292,6 +297,7 @@ class CCore:
             "bytes_peeked": s.bytes_peeked,
             "buffered": s.buffered,
             "held": s.held,
+            "held_idle": s.held_idle,
             "paused": s.paused,
             "surfaced": s.surfaced,
             "fast": s.fast,
@@ -303,6 +309,10 @@ class CCore:
 
     def set_clock(self, now: float | None) -> None:
         self._lib.af_set_clock(self._core, -1 if now is None else round(now * 1e6))
+
+    def set_idle_timeout(self, timeout: float | None) -> None:
+        ms = 0 if not timeout or timeout <= 0 else max(1, round(min(timeout * 1000, self._lib.AF_MAX_TIMEOUT_MS)))
+        self._lib.af_set_idle_timeout(self._core, ms)
 
     def set_direct_wait(self, wait: float, backoff: float) -> None:
         def us(seconds: float) -> int:

@@ -28,9 +28,16 @@ import sys
 from typing import Any
 
 from ..errors import AcceptFilterError
-from ..policy import DEFAULT_TIMEOUT
 from ..workers import check_workers, fork_workers
-from .args import on_timeout, positive_float, positive_int
+from .args import (
+    IDLE_TIMEOUT_HELP,
+    MAX_HELD_HELP,
+    TIMEOUT_HELP,
+    non_negative_float,
+    on_timeout,
+    positive_float,
+    positive_int,
+)
 
 SERVERS = ("uvicorn", "hypercorn", "gunicorn")
 
@@ -43,12 +50,12 @@ def register(subparsers: Any) -> None:
         "behind an accept filter.",
     )
     p.add_argument("--filter", "-f", action="append", metavar="SPEC", help="filter spec; repeat for a chain (default: httpready)")
-    p.add_argument("--timeout", type=positive_float, default=None,
-                   help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--timeout", type=positive_float, default=None, help=TIMEOUT_HELP)
+    p.add_argument("--idle-timeout", type=non_negative_float, default=None, metavar="S", help=IDLE_TIMEOUT_HELP)
     p.add_argument("--on-timeout", type=on_timeout, default=None, metavar="ACTION",
-                   help="surface, close or reset (RST) (default: close for gunicorn, whose workers a surfaced idle "
-                        "client would pin; surface for uvicorn and hypercorn)")
-    p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
+                   help="close (default: a partial HTTP request is answered 408 Request Timeout first), surface "
+                        "(the server sees it) or reset (RST)")
+    p.add_argument("--max-held", type=positive_int, default=None, help=MAX_HELD_HELP)
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn|hypercorn|gunicorn ...")
     p.set_defaults(func=run)
@@ -58,7 +65,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "filter": args.filter or ["httpready"],
         "core": args.core,
-        "policy": {"timeout": args.timeout, "on_timeout": args.on_timeout, "max_held": args.max_held},
+        "policy": {"timeout": args.timeout, "idle_timeout": args.idle_timeout, "on_timeout": args.on_timeout,
+                   "max_held": args.max_held},
     }
 
 
@@ -93,7 +101,7 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
     env["ACCEPTFILTER_FILTER"] = " ".join(args.filter or ["httpready"])
     env["ACCEPTFILTER_CORE"] = args.core
     for var, value in (("ACCEPTFILTER_TIMEOUT", args.timeout), ("ACCEPTFILTER_MAX_HELD", args.max_held),
-                       ("ACCEPTFILTER_ON_TIMEOUT", args.on_timeout)):
+                       ("ACCEPTFILTER_ON_TIMEOUT", args.on_timeout), ("ACCEPTFILTER_IDLE_TIMEOUT", args.idle_timeout)):
         if value is not None:
             env[var] = str(value)
     from ..integrations.gunicorn import settings

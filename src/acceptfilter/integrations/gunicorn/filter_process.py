@@ -68,6 +68,8 @@ class FeederSettings:
     #: TCP_DEFER_ACCEPT seconds on gunicorn's listen sockets (0: off), so a worker
     #: accepting a connection usually finds its request already there.
     defer_accept: int = 1
+    #: Seconds a connection that has sent nothing is held (None: the default, 620; 0: no limit).
+    idle_timeout: float | None = None
 
     def argv(self) -> list[str]:
         out: list[str] = []
@@ -78,11 +80,14 @@ class FeederSettings:
         out += ["--on-timeout", self.on_timeout, "--core", self.core]
         if self.max_held is not None:
             out += ["--max-held", str(self.max_held)]
+        if self.idle_timeout is not None:
+            out += ["--idle-timeout", repr(self.idle_timeout)]
         return out
 
     def wrap(self, sock: socket.socket) -> FilteredListener:
         return wrap(sock, list(self.filters), timeout=self.timeout, on_timeout=self.on_timeout,
-                    max_held=self.max_held or default_max_held(), core=self.core, driver="none")
+                    idle_timeout=self.idle_timeout, max_held=self.max_held or default_max_held(), core=self.core,
+                    driver="none")
 
 
 def default_max_held() -> int:
@@ -127,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--on-timeout", default=WORKER_ON_TIMEOUT)
     p.add_argument("--max-held", type=int, default=None)
+    p.add_argument("--idle-timeout", type=float, default=None)
     p.add_argument("--core", default="c")
     p.add_argument("--log-level", default="info")
     p.add_argument("--error-log", default="-", metavar="PATH", help="gunicorn's --error-logfile ('-': stderr)")
@@ -292,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _die_with(args.master)
     _raise_fd_limit()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the arbiter reloads; a hang-up of the terminal is its business
-    settings = FeederSettings(tuple(args.filter), args.timeout, args.on_timeout, args.max_held, args.core)
+    settings = FeederSettings(tuple(args.filter), args.timeout, args.on_timeout, args.max_held, args.core,
+                              idle_timeout=args.idle_timeout)
     status = os.fdopen(args.status_fd, "w", closefd=True)
     pairs: list[_Pair] = []
     try:

@@ -27,10 +27,13 @@ def listen_unix(path: str, backlog: int) -> socket.socket:
     """A UNIX stream socket at ``path``; a stale socket file left by a dead server is replaced."""
     if not path:
         raise AcceptFilterError("--bind unix:PATH needs a path")
+    where = f"unix:{path}"
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         mode = None
+    except OSError as exc:  # a folder on the way this user may not search
+        raise listen_error(where, exc, "--bind") from None
     if mode is not None:
         if not stat.S_ISSOCK(mode):
             raise AcceptFilterError(f"cannot listen on unix:{path}: it exists and is not a socket")
@@ -38,7 +41,10 @@ def listen_unix(path: str, backlog: int) -> socket.socket:
         try:
             probe.connect(path)
         except ConnectionRefusedError:
-            os.unlink(path)  # nobody listens there: a stale file
+            try:
+                os.unlink(path)  # nobody listens there: a stale file
+            except OSError as exc:
+                raise listen_error(where, exc, "--bind") from None
         except OSError:
             pass
         else:
@@ -51,7 +57,7 @@ def listen_unix(path: str, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise listen_error(f"unix:{path}", exc, "--bind") from None
+        raise listen_error(where, exc, "--bind") from None
     return sock
 
 

@@ -14,8 +14,8 @@ from typing import Any
 from ...errors import AcceptFilterError
 from ...exporter import MetricsServer, metrics_server
 from ...exporter import start as start_metrics
-from ..console import console
-from .listen import listen
+from ..console import JsonFormatter, console
+from .listen import display, listen
 from .parent import WorkersParent
 from .plan import Plan, check
 from .server import Serve
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
             except BaseException:
                 sock.close()
                 raise
-            _line(f"Metrics on {metrics.url} (the sum over {workers} workers)")
+            _line(f"Metrics on {metrics.url} (the sum over {workers} workers)", args.log_format == "json",
+                  event="metrics", address=metrics.url)
         parent = WorkersParent(args, sock, metrics)
         # Before any thread exists: each worker filters and serves the shared socket (acceptfilter.workers).
         role = fork_workers(workers, idle=parent.idle)
@@ -80,12 +81,14 @@ def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Sig
             metrics = _metrics_server(args, serve.sock, lambda: serve.current.stats())
             start_metrics(metrics)
         serve.start()
+        json_lines = args.log_format == "json"
         for name, target in plan.forwards.items():
             chain = " -> ".join(plan.routes.get(name, []) if plan.routes else []) or "(rejected connections)"
-            _line(f"route {name}: {chain} forwarded to {target}")
-        _line(serve.banner())
+            _line(f"route {name}: {chain} forwarded to {target}", json_lines, event="route", route=name,
+                  target=str(target))
+        _line(serve.banner(), json_lines, event="serving", address=display(serve.sock))
         if metrics is not None:
-            _line(f"Metrics on {metrics.url}")
+            _line(f"Metrics on {metrics.url}", json_lines, event="metrics", address=metrics.url)
         kernel_warnings(serve.sock, args.backlog)
         return run_until_signal(serve, args, signals, ready)
     finally:
@@ -95,8 +98,9 @@ def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Sig
         serve.close()
 
 
-def _line(text: str) -> None:
-    """One whole line on stdout in one write, flushed.
+def _line(text: str, json_line: bool = False, **fields: Any) -> None:
+    """One whole line on stdout in one write, flushed; under ``--log-format json`` a JSON object
+    (``message`` and ``fields``, shaped like the log records on stderr), so every line parses.
 
     ``print`` writes the text and its newline separately when stdout is
     unbuffered (``PYTHONUNBUFFERED``, common in containers), and the workers
@@ -104,6 +108,10 @@ def _line(text: str) -> None:
     ("Serving ...Serving ...\\n\\n") and a reader waiting for a line per worker
     would wait forever. One ``write`` of a short line to a pipe is atomic.
     """
+    if json_line:
+        record = logging.makeLogRecord({"name": "acceptfilter.serve", "levelno": logging.INFO, "levelname": "INFO",
+                                        "msg": text, "fields": {"type": "event", **fields}})
+        text = JsonFormatter().format(record)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 

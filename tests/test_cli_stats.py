@@ -68,7 +68,7 @@ def test_top_once_lists_our_listener() -> None:
 
 def test_serve_prints_status_lines(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "acceptfilter.cli", "serve", "--port", "0", "--directory", str(tmp_path),
-                             "--timeout", "0.3", "--status-interval", "0.1"],
+                             "--idle-timeout", "0.3", "--status-interval", "0.1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stderr is not None

@@ -149,8 +149,8 @@ def test_info_none_is_a_filter_error_not_a_leak(hand: Any) -> None:
     client.close()
 
 
-def test_info_none_surfaces_with_the_default_policy(hand: Any) -> None:
-    listener = hand(NoneInfo())
+def test_info_none_surfaces_with_on_error_surface(hand: Any) -> None:
+    listener = hand(NoneInfo(), on_error="surface")
     client = connect(listener.getsockname()[1], HEAD)
     settle(listener, lambda: listener.stats()["surfaced"] == 1)
     conn, _, info = listener.accept_with_info()

@@ -119,7 +119,7 @@ def test_connection_info_lives_as_long_as_the_socket(make) -> None:  # type: ign
 
 
 def test_idle_connection_surfaced_after_its_idle_limit(make) -> None:  # type: ignore[no-untyped-def]
-    listener = make(idle_timeout=0.4)
+    listener = make(idle_timeout=0.4, on_timeout="surface")
     start = time.monotonic()  # before connect: the deadline starts after this, however late we run
     client = connect(listener)
     sock = accept_within(listener, 10)
@@ -366,8 +366,8 @@ def test_held_bound_evicts_the_oldest(make) -> None:  # type: ignore[no-untyped-
         c.close()
 
 
-def test_evicted_partial_connection_surfaces_by_default(make) -> None:  # type: ignore[no-untyped-def]
-    listener = make(timeout=30, max_held=1)
+def test_evicted_partial_connection_surfaces_with_on_timeout_surface(make) -> None:  # type: ignore[no-untyped-def]
+    listener = make(timeout=30, max_held=1, on_timeout="surface")
     first = connect(listener)
     first.sendall(b"GET / HT")  # partial: with no idle one held, the one to make room
     wait_for(lambda: listener.stats()["held_partial"] == 1)
@@ -392,7 +392,7 @@ class Exploding(Filter):
         return acceptfilter.ACCEPT if len(data) >= 4 else (acceptfilter.REJECT if final else acceptfilter.WAIT)
 
 
-@pytest.mark.parametrize(("on_error", "surfaced"), [(None, True), ("close", False)])
+@pytest.mark.parametrize(("on_error", "surfaced"), [(None, False), ("surface", True), ("close", False)])
 def test_raising_filter_is_contained(make, caplog: pytest.LogCaptureFixture, on_error: str | None, surfaced: bool) -> None:  # type: ignore[no-untyped-def]
     kw = {"on_error": on_error} if on_error else {}
     listener = make(Exploding(), timeout=10, **kw)

@@ -5,7 +5,7 @@
 
 Every comparison runs side by side in this process tree (servers and clients are child
 processes), alternating the modes round by round. Each JSON carries the machine facts.
-Then ``python bench/report.py`` renders the README block and the plot.
+Then ``python bench/report.py`` renders the docs block (docs/benchmarks.md) and the plot.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         print(f"== {name} ({'quick' if args.quick else 'full'})", flush=True)
         result = BENCHMARKS[name](quick=args.quick)
-        # wall_s: how long the whole benchmark took here, so the README can say what a run costs.
+        # wall_s: how long the whole benchmark took here, so the docs can say what a run costs.
         result = {"benchmark": name, "quick": args.quick, "date": time.strftime("%Y-%m-%d"),
                   "machine": facts, **result, "wall_s": round(time.monotonic() - t0, 1)}
         path = write_result(name, result, args.out)

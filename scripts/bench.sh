@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the benchmarks need (Debian packages, a venv with the project and its
-# bench extra), run them and render the README block and the plot from the results.
+# bench extra), run them and render the docs block (docs/benchmarks.md) and the plot from the results.
 #   ./scripts/bench.sh                  # the full run (about half an hour on 2 cores)
 #   ./scripts/bench.sh --quick          # about 5 minutes on 2 cores
 #   ./scripts/bench.sh --only overhead,surface

@@ -25,11 +25,11 @@ def test_overhead_runs_and_renders(tmp_path: Path) -> None:
     write_result("overhead", {"benchmark": "overhead", "quick": True, "date": "2000-01-01",
                               "machine": machine.facts(), **result}, tmp_path)
     json.loads((tmp_path / "overhead.json").read_text())
-    (tmp_path / "README.md").write_text(f"# x\n\n{report.START}\n{report.END}\n")
-    assert report.main(["--results", str(tmp_path), "--readme", str(tmp_path / "README.md"), "--no-plot"]) == 0
-    text = (tmp_path / "README.md").read_text()
+    (tmp_path / "benchmarks.md").write_text(f"# x\n\n{report.START}\n{report.END}\n")
+    assert report.main(["--results", str(tmp_path), "--page", str(tmp_path / "benchmarks.md"), "--no-plot"]) == 0
+    text = (tmp_path / "benchmarks.md").read_text()
     assert "`httpready`, C core" in text and "Machine:" in text
-    assert report.main(["--check", "--results", str(tmp_path), "--readme", str(tmp_path / "README.md")]) == 0
+    assert report.main(["--check", "--results", str(tmp_path), "--page", str(tmp_path / "benchmarks.md")]) == 0
 
 
 def test_surface_measures_both_sides() -> None:

@@ -59,11 +59,10 @@ def test_cli_bad_import_is_clear() -> None:
     assert "--import no_such_module_xyz failed" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_readme_example_runs(tmp_path: Path) -> None:
-    """The README's "Testing your own filter" example is a working test file."""
-    readme = (TESTS.parent / "README.md").read_text()
-    section = readme.split("## Testing your own filter", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+def test_docs_example_runs(tmp_path: Path) -> None:
+    """The docs' "Testing and fuzzing a filter" example is a working test file."""
+    page = (TESTS.parent / "docs" / "writing-filters" / "testing.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "test_hello.py").write_text(code)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--filter-examples", "30", "test_hello.py"],

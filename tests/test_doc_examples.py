@@ -1,4 +1,6 @@
-"""The README's examples run as written, and its example filters keep the contract at 2,000 examples."""
+"""The docs' example filters run as written and keep the contract at 2,000 examples; the Redis relay
+example serves a real Redis as pasted (these blocks talk Redis or are filters, not HTTP servers, so the
+generic snippet runner in tests/test_docs.py cannot judge them on its own)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,27 +17,26 @@ from typing import Any
 
 import pytest
 
-from acceptfilter import Filter, Verdict
+from acceptfilter import Verdict
 from acceptfilter.testing import check_filter
 
 from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+WRITING = ROOT / "docs" / "writing-filters" / "index.md"
+TESTING = ROOT / "docs" / "writing-filters" / "testing.md"
 LIMIT = 30.0
 
 
-def python_blocks(section: str) -> list[str]:
-    """The ```python blocks of one README section (from its heading to the next ``## `` heading)."""
-    start = README.index(f"\n{section}\n")
-    end = README.find("\n## ", start + len(section) + 2)
-    body = README[start : end if end >= 0 else len(README)]
-    return re.findall(r"```python\n(.*?)```", body, re.S)
+def python_blocks(page: Path) -> list[str]:
+    """The ```python blocks of one docs page (``python notest`` ones included), in order."""
+    return re.findall(r"```python[^\n]*\n(.*?)```", page.read_text(), re.S)
 
 
 def redis_namespace() -> dict[str, Any]:
-    blocks = python_blocks("## Writing your own filter")
-    assert blocks and "class RedisReady(Filter)" in blocks[0], "the README lost its RedisReady example"
+    blocks = python_blocks(WRITING)
+    assert blocks and "class RedisReady(Filter)" in blocks[0], "the docs lost their RedisReady example"
     namespace: dict[str, Any] = {}
     exec(blocks[0], namespace)
     return namespace
@@ -61,7 +63,8 @@ def test_own_filter_example_passes_check_filter_at_2000(kwargs: dict[str, Any]) 
 
 
 def test_testing_example_filter_passes_check_filter_at_2000() -> None:
-    (block,) = python_blocks("## Testing your own filter")
+    block = python_blocks(TESTING)[0]
+    assert "class HelloReady(Filter)" in block, "the docs lost their HelloReady example"
     namespace: dict[str, Any] = {}
     exec(block, namespace)
     check_filter(namespace["HelloReady"](), max_examples=2000)
@@ -93,14 +96,28 @@ def redis_cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=LIMIT)
 
 
-def run_in_front_of_redis(filter_: Filter, redis_port: int) -> Any:
-    """The README's 'in front of a real Redis' block, as written, on free ports."""
-    block = next(b for b in python_blocks("## Writing your own filter") if "forward(listener" in b)
+def run_in_front_of_redis(oversize: str | None, redis_port: int, tmp_path: Path) -> Any:
+    """The docs' 'in front of a real Redis' block, as pasted, on free ports: its filter saved as
+    redisready.py next to it (as the block says), run in a thread (it relays until the listener closes)."""
+    block = next(b for b in python_blocks(WRITING) if "forward(listener" in b)
+    (tmp_path / "redisready.py").write_text(python_blocks(WRITING)[0])
     port = free_port()
-    code = block.replace("6380", str(port)).replace("6379", str(redis_port)).replace("RedisReady()", "filter_")
-    namespace: dict[str, Any] = {"filter_": filter_}
-    exec(code, namespace)
-    return namespace["listener"], port
+    code = block.replace("6380", str(port)).replace("6379", str(redis_port))
+    if oversize:
+        code = code.replace("RedisReady()", f"RedisReady(oversize={oversize!r})")
+    namespace: dict[str, Any] = {}
+    sys.path.insert(0, str(tmp_path))
+    try:
+        runner = threading.Thread(target=exec, args=(code, namespace), daemon=True)
+        runner.start()
+        deadline = time.monotonic() + LIMIT
+        while "relay" not in namespace:
+            assert runner.is_alive() and time.monotonic() < deadline, "the example did not start relaying"
+            time.sleep(0.01)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("redisready", None)
+    return namespace["listener"], port, runner
 
 
 def close_and_join(listener: Any) -> None:
@@ -115,18 +132,20 @@ def close_and_join(listener: Any) -> None:
         time.sleep(0.01)
 
 
-def test_own_filter_in_front_of_redis_server(redis_server: int) -> None:
-    redis_ready = redis_namespace()["RedisReady"]
+def test_own_filter_in_front_of_redis_server(redis_server: int, tmp_path: Path) -> None:
     value = "v" * 20000  # larger than max_bytes: the command is still coming when the cap is reached
-    listener, port = run_in_front_of_redis(redis_ready(), redis_server)
+    listener, port, runner = run_in_front_of_redis(None, redis_server, tmp_path)
     try:
         assert redis_cli(port, "set", "big", value).stdout.strip() == "OK"
         assert redis_cli(port, "strlen", "big").stdout.strip() == "20000"
         assert redis_cli(port, "ping").stdout.strip() == "PONG"
         assert listener.stats()["surfaced_by_reason"].get("ready") == 3
+        assert runner.is_alive(), "the example returned while it should still be relaying"
     finally:
         close_and_join(listener)
-    listener, port = run_in_front_of_redis(redis_ready(oversize="reject"), redis_server)
+    runner.join(LIMIT)
+    assert not runner.is_alive(), "the example's relay.join() did not return once the listener closed"
+    listener, port, runner = run_in_front_of_redis("reject", redis_server, tmp_path)
     try:
         refused = redis_cli(port, "set", "big", value)  # what REJECT at the cap does to a real client
         assert "OK" not in refused.stdout, refused
@@ -134,6 +153,7 @@ def test_own_filter_in_front_of_redis_server(redis_server: int) -> None:
         assert listener.stats()["rejected"] == 1
     finally:
         close_and_join(listener)
+    runner.join(LIMIT)
 
 
 def test_the_two_commands_are_documented() -> None:

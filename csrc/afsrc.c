@@ -3,20 +3,25 @@
 #include "afsrc.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 
 void afs_key(const void *addr, uint32_t addrlen, uint8_t key[AFS_KEY]) {
-    const struct sockaddr *sa = addr;
+    /* The bytes may sit at any alignment (the core keeps them in a packed slot): copy, never cast. */
+    const uint8_t *raw = addr;
+    sa_family_t family = AF_UNSPEC;
     memset(key, 0, AFS_KEY);
-    if (addrlen >= sizeof(struct sockaddr_in) && sa->sa_family == AF_INET) {
+    if (addrlen >= offsetof(struct sockaddr, sa_family) + sizeof family)
+        memcpy(&family, raw + offsetof(struct sockaddr, sa_family), sizeof family);
+    if (family == AF_INET && addrlen >= sizeof(struct sockaddr_in)) {
         key[0] = 4;
-        memcpy(key + 1, &((const struct sockaddr_in *)addr)->sin_addr, 4);
-    } else if (addrlen >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
+        memcpy(key + 1, raw + offsetof(struct sockaddr_in, sin_addr), 4);
+    } else if (family == AF_INET6 && addrlen >= sizeof(struct sockaddr_in6)) {
         key[0] = 6;
-        memcpy(key + 1, &((const struct sockaddr_in6 *)addr)->sin6_addr, 16);
+        memcpy(key + 1, raw + offsetof(struct sockaddr_in6, sin6_addr), 16);
     } /* else (AF_UNIX, unknown): one source for all */
 }
 

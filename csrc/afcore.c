@@ -63,6 +63,7 @@ typedef struct conn {
     uint8_t matching;     /* the matcher may still certify this connection (MORE so far) */
     uint8_t lowat;        /* SO_RCVLOWAT was raised (reset before the fd is handed over) */
     uint8_t nonblock;     /* adopted with O_NONBLOCK (cleared before the fd is handed over) */
+    uint8_t urgent;       /* the last wake-up said EPOLLPRI: a TCP urgent byte is pending */
     uint8_t abortive;     /* SO_LINGER {1, 0} while watched (cleared before the fd is handed over or closed) */
     uint8_t addr[sizeof(struct sockaddr_in6)];
 } conn;
@@ -307,6 +308,41 @@ static void set_lowat(conn *k, int fd, int bytes) {
     if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes) == 0) k->lowat = bytes > 1;
 }
 
+/* Double the peek buffer, without wrapping: bufsize <= max_bytes <= AF_MAX_BYTES (2^30). */
+static int grow_buf(af_core *c, conn *k) {
+    uint32_t want = k->bufsize > c->max_bytes / 2 ? c->max_bytes : k->bufsize * 2;
+    AF_ASSERT(want > k->bufsize);
+    char *block = realloc(block_of(c, k), (size_t)c->ms_hdr + want);
+    if (!block) return -ENOMEM;
+    c->stats.buffered += want - k->bufsize;
+    k->buf = block + c->ms_hdr;
+    k->bufsize = want;
+    return 0;
+}
+
+/* A peek stops at a TCP urgent mark when bytes come before it, SO_OOBINLINE or not,
+ * so a filter would never see the bytes after an urgent byte. While one is pending
+ * (EPOLLPRI), peek on from the end of what is known with SO_PEEK_OFF (TCP: Linux
+ * 6.10+), then switch the offset off again: the application's socket peeks from its
+ * start. On an older kernel the filter sees the bytes up to the mark. 0 or -ENOMEM. */
+static int peek_past_mark(af_core *c, conn *k, int fd) {
+    int off = (int)k->len, rc = 0;
+    if (setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off) < 0) return 0;
+    while (k->len < c->max_bytes) {
+        if (k->len == k->bufsize && (rc = grow_buf(c, k)) < 0) break;
+        ssize_t n = recv(fd, k->buf + k->len, k->bufsize - k->len, MSG_PEEK | MSG_DONTWAIT);
+        c->stats.peeks++;
+        if (n < 0 && errno == EINTR) continue;
+        if (n == 0) k->eof = 1;
+        if (n <= 0) break; /* EAGAIN; an error shows at the next peek */
+        c->stats.bytes_peeked += (uint32_t)n;
+        k->len += (uint32_t)n;
+    }
+    off = -1;
+    setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off);
+    return rc;
+}
+
 /* Peek everything available (up to max_bytes). Returns the final event kind to
  * report, or -1 when nothing final happened (the caller compares lengths). */
 static int peek(af_core *c, int fd, int hup, int *err) {
@@ -344,15 +380,9 @@ static int peek(af_core *c, int fd, int hup, int *err) {
         }
     }
     while (more) {
-        if (k->len == k->bufsize && k->bufsize < c->max_bytes) {
-            /* Double, without wrapping: bufsize <= max_bytes <= AF_MAX_BYTES (2^30). */
-            uint32_t want = k->bufsize > c->max_bytes / 2 ? c->max_bytes : k->bufsize * 2;
-            AF_ASSERT(want > k->bufsize);
-            char *block = realloc(block_of(c, k), (size_t)c->ms_hdr + want);
-            if (!block) { *err = ENOMEM; return AF_EV_ERROR; }
-            c->stats.buffered += want - k->bufsize;
-            k->buf = block + c->ms_hdr;
-            k->bufsize = want;
+        if (k->len == k->bufsize && k->bufsize < c->max_bytes && grow_buf(c, k) < 0) {
+            *err = ENOMEM;
+            return AF_EV_ERROR;
         }
         ssize_t n = recv(fd, k->buf, k->bufsize, MSG_PEEK | MSG_DONTWAIT);
         c->stats.peeks++;
@@ -369,6 +399,10 @@ static int peek(af_core *c, int fd, int hup, int *err) {
         }
         if ((uint32_t)n < k->bufsize || k->bufsize >= c->max_bytes) break;
         /* buffer filled: grow and peek again */
+    }
+    if (k->urgent && k->len > 0 && !k->eof && peek_past_mark(c, k, fd) < 0) {
+        *err = ENOMEM;
+        return AF_EV_ERROR;
     }
     if (hup) k->eof = 1;
     if (k->matching && k->len > 0) {
@@ -471,6 +505,7 @@ static void on_readable(af_core *c, int fd, uint32_t flags) {
         emit(c, fd, AF_EV_ERROR, err ? err : ECONNRESET);
         return;
     }
+    k->urgent = (flags & EPOLLPRI) != 0;
     int kind = peek(c, fd, (flags & (EPOLLRDHUP | EPOLLHUP)) != 0, &err);
     if (kind > 0) settle(c, fd, kind, err);
     else if (k->len != before && !k->matching) emit(c, fd, AF_EV_DATA, 0);
@@ -491,7 +526,7 @@ static void arm_or_fail(af_core *c, int fd) {
 static int arm(af_core *c, int fd) {
     struct epoll_event ev;
     memset(&ev, 0, sizeof ev);
-    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+    ev.events = EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLET; /* EPOLLPRI: an urgent byte (peek_past_mark) */
     ev.data.u64 = (uint64_t)(uint32_t)fd;
     if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return -errno;
     conn *k = &c->conns[fd];
@@ -643,7 +678,7 @@ static int wait_direct(af_core *c, int fd, int timeout_ms) {
     struct pollfd p[2];
     memset(p, 0, sizeof p);
     p[0].fd = fd;
-    p[0].events = POLLIN | POLLRDHUP;
+    p[0].events = POLLIN | POLLPRI | POLLRDHUP;
     p[1].fd = c->wakefd;
     p[1].events = POLLIN;
     struct timespec ts = { (time_t)(wait_us / 1000000), (long)(wait_us % 1000000) * 1000 };
@@ -657,6 +692,7 @@ static int wait_direct(af_core *c, int fd, int timeout_ms) {
         uint32_t flags = 0;
         if (p[0].revents & POLLERR) flags |= EPOLLERR;
         if (p[0].revents & (POLLHUP | POLLRDHUP)) flags |= EPOLLRDHUP;
+        if (p[0].revents & POLLPRI) flags |= EPOLLPRI;
         on_readable(c, fd, flags);
     } else if (n == 0 && !bounded) {
         c->stats.direct_idle++;
@@ -692,6 +728,9 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
     if (!c->events || !c->epevents) { *err = ENOMEM; goto fail; }
     int fl = 1;
     if (ioctl(listen_fd, FIONBIO, &fl) < 0) { *err = errno; goto fail; }
+    /* Urgent bytes are ordinary data in every connection accepted (they inherit
+     * it): a read or splice otherwise skips or stops at them. Best effort. */
+    setsockopt(listen_fd, SOL_SOCKET, SO_OOBINLINE, &fl, sizeof fl);
     c->epfd = epoll_create1(EPOLL_CLOEXEC);
     c->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (c->epfd < 0 || c->wakefd < 0) { *err = errno; goto fail; }
@@ -924,6 +963,8 @@ int af_adopt(af_core *c, int fd) {
     if (fl < 0) { c->npending--; return -errno; }
     conn *k = hold(c, fd, clock_us(c), &addr, alen);
     k->nonblock = (fl & O_NONBLOCK) != 0; /* left as it is: every read here is MSG_DONTWAIT */
+    int one = 1; /* urgent bytes as ordinary data, as for the connections accepted here */
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
     c->stats.accepted++; /* counted as taken in, so the accounting still adds up */
     return 0;
 }
@@ -970,11 +1011,14 @@ int af_close(af_core *c, int fd, int reset) {
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     } else {
         if (k->len > 0 || !k->eof) {
-            /* Closing with unread data sends an RST; read what is there (up to
-             * max_bytes: what was, or could have been, peeked) so a "close" is a
-             * clean FIN as promised, also for one never peeked at (adopted). */
-            char sink[4096];
-            uint32_t left = c->max_bytes;
+            /* Closing with unread data sends an RST; read everything that is there
+             * (not just max_bytes, what a filter looks at: the client may have sent
+             * more) so a "close" is a clean FIN as promised, also for one never
+             * peeked at (adopted). Bounded by AF_CLOSE_DRAIN, more than a receive
+             * buffer holds; bytes that arrive after the close draw the kernel's RST,
+             * as on any closed socket. */
+            char sink[16384];
+            uint32_t left = AF_CLOSE_DRAIN;
             while (left > 0) {
                 ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
                 if (r < 0 && errno == EINTR) continue;

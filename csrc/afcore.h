@@ -12,7 +12,11 @@
  * holds the most idle ones is evicted; only when none is idle, the oldest
  * partial one.
  *
- * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call.
+ * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call
+ * while the core lives: their caller must make sure none of them runs during or
+ * after af_free() (acceptfilter.iocore.CCore holds one lock around those calls and
+ * around dropping its pointer before af_free, so a waker never reaches a freed core
+ * or writes into its closed, maybe reused, eventfd).
  */
 #ifndef AFCORE_H
 #define AFCORE_H
@@ -111,14 +115,18 @@ int64_t af_next_timeout_ms(const af_core *c);
  * adopted one that was non-blocking is made blocking).
  * Returns 0 or -errno (then the connection is still owned and must be closed). */
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
-/* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). */
+/* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). reset == 0
+ * sends a FIN: what the client sent and nobody read (up to AF_CLOSE_DRAIN bytes)
+ * is read first, since closing with unread bytes would send an RST instead. */
+#define AF_CLOSE_DRAIN (16u << 20)
 int af_close(af_core *c, int fd, int reset);
 /* Hold a connection accepted elsewhere (another process handed it over), as if
  * just accepted: its deadline starts now, the next af_poll() peeks at it. The
  * core owns fd from then on. -EEXIST if already held; -ENOTCONN and friends
  * if fd is not a connected socket (the caller still owns it then). */
 int af_adopt(af_core *c, int fd);
-/* Make a concurrent or future af_poll() return promptly. Thread-safe. */
+/* Make a concurrent or future af_poll() return promptly. Thread-safe, but never
+ * concurrent with af_free() (see the top of this file). */
 void af_wake(af_core *c);
 /* Stop taking new connections (the listen fd leaves the epoll set). */
 int af_stop_accepting(af_core *c);

@@ -44,9 +44,9 @@ class Served:
         while True:
             line = self.proc.stdout.readline()
             self.lines.append(line)
-            if not line or line.startswith("Serving"):
+            if not line or line.startswith("Serving") or '"event": "serving"' in line:  # text or --log-format json
                 break
-        assert line.startswith("Serving"), self.stderr_all()
+        assert line.startswith("Serving") or '"event": "serving"' in line, self.stderr_all()
         self.banner = line
         self.err: queue.Queue[str | None] = queue.Queue()
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)

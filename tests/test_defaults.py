@@ -3,7 +3,7 @@
 Worker-per-connection servers close what times out (a FIN, which a load
 balancer sees) instead of surfacing it onto a worker; a connection that
 sends its request before the deadline is served. The numbers under attack
-(1,000 idle + 200 slowloris) are in bench/defaults.py and the README; gunicorn's
+(1,000 idle + 200 slowloris) are in bench/defaults.py and docs/benchmarks.md; gunicorn's
 case is in test_gunicorn.py.
 """
 

@@ -282,7 +282,8 @@ class Engine:
         return self._core.next_timeout()
 
     def wake(self) -> None:
-        """Make a concurrent (or the next) :meth:`step` return promptly. Any thread."""
+        """Make a concurrent (or the next) :meth:`step` return promptly. Any thread, any time:
+        the core serialises wake-ups with :meth:`free`, after which a wake is a no-op."""
         self._core.wake()
 
     def stop_accepting(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .events import (
@@ -183,6 +184,10 @@ class CCore:
         self._queue: Any = None  # the ready queue the core puts into (kept alive with it)
         self._ready = ffi.new("af_ready *")
         self._program: Any = None  # the compiled matcher, kept alive as long as the core
+        #: Held around every call that any thread may make (wake, the counters) and around
+        #: free(): once free() has the lock and drops the pointer, no thread is in af_wake()
+        #: and none can reach the freed core or write into its closed (maybe reused) eventfd.
+        self._life = threading.Lock()
 
     def fileno(self) -> int:
         return int(self._lib.af_fileno(self._core))
@@ -258,8 +263,9 @@ class CCore:
             _check(rc, "close")
 
     def wake(self) -> None:
-        if self._core is not None:
-            self._lib.af_wake(self._core)
+        with self._life:  # any thread, any time: after free() a wake is a no-op
+            if self._core is not None:
+                self._lib.af_wake(self._core)
 
     def adopt(self, fd: int) -> None:
         _check(self._lib.af_adopt(self._core, fd), "adopt")
@@ -271,17 +277,18 @@ class CCore:
         return self._collect(self._lib.af_drain(self._core, self._events_out))
 
     def snapshot(self) -> None:
-        if self._core is not None:
-            self._lib.af_publish_stats(self._core)
+        with self._life:
+            if self._core is not None:
+                self._lib.af_publish_stats(self._core)
 
     def saved_stats(self) -> dict[str, Any]:
         if self._last is not None:
             return dict(self._last)
         s = self._ffi.new("af_stats *")
-        core = self._core
-        if core is None:
-            return dict(self._last or {})
-        self._lib.af_get_stats(core, s)
+        with self._life:
+            if self._core is None:
+                return dict(self._last or {})
+            self._lib.af_get_stats(self._core, s)
         return {
             "accepted": s.accepted,
             "accept_errors": s.accept_errors,
@@ -317,8 +324,12 @@ class CCore:
         if self._core is None:
             return
         self.snapshot()
-        self._last = self.saved_stats()  # saved_stats() keeps the last numbers
-        core, self._core = self._core, None
+        last = self.saved_stats()
+        with self._life:  # after this block no thread holds the pointer (see _life)
+            core, self._core = self._core, None
+            if core is None:
+                return
+            self._last = last  # saved_stats() keeps the last numbers
         self._lib.af_free(core)
 
 

@@ -10,11 +10,13 @@ does) or partial (in first-byte order, which is the deadline order).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -27,7 +29,9 @@ __all__ = ["PyCore"]
 
 _EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_CONN_EVENTS = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLET  # PRI: an urgent byte
+#: SO_PEEK_OFF (asm-generic/socket.h; not in the socket module): peek from an offset (TCP: Linux 6.10+).
+SO_PEEK_OFF = 42
 #: SO_LINGER values: an RST if the process dies holding the connection; the default close (a FIN) again.
 _ABORTIVE = struct.pack("ii", 1, 0)
 _GRACEFUL = struct.pack("ii", 0, 0)
@@ -36,6 +40,15 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 #: longer waits so after one sent nothing in that time, for DIRECT_BACKOFF (seconds;
 #: AF_DIRECT_WAIT_US and AF_DIRECT_BACKOFF_US in afcore.h).
 DIRECT_WAIT, DIRECT_BACKOFF = 0.001, 0.1
+#: close(reset=False) reads at most this much unread input first (AF_CLOSE_DRAIN): a FIN, not an RST.
+CLOSE_DRAIN = 16 << 20
+
+
+def oob_inline(sock: socket.socket) -> None:
+    """SO_OOBINLINE: a TCP urgent byte is ordinary data (as afcore.c sets it), where a read or a
+    splice would otherwise skip it or stop at it. Best effort (a socket that has no such thing)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
 
 
 class _Conn:
@@ -126,6 +139,7 @@ class PyCore:
         max_events: int = 512,
     ) -> None:
         listen_sock.setblocking(False)
+        oob_inline(listen_sock)  # inherited by every connection accepted from it
         self._lsock = listen_sock
         self._lfd = listen_sock.fileno()
         self._max_bytes = min(max(1, max_bytes), MAX_BYTES)
@@ -134,6 +148,9 @@ class PyCore:
         self._max_events = max(16, max_events)
         self._ep = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: As CCore._life: held by wake() and by free() around closing the wake fd, so that a
+        #: wake-up never goes into a closed (maybe reused) descriptor; -1 once freed.
+        self._life = threading.Lock()
         self._ep.register(self._lfd, select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
         self._idle_timeout: float | None = None  # set_idle_timeout(); None: no limit
@@ -261,8 +278,9 @@ class PyCore:
         self._disarm(fd, conn)
         return conn
 
-    def _peek(self, fd: int, conn: _Conn, hup: bool) -> tuple[int, int]:
-        """(kind, errno): kind 0 when nothing final happened."""
+    def _peek(self, fd: int, conn: _Conn, hup: bool, urgent: bool = False) -> tuple[int, int]:
+        """(kind, errno): kind 0 when nothing final happened. ``urgent``: EPOLLPRI said a TCP
+        urgent byte is pending (peek past its mark, as afcore.c's peek_past_mark)."""
         self._stats["peeks"] += 1
         try:
             data = conn.sock.recv(self._max_bytes, _PEEK)
@@ -278,6 +296,8 @@ class PyCore:
                 self._buffered += len(data) - len(conn.data)
                 conn.data = data
                 self._to_partial(fd, conn)
+        if urgent and conn.data and not conn.eof:
+            self._peek_past_mark(conn)
         if hup:
             conn.eof = True
         if conn.match is not None and conn.data:
@@ -296,6 +316,30 @@ class PyCore:
         if conn.eof:
             return EOF, 0
         return 0, 0
+
+    def _peek_past_mark(self, conn: _Conn) -> None:
+        """A peek stops at a TCP urgent mark when bytes come before it (SO_OOBINLINE or not): peek on
+        from the end of what is known with SO_PEEK_OFF, then switch the offset off again."""
+        sock = conn.sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, len(conn.data))
+        except OSError:
+            return  # an older kernel: the filter sees the bytes up to the mark
+        try:
+            while len(conn.data) < self._max_bytes:
+                self._stats["peeks"] += 1
+                more = sock.recv(self._max_bytes - len(conn.data), _PEEK)
+                if not more:
+                    conn.eof = True
+                    break
+                self._stats["bytes_peeked"] += len(more)
+                self._buffered += len(more)
+                conn.data += more
+        except OSError:
+            pass  # EAGAIN; an error shows at the next peek
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
 
     @staticmethod
     def _set_lowat(conn: _Conn, size: int) -> None:
@@ -431,7 +475,7 @@ class PyCore:
         if nxt is not None and nxt - self._now() <= wait:
             wait, bounded = max(0.0, nxt - self._now()), True
         p = select.poll()
-        p.register(fd, select.POLLIN | select.POLLRDHUP)
+        p.register(fd, select.POLLIN | select.POLLPRI | select.POLLRDHUP)
         p.register(self._wakefd, select.POLLIN)
         ready = dict(p.poll(wait * 1000))
         flags = ready.get(fd, 0)
@@ -441,6 +485,8 @@ class PyCore:
                 epoll_flags |= select.EPOLLERR
             if flags & (select.POLLHUP | select.POLLRDHUP):
                 epoll_flags |= select.EPOLLRDHUP
+            if flags & select.POLLPRI:
+                epoll_flags |= select.EPOLLPRI
             self._on_readable(fd, epoll_flags)
         elif not ready and not bounded:
             self._stats["direct_idle"] += 1
@@ -606,7 +652,7 @@ class PyCore:
             self._emit(fd, ERROR, err or errno.ECONNRESET)
             return
         before = len(conn.data)
-        kind, err = self._peek(fd, conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)))
+        kind, err = self._peek(fd, conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)), bool(flags & select.EPOLLPRI))
         if kind:
             self._settle(fd, kind, err)
         elif len(conn.data) != before and conn.match is None:
@@ -655,10 +701,12 @@ class PyCore:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             else:
                 if conn.data or not conn.eof:
-                    # Closing with unread data sends an RST; read what is there (up to max_bytes,
-                    # peeked or not: an adopted one may not be) so "close" is a FIN.
+                    # Closing with unread data sends an RST; read everything there (not just
+                    # max_bytes: the client may have sent more), up to CLOSE_DRAIN, so "close" is a FIN.
+                    left = CLOSE_DRAIN
                     try:
-                        conn.sock.recv(self._max_bytes, socket.MSG_DONTWAIT)
+                        while left > 0 and (got := len(conn.sock.recv(min(left, 16384), socket.MSG_DONTWAIT))):
+                            left -= got
                     except OSError:
                         pass
                 self._clear_abortive(conn)
@@ -667,10 +715,13 @@ class PyCore:
         conn.sock.close()
 
     def wake(self) -> None:
-        try:
-            os.eventfd_write(self._wakefd, 1)
-        except OSError:
-            pass
+        with self._life:  # any thread, any time: after free() a wake is a no-op
+            if self._wakefd < 0:
+                return
+            try:
+                os.eventfd_write(self._wakefd, 1)
+            except OSError:
+                pass
 
     def adopt(self, fd: int) -> None:
         if fd in self._owned:
@@ -684,6 +735,7 @@ class PyCore:
         self._stats["accepted"] += 1  # taken in, so the accounting still adds up
         conn = _Conn(sock, addr, self._now())
         conn.nonblock = not os.get_blocking(fd)  # left as it is; made blocking when released
+        oob_inline(sock)
         self._owned[fd] = conn
         self._append_held(fd, conn)
         self._pending.append(fd)  # armed, and so peeked, by the next poll(); evicted there if over the bound
@@ -733,4 +785,6 @@ class PyCore:
         self._finals.clear()
         if not self._ep.closed:
             self._ep.close()
-            os.close(self._wakefd)
+            with self._life:
+                wakefd, self._wakefd = self._wakefd, -1
+            os.close(wakefd)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .listener import FilteredListener
+from .pycore import oob_inline
 
 __all__ = ["Forward", "RelayLoop", "forward", "loop_stats", "parse_forward", "parse_target", "proxy_header", "relay"]
 
@@ -190,7 +191,14 @@ def _splice_pump(src: socket.socket, dst: socket.socket) -> int:
         while True:
             n = os.splice(s, w, _CHUNK, flags=os.SPLICE_F_MOVE)
             if n == 0:
-                return total
+                # EOF, or a TCP urgent mark: splice stops there (returning 0 however much follows).
+                # recv reads past it (the urgent byte inline: SO_OOBINLINE); b"" is a real EOF.
+                data = src.recv(_CHUNK)
+                if not data:
+                    return total
+                dst.sendall(data)
+                total += len(data)
+                continue
             while n:
                 m = os.splice(r, d, n, flags=os.SPLICE_F_MOVE)
                 n -= m
@@ -255,6 +263,7 @@ def _thread_relay(client: socket.socket, address: Any, info: Any, fwd: Forward, 
     tally = _Tally()
     client.settimeout(None)
     _nodelay(client)
+    oob_inline(client)
     try:
         backend = socket.create_connection(fwd.target, timeout=fwd.connect_timeout)
     except OSError as exc:
@@ -264,6 +273,7 @@ def _thread_relay(client: socket.socket, address: Any, info: Any, fwd: Forward, 
         return tally
     backend.settimeout(None)
     _nodelay(backend)
+    oob_inline(backend)
     try:
         if fwd.send_proxy:
             backend.sendall(_header_for(client, address, fwd))

@@ -1,6 +1,6 @@
 """Several worker processes on one listen socket, each with its own engine (``--workers N``).
 
-The model, and why (numbers in the README, "Several worker processes"):
+The model, and why (numbers in docs/how-to/workers.md):
 the parent binds (or inherits from systemd) one listen socket and forks N
 workers; each worker wraps its copy of that socket in its own engine and
 serves what surfaces. All engines accept from the one kernel accept queue,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import os
 import socket
 import sys
@@ -174,13 +175,17 @@ def _workers_args(server_args: list[str]) -> list[str]:
     return values
 
 
-def _bind(host: str, port: int, backlog: int) -> socket.socket:
-    """The one listen socket every worker shares (one line on failure)."""
+def _bind(host: str, port: int, backlog: int, option: str) -> socket.socket:
+    """The listen socket (every worker shares it), bound before the server starts: a port in use or
+    a privileged one is one line, in ``acceptfilter serve``'s words, not the server's traceback."""
+    from .serve.listen import listen_error
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     try:
         return socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
-        raise AcceptFilterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise listen_error(where, exc, option) from None
 
 
 def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
@@ -202,9 +207,8 @@ def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
         host, port, loop = kwargs.pop("host"), kwargs.pop("port"), kwargs.pop("loop", "auto")
         config = {k: v for k, v in kwargs.items() if k in accepted and k not in ("uds", "fd", "reload", "workers")}
         policy = {k: v for k, v in options["policy"].items() if v is not None}
-        sock = options["sock"]
+        sock = options["sock"] or _bind(host, port, int(config.get("backlog", 2048)), "--port")
         if workers > 1:
-            sock = sock or _bind(host, port, int(config.get("backlog", 2048)))
             role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
             if not role.is_worker:
                 sock.close()
@@ -251,12 +255,13 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
         if config.worker_class not in ("asyncio", "uvloop"):
             raise AcceptFilterError(f"acceptfilter run supports Hypercorn's asyncio and uvloop workers, not "
                                     f"{config.worker_class!r} (trio: use acceptfilter.integrations.trio in code)")
-        sock = options["sock"] or _bind(host, int(port), config.backlog)
+        sock = options["sock"] or _bind(host, int(port), config.backlog, "--bind")
         if workers > 1:
             role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
             if not role.is_worker:
                 sock.close()
                 return role.exit_code
+        _hypercorn_logs_once(config)
         app = load_application(config.application_path, config.wsgi_max_body_size)
         loop = "uvloop" if config.worker_class == "uvloop" else "asyncio"
         policy = {k: v for k, v in options["policy"].items() if v is not None}
@@ -270,3 +275,12 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
         return int(main_module.main(server_args) or 0)
     finally:
         setattr(main_module, "run", original)  # noqa: B010
+
+
+def _hypercorn_logs_once(config: Any) -> None:
+    """Keep Hypercorn's error log to its own handler: it propagates to the root logger too, which
+    is silent under ``hypercorn`` alone but is the command's handler here (every line twice)."""
+    error_logger = config.log.error_logger
+    if isinstance(error_logger, logging.Logger) and error_logger.handlers:
+        error_logger.propagate = False
+

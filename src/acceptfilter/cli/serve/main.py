@@ -12,8 +12,8 @@ import threading
 from typing import Any
 
 from ...errors import AcceptFilterError
-from ..console import console
-from .listen import listen
+from ..console import JsonFormatter, console
+from .listen import display, listen
 from .metrics_http import serve_metrics
 from .plan import Plan, check
 from .server import Serve
@@ -48,13 +48,16 @@ def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Sig
         if args.metrics_port is not None:
             metrics = serve_metrics(args.bind, args.metrics_port, lambda: serve.current.stats())
         serve.start()
+        json_lines = args.log_format == "json"
         for name, target in plan.forwards.items():
             chain = " -> ".join(plan.routes.get(name, []) if plan.routes else []) or "(rejected connections)"
-            _line(f"route {name}: {chain} forwarded to {target}")
-        _line(serve.banner())
+            _line(f"route {name}: {chain} forwarded to {target}", json_lines, event="route", route=name,
+                  target=str(target))
+        _line(serve.banner(), json_lines, event="serving", address=display(serve.sock))
         if metrics is not None:
             host, mport = str(metrics.server_address[0]), int(metrics.server_address[1])
-            _line(f"Metrics on http://{f'[{host}]' if ':' in host else host}:{mport}/metrics")
+            url = f"http://{f'[{host}]' if ':' in host else host}:{mport}/metrics"
+            _line(f"Metrics on {url}", json_lines, event="metrics", address=url)
         kernel_warnings(serve.sock, args.backlog)
         return run_until_signal(serve, args, signals, ready)
     finally:
@@ -64,8 +67,9 @@ def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Sig
         serve.close()
 
 
-def _line(text: str) -> None:
-    """One whole line on stdout in one write, flushed.
+def _line(text: str, json_line: bool = False, **fields: Any) -> None:
+    """One whole line on stdout in one write, flushed; under ``--log-format json`` a JSON object
+    (``message`` and ``fields``, shaped like the log records on stderr), so every line parses.
 
     ``print`` writes the text and its newline separately when stdout is
     unbuffered (``PYTHONUNBUFFERED``, common in containers), and the workers
@@ -73,6 +77,10 @@ def _line(text: str) -> None:
     ("Serving ...Serving ...\\n\\n") and a reader waiting for a line per worker
     would wait forever. One ``write`` of a short line to a pipe is atomic.
     """
+    if json_line:
+        record = logging.makeLogRecord({"name": "acceptfilter.serve", "levelno": logging.INFO, "levelname": "INFO",
+                                        "msg": text, "fields": {"type": "event", **fields}})
+        text = JsonFormatter().format(record)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 

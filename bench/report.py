@@ -19,9 +19,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "assets" / "bench.png"
 #: Docs pages with a block of their own (markers bench:NAME:start/end): page -> (block name, results key).
 DOC_BLOCKS = {"docs/how-to/balancers.md": ("balancer", "defaults")}
-PLOT = ROOT / "docs" / "assets" / "bench.png"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 NAMES = ("overhead", "slowclient", "workercpu", "scale", "surface", "syscalls", "defaults", "relay", "asyncidle", "deadworker")
 
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     results = load(args.results)
     block = render(results)
     readme = args.page.read_text()
-    docs = _doc_blocks(results, ROOT)
+    docs = _doc_blocks(results, ROOT) if args.page == PAGE else {}
     if args.check:
         if current_block(readme) != block:
             print(f"{args.page}: the benchmark block differs from what {args.results}/*.json renders; "

@@ -123,3 +123,11 @@ def test_pool_reopens_after_connection_close_and_after_the_servers_keepalive_tim
     # if the FIN is still on its way, sends on it and gets no answer: both are counted, nothing hidden.
     assert report.sent == 6 and report.answered + report.unanswered == 6, report
     assert report.server_closed + report.unanswered == 4, report
+
+
+def test_pool_counts_what_it_could_not_send() -> None:
+    """Nothing listening: no request sent, every connection a connect error, nothing 'all answered'."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        address = probe.getsockname()
+    report = BalancerPool(address, size=3, idle=0.0, uses=2, timeout=10).run()
+    assert (report.planned, report.sent, report.connect_errors) == (6, 0, 6) and not report.all_answered, report

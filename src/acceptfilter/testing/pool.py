@@ -26,7 +26,6 @@ Standard library only (``http.client`` parses the responses); one thread per con
 from __future__ import annotations
 
 import http.client
-import select
 import socket
 import threading
 import time
@@ -41,6 +40,8 @@ __all__ = ["BalancerPool", "PoolReport"]
 class PoolReport:
     """What happened to every request the pool sent."""
 
+    #: Requests the pool meant to send: size x uses.
+    planned: int = 0
     sent: int = 0
     #: A whole response came back.
     answered: int = 0
@@ -52,13 +53,16 @@ class PoolReport:
     closed_by_response: int = 0
     #: Connections that could not be opened at all.
     connect_errors: int = 0
+    #: A pool thread that failed in its own code (a bug here, not the server's doing).
+    client_errors: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     #: The first few failures, as text.
     errors: list[str] = field(default_factory=list)
 
     @property
     def all_answered(self) -> bool:
-        return self.sent > 0 and self.answered == self.sent and self.connect_errors == 0
+        return (self.sent == self.planned > 0 and self.answered == self.sent and self.connect_errors == 0
+                and self.client_errors == 0)
 
 
 class BalancerPool:
@@ -107,10 +111,8 @@ class BalancerPool:
 
     @staticmethod
     def _closed_by_peer(sock: socket.socket) -> bool:
-        """A balancer's liveness check before reusing: readable with nothing to read means a FIN or RST."""
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
+        """A balancer's liveness check before reusing: readable with nothing to read means a FIN or RST.
+        (No select(): it fails on descriptors past 1023.)"""
         try:
             return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
@@ -144,35 +146,42 @@ class BalancerPool:
         return not response.will_close
 
     def _one(self, index: int, sock: socket.socket | None, start: float) -> None:
+        held = [sock]  # the connection open now, closed at the end whatever happened
         try:
-            delay = start + self.idles[index] - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            for use in range(self.uses):
-                if sock is None:
-                    sock = self._open()
-                    if sock is None:
-                        return
-                elif use and self._closed_by_peer(sock):
-                    self._count("server_closed")
-                    sock.close()
-                    sock = self._open()
-                    if sock is None:
-                        return
-                reusable = self._request(sock)
-                if not reusable:
-                    sock.close()
-                    sock = None
-                    if reusable is False and use + 1 < self.uses:
-                        self._count("closed_by_response")
-                if use + 1 < self.uses:
-                    time.sleep(self.reuse_idle)
+            self._use(index, held, start)
+        except Exception as exc:  # counted: a thread that died would send less and hide it
+            self._count("client_errors", f"pool thread {index}: {type(exc).__name__}: {exc}")
         finally:
-            if sock is not None:
+            if held[0] is not None:
+                held[0].close()
+
+    def _use(self, index: int, held: list[socket.socket | None], start: float) -> None:
+        """Connection ``index``'s requests (``held[0]``: its socket, replaced when reopened)."""
+        delay = start + self.idles[index] - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        for use in range(self.uses):
+            sock = held[0]
+            if sock is not None and use and self._closed_by_peer(sock):
+                self._count("server_closed")
                 sock.close()
+                sock = held[0] = None
+            if sock is None:
+                sock = held[0] = self._open()
+                if sock is None:
+                    return
+            reusable = self._request(sock)
+            if not reusable:
+                sock.close()
+                held[0] = None
+                if reusable is False and use + 1 < self.uses:
+                    self._count("closed_by_response")
+            if use + 1 < self.uses:
+                time.sleep(self.reuse_idle)
 
     def run(self) -> PoolReport:
         """Open every connection, use them as described, and report (blocks until all are done)."""
+        self._report.planned = self.size * self.uses
         socks = [self._open() for _ in range(self.size)]
         start = time.monotonic()
         threads = [threading.Thread(target=self._one, args=(i, s, start), daemon=True) for i, s in enumerate(socks)]

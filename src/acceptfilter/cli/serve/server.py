@@ -64,7 +64,8 @@ class Serve:
     def _build(self, sock: socket.socket, *, driver: str) -> Current:
         args, plan = self.args, self.plan
         policy: dict[str, Any] = {"timeout": args.timeout, "idle_timeout": args.idle_timeout, "max_held": args.max_held,
-                                  "core": args.core, "driver": driver, "defer_accept": args.defer_accept or None}
+                                  "core": args.core, "driver": driver,
+                                  "defer_accept": args.defer_accept or None}
         if plan.routes is None:
             listener = wrap(sock, plan.specs, on_timeout=args.on_timeout or WORKER_ON_TIMEOUT,
                             on_reject=args.on_reject, **policy)

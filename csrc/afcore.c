@@ -1,6 +1,7 @@
 /* afcore.c: accept4 + edge-triggered epoll + recv(MSG_PEEK). See afcore.h. */
 #define _GNU_SOURCE
 #include "afcore.h"
+#include "afsrc.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -44,13 +45,17 @@ enum conn_state { CS_FREE = 0, CS_HELD = 1, CS_FINAL = 2 };
  * HELD connections are linked in the FIFO, FINAL ones in the final list (the
  * same links: a connection is in at most one of them). */
 typedef struct conn {
-    int32_t prev, next;   /* FIFO or final-list links (fds) */
-    int64_t accepted_us;  /* on the core's clock; deadline = this + timeout */
+    int32_t prev, next;   /* idle, partial or final-list links (fds) */
+    int64_t accepted_us;  /* on the core's clock; idle deadline = this + idle_timeout */
+    int64_t data_us;      /* its first byte (partial): deadline = this + timeout */
+    int32_t src;          /* idle: its source's entry (afsrc), or AFS_NIL */
+    int32_t sprev, snext; /* idle: its source's other idle connections (fds) */
     char *buf;
     uint32_t len, bufsize;
     uint32_t batch;       /* poll number of this connection's last event */
     uint32_t ev_index;    /* its index in that batch */
     uint8_t state;        /* enum conn_state */
+    uint8_t idle;         /* HELD with nothing sent yet: in the idle list, counted by source */
     uint8_t armed, eof;
     uint8_t final_kind;   /* FINAL: the event it was reported with */
     int32_t final_err;    /* ERROR: the errno; READY: the bytes to consume */
@@ -58,6 +63,7 @@ typedef struct conn {
     uint8_t matching;     /* the matcher may still certify this connection (MORE so far) */
     uint8_t lowat;        /* SO_RCVLOWAT was raised (reset before the fd is handed over) */
     uint8_t nonblock;     /* adopted with O_NONBLOCK (cleared before the fd is handed over) */
+    uint8_t urgent;       /* the last wake-up said EPOLLPRI: a TCP urgent byte is pending */
     uint8_t abortive;     /* SO_LINGER {1, 0} while watched (cleared before the fd is handed over or closed) */
     uint8_t addr[sizeof(struct sockaddr_in6)];
 } conn;
@@ -70,7 +76,10 @@ struct af_core {
     int64_t timeout_us;
     conn *conns;
     uint32_t nconns;          /* table size */
-    list fifo;                /* HELD, in accept order = deadline order */
+    list idle;                /* HELD, nothing sent yet: in accept order = idle deadline order */
+    list fifo;                /* HELD, partial: in first-byte order = deadline order */
+    int64_t idle_us;          /* the idle limit (af_set_idle_timeout; 0: none) */
+    afs_table srcs;           /* idle connections by source address: who loses one when full */
     list finals;              /* FINAL: reported, not yet released or closed */
     uint32_t fresh_data;      /* HELD connections with a DATA event in this batch */
     int32_t *pending;         /* peeked at accept, to be armed at next poll */
@@ -111,14 +120,23 @@ static int64_t clock_us(const af_core *c) {
 }
 
 static void publish(af_core *c) {
+    c->stats.held_idle = c->idle.count;
+    /* For `acceptfilter stats`: idle ones are in accept order, partial ones in first-byte order, so
+     * the older of the two heads (the partial head is the oldest partial but for a rare reordering). */
+    int64_t oldest = -1;
+    if (c->idle.head != NIL) oldest = c->conns[c->idle.head].accepted_us;
+    if (c->fifo.head != NIL && (oldest < 0 || c->conns[c->fifo.head].accepted_us < oldest))
+        oldest = c->conns[c->fifo.head].accepted_us;
+    c->stats.oldest_accepted_us = oldest;
     pthread_mutex_lock(&c->stats_lock);
     c->published = c->stats;
     pthread_mutex_unlock(&c->stats_lock);
 }
 
 static int64_t deadline_of(const af_core *c, const conn *k) {
-    /* timeout_us <= 2^40 * 1000 and the clock is far below 2^62: no overflow. */
-    return c->timeout_us > 0 ? k->accepted_us + c->timeout_us : INT64_MAX;
+    /* timeouts <= 2^40 * 1000 and the clock is far below 2^62: no overflow. */
+    if (k->idle) return c->idle_us > 0 ? k->accepted_us + c->idle_us : INT64_MAX;
+    return c->timeout_us > 0 ? k->data_us + c->timeout_us : INT64_MAX;
 }
 
 static int grow_table(af_core *c, int fd) {
@@ -139,13 +157,21 @@ static conn *owned(af_core *c, int fd) {
 }
 
 static list *list_of(af_core *c, const conn *k) {
-    return k->state == CS_HELD ? &c->fifo : &c->finals;
+    return k->state == CS_HELD ? (k->idle ? &c->idle : &c->fifo) : &c->finals;
 }
 
 static void list_unlink(af_core *c, int fd) {
     conn *k = &c->conns[fd];
     list *l = list_of(c, k);
     AF_ASSERT(l->count > 0);
+    if (l == &c->idle && k->src != AFS_NIL) { /* out of its source's list too */
+        afs_source *e = &c->srcs.src[k->src];
+        if (k->sprev != NIL) c->conns[k->sprev].snext = k->snext; else e->head = k->snext;
+        if (k->snext != NIL) c->conns[k->snext].sprev = k->sprev; else e->tail = k->sprev;
+        afs_remove(&c->srcs, k->src);
+        k->src = AFS_NIL;
+        k->sprev = k->snext = NIL;
+    }
     if (k->prev != NIL) c->conns[k->prev].next = k->next; else l->head = k->next;
     if (k->next != NIL) c->conns[k->next].prev = k->prev; else l->tail = k->prev;
     k->prev = k->next = NIL;
@@ -160,6 +186,30 @@ static void list_append(af_core *c, int fd) {
     if (l->tail != NIL) c->conns[l->tail].next = fd; else l->head = fd;
     l->tail = fd;
     l->count++;
+    k->src = AFS_NIL;
+    k->sprev = k->snext = NIL;
+    if (l == &c->idle) { /* counted by source (out of memory: only in the idle list, evicted last of the idle) */
+        uint8_t key[AFS_KEY];
+        afs_key(k->addr, k->addrlen, key);
+        int32_t s = afs_add(&c->srcs, key);
+        if (s >= 0) {
+            afs_source *e = &c->srcs.src[s];
+            k->src = s;
+            k->sprev = e->tail;
+            if (e->tail != NIL) c->conns[e->tail].snext = fd; else e->head = fd;
+            e->tail = fd;
+        }
+    }
+}
+
+/* HELD, idle -> partial: its first byte arrived, the header deadline starts now. */
+static void to_partial(af_core *c, int fd) {
+    conn *k = &c->conns[fd];
+    if (k->state != CS_HELD || !k->idle) return;
+    list_unlink(c, fd);
+    k->idle = 0;
+    k->data_us = c->now;
+    list_append(c, fd);
 }
 
 static void disarm(af_core *c, int fd) {
@@ -178,6 +228,7 @@ static conn *hold(af_core *c, int fd, int64_t now, const void *addr, socklen_t a
     k->state = CS_HELD;
     k->prev = k->next = NIL;
     k->accepted_us = now;
+    k->idle = 1;
     k->addrlen = alen <= sizeof k->addr ? (uint8_t)alen : 0;
     if (k->addrlen) memcpy(k->addr, addr, k->addrlen);
     k->matching = c->prog != NULL;
@@ -264,6 +315,41 @@ static void set_lowat(conn *k, int fd, int bytes) {
     if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes) == 0) k->lowat = bytes > 1;
 }
 
+/* Double the peek buffer, without wrapping: bufsize <= max_bytes <= AF_MAX_BYTES (2^30). */
+static int grow_buf(af_core *c, conn *k) {
+    uint32_t want = k->bufsize > c->max_bytes / 2 ? c->max_bytes : k->bufsize * 2;
+    AF_ASSERT(want > k->bufsize);
+    char *block = realloc(block_of(c, k), (size_t)c->ms_hdr + want);
+    if (!block) return -ENOMEM;
+    c->stats.buffered += want - k->bufsize;
+    k->buf = block + c->ms_hdr;
+    k->bufsize = want;
+    return 0;
+}
+
+/* A peek stops at a TCP urgent mark when bytes come before it, SO_OOBINLINE or not,
+ * so a filter would never see the bytes after an urgent byte. While one is pending
+ * (EPOLLPRI), peek on from the end of what is known with SO_PEEK_OFF (TCP: Linux
+ * 6.10+), then switch the offset off again: the application's socket peeks from its
+ * start. On an older kernel the filter sees the bytes up to the mark. 0 or -ENOMEM. */
+static int peek_past_mark(af_core *c, conn *k, int fd) {
+    int off = (int)k->len, rc = 0;
+    if (setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off) < 0) return 0;
+    while (k->len < c->max_bytes) {
+        if (k->len == k->bufsize && (rc = grow_buf(c, k)) < 0) break;
+        ssize_t n = recv(fd, k->buf + k->len, k->bufsize - k->len, MSG_PEEK | MSG_DONTWAIT);
+        c->stats.peeks++;
+        if (n < 0 && errno == EINTR) continue;
+        if (n == 0) k->eof = 1;
+        if (n <= 0) break; /* EAGAIN; an error shows at the next peek */
+        c->stats.bytes_peeked += (uint32_t)n;
+        k->len += (uint32_t)n;
+    }
+    off = -1;
+    setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off);
+    return rc;
+}
+
 /* Peek everything available (up to max_bytes). Returns the final event kind to
  * report, or -1 when nothing final happened (the caller compares lengths). */
 static int peek(af_core *c, int fd, int hup, int *err) {
@@ -296,19 +382,14 @@ static int peek(af_core *c, int fd, int hup, int *err) {
             k->buf = b;
             k->bufsize = cap;
             k->len = (uint32_t)n;
+            to_partial(c, fd);
             more = (uint32_t)n == cap && cap < c->max_bytes; /* filled: grow and peek again */
         }
     }
     while (more) {
-        if (k->len == k->bufsize && k->bufsize < c->max_bytes) {
-            /* Double, without wrapping: bufsize <= max_bytes <= AF_MAX_BYTES (2^30). */
-            uint32_t want = k->bufsize > c->max_bytes / 2 ? c->max_bytes : k->bufsize * 2;
-            AF_ASSERT(want > k->bufsize);
-            char *block = realloc(block_of(c, k), (size_t)c->ms_hdr + want);
-            if (!block) { *err = ENOMEM; return AF_EV_ERROR; }
-            c->stats.buffered += want - k->bufsize;
-            k->buf = block + c->ms_hdr;
-            k->bufsize = want;
+        if (k->len == k->bufsize && k->bufsize < c->max_bytes && grow_buf(c, k) < 0) {
+            *err = ENOMEM;
+            return AF_EV_ERROR;
         }
         ssize_t n = recv(fd, k->buf, k->bufsize, MSG_PEEK | MSG_DONTWAIT);
         c->stats.peeks++;
@@ -325,6 +406,10 @@ static int peek(af_core *c, int fd, int hup, int *err) {
         }
         if ((uint32_t)n < k->bufsize || k->bufsize >= c->max_bytes) break;
         /* buffer filled: grow and peek again */
+    }
+    if (k->urgent && k->len > 0 && !k->eof && peek_past_mark(c, k, fd) < 0) {
+        *err = ENOMEM;
+        return AF_EV_ERROR;
     }
     if (hup) k->eof = 1;
     if (k->matching && k->len > 0) {
@@ -427,6 +512,7 @@ static void on_readable(af_core *c, int fd, uint32_t flags) {
         emit(c, fd, AF_EV_ERROR, err ? err : ECONNRESET);
         return;
     }
+    k->urgent = (flags & EPOLLPRI) != 0;
     int kind = peek(c, fd, (flags & (EPOLLRDHUP | EPOLLHUP)) != 0, &err);
     if (kind > 0) settle(c, fd, kind, err);
     else if (k->len != before && !k->matching) emit(c, fd, AF_EV_DATA, 0);
@@ -447,7 +533,7 @@ static void arm_or_fail(af_core *c, int fd) {
 static int arm(af_core *c, int fd) {
     struct epoll_event ev;
     memset(&ev, 0, sizeof ev);
-    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+    ev.events = EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLET; /* EPOLLPRI: an urgent byte (peek_past_mark) */
     ev.data.u64 = (uint64_t)(uint32_t)fd;
     if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return -errno;
     conn *k = &c->conns[fd];
@@ -502,10 +588,17 @@ static void pause_accepting(af_core *c, int64_t now) {
     set_listening(c, 0);
 }
 
-/* Over max_held: evict the oldest HELD connection that has no fresh data in
- * this batch (one with data may be decided by the caller before the next poll,
- * and then it was never undecided). Returns 0 when there is none. */
-static int evict_oldest_undecided(af_core *c) {
+/* Over max_held: make room. An idle connection first: the oldest of the source
+ * that holds the most idle ones (one client's thousand idle connections go
+ * before anyone else's). Only then a partial one: the oldest that has no fresh
+ * data in this batch (one with data may be decided by the caller before the
+ * next poll, and then it was never undecided). Returns 0 when there is none. */
+static int evict_one(af_core *c) {
+    if (c->idle.count) {
+        int32_t s = afs_top(&c->srcs);
+        emit(c, s != AFS_NIL ? c->srcs.src[s].head : c->idle.head, AF_EV_EVICT, 0);
+        return 1;
+    }
     for (int32_t fd = c->fifo.head; fd != NIL; fd = c->conns[fd].next) {
         conn *k = &c->conns[fd];
         if (k->batch == c->batch && k->ev_index < c->nevents && c->events[k->ev_index].fd == fd) continue;
@@ -538,7 +631,7 @@ static void accept_batch(af_core *c, int64_t now) {
         c->backoff_us = 0;
         c->stats.accepted++;
         /* The bound counts undecided connections only. */
-        if (c->max_held && c->fifo.count - c->fresh_data >= c->max_held) evict_oldest_undecided(c);
+        if (c->max_held && c->idle.count + c->fifo.count - c->fresh_data >= c->max_held) evict_one(c);
         conn *k = hold(c, fd, now, &addr, alen);
         /* Opportunistic peek: on a busy server the request is often already
          * here, and the connection never has to enter the epoll set. */
@@ -592,7 +685,7 @@ static int wait_direct(af_core *c, int fd, int timeout_ms) {
     struct pollfd p[2];
     memset(p, 0, sizeof p);
     p[0].fd = fd;
-    p[0].events = POLLIN | POLLRDHUP;
+    p[0].events = POLLIN | POLLPRI | POLLRDHUP;
     p[1].fd = c->wakefd;
     p[1].events = POLLIN;
     struct timespec ts = { (time_t)(wait_us / 1000000), (long)(wait_us % 1000000) * 1000 };
@@ -606,6 +699,7 @@ static int wait_direct(af_core *c, int fd, int timeout_ms) {
         uint32_t flags = 0;
         if (p[0].revents & POLLERR) flags |= EPOLLERR;
         if (p[0].revents & (POLLHUP | POLLRDHUP)) flags |= EPOLLRDHUP;
+        if (p[0].revents & POLLPRI) flags |= EPOLLPRI;
         on_readable(c, fd, flags);
     } else if (n == 0 && !bounded) {
         c->stats.direct_idle++;
@@ -626,6 +720,8 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
     c->max_held = max_held;
     c->max_events = max_events < 16 ? 16 : max_events;
     c->fifo.head = c->fifo.tail = NIL;
+    c->idle.head = c->idle.tail = NIL;
+    c->srcs.free_head = AFS_NIL;
     c->finals.head = c->finals.tail = NIL;
     c->epfd = c->wakefd = -1;
     c->fake_now = -1;
@@ -639,6 +735,9 @@ af_core *af_new(int listen_fd, uint32_t max_bytes, int64_t timeout_ms, uint32_t 
     if (!c->events || !c->epevents) { *err = ENOMEM; goto fail; }
     int fl = 1;
     if (ioctl(listen_fd, FIONBIO, &fl) < 0) { *err = errno; goto fail; }
+    /* Urgent bytes are ordinary data in every connection accepted (they inherit
+     * it): a read or splice otherwise skips or stops at them. Best effort. */
+    setsockopt(listen_fd, SOL_SOCKET, SO_OOBINLINE, &fl, sizeof fl);
     c->epfd = epoll_create1(EPOLL_CLOEXEC);
     c->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (c->epfd < 0 || c->wakefd < 0) { *err = errno; goto fail; }
@@ -666,6 +765,7 @@ void af_free(af_core *c) {
         }
     }
     free(c->scratch);
+    afs_free(&c->srcs);
     if (c->epfd >= 0) close(c->epfd);
     if (c->wakefd >= 0) close(c->wakefd);
     free(c->conns);
@@ -682,6 +782,10 @@ int64_t af_next_timeout_ms(const af_core *c) {
     int64_t next = INT64_MAX;
     if (c->finals.count) return 0; /* unresolved finals: report them again now */
     if (c->fifo.head != NIL) next = deadline_of(c, &c->conns[c->fifo.head]);
+    if (c->idle.head != NIL) {
+        int64_t idle = deadline_of(c, &c->conns[c->idle.head]);
+        if (idle < next) next = idle;
+    }
     if (c->paused && c->resume_at < next) next = c->resume_at;
     if (next == INT64_MAX) return -1;
     int64_t left = next - clock_us(c);
@@ -717,10 +821,12 @@ static void new_batch(af_core *c, af_event **events) {
     c->now = clock_us(c);
 }
 
-/* Deadlines due by the core's clock: the oldest HELD connections, in order. */
+/* Deadlines due by the core's clock: the oldest HELD connections of each list, in order. */
 static void expire(af_core *c, int64_t now) {
     while (c->fifo.head != NIL && deadline_of(c, &c->conns[c->fifo.head]) <= now && c->nevents < c->max_events)
         emit(c, c->fifo.head, AF_EV_TIMEOUT, 0);
+    while (c->idle.head != NIL && deadline_of(c, &c->conns[c->idle.head]) <= now && c->nevents < c->max_events)
+        emit(c, c->idle.head, AF_EV_TIMEOUT, 0);
 }
 
 static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *ready) {
@@ -741,8 +847,8 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
     c->npending = 0;
     /* Over the bound (connections the caller kept waiting, adopted ones):
      * evict the oldest, as FreeBSD does. */
-    while (c->max_held && c->fifo.count > c->max_held && c->fifo.head != NIL && c->nevents + 2 <= c->max_events)
-        emit(c, c->fifo.head, AF_EV_EVICT, 0);
+    while (c->max_held && c->idle.count + c->fifo.count > c->max_held && c->nevents + 2 <= c->max_events)
+        if (!evict_one(c)) break;
 
     int64_t now = c->now;
     if (c->paused && now >= c->resume_at) {
@@ -751,7 +857,7 @@ static int poll_impl(af_core *c, int timeout_ms, af_event **events, af_ready *re
         if (c->listening) set_listening(c, 1);
     }
     int waited_out = 0;
-    if (ready && !c->nevents && !c->fifo.count) {
+    if (ready && !c->nevents && !c->fifo.count && !c->idle.count) {
         /* A thread waiting in accept(), nothing held: the listen queue first.
          * With TCP_DEFER_ACCEPT what is queued has sent data, often all of
          * it. What was taken in is published before the wait, so that
@@ -864,6 +970,8 @@ int af_adopt(af_core *c, int fd) {
     if (fl < 0) { c->npending--; return -errno; }
     conn *k = hold(c, fd, clock_us(c), &addr, alen);
     k->nonblock = (fl & O_NONBLOCK) != 0; /* left as it is: every read here is MSG_DONTWAIT */
+    int one = 1; /* urgent bytes as ordinary data, as for the connections accepted here */
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
     c->stats.accepted++; /* counted as taken in, so the accounting still adds up */
     return 0;
 }
@@ -910,11 +1018,14 @@ int af_close(af_core *c, int fd, int reset) {
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     } else {
         if (k->len > 0 || !k->eof) {
-            /* Closing with unread data sends an RST; read what is there (up to
-             * max_bytes: what was, or could have been, peeked) so a "close" is a
-             * clean FIN as promised, also for one never peeked at (adopted). */
-            char sink[4096];
-            uint32_t left = c->max_bytes;
+            /* Closing with unread data sends an RST; read everything that is there
+             * (not just max_bytes, what a filter looks at: the client may have sent
+             * more) so a "close" is a clean FIN as promised, also for one never
+             * peeked at (adopted). Bounded by AF_CLOSE_DRAIN, more than a receive
+             * buffer holds; bytes that arrive after the close draw the kernel's RST,
+             * as on any closed socket. */
+            char sink[16384];
+            uint32_t left = AF_CLOSE_DRAIN;
             while (left > 0) {
                 ssize_t r = recv(fd, sink, left < sizeof sink ? left : sizeof sink, MSG_DONTWAIT);
                 if (r < 0 && errno == EINTR) continue;
@@ -976,8 +1087,8 @@ int af_stop_accepting(af_core *c) {
 int af_drain(af_core *c, af_event **events) {
     new_batch(c, events);
     report_finals(c);
-    while (c->fifo.head != NIL && c->nevents < c->max_events) {
-        int fd = c->fifo.head;
+    while ((c->idle.head != NIL || c->fifo.head != NIL) && c->nevents < c->max_events) {
+        int fd = c->idle.head != NIL ? c->idle.head : c->fifo.head;
         int err = 0;
         conn *k = &c->conns[fd];
         if (!k->eof) peek(c, fd, 0, &err);
@@ -1001,6 +1112,11 @@ int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) c->hist_bounds[i] = bounds_us[i];
     c->nbounds = n;
     return 0;
+}
+
+void af_set_idle_timeout(af_core *c, int64_t timeout_ms) {
+    if (timeout_ms > AF_MAX_TIMEOUT_MS) timeout_ms = AF_MAX_TIMEOUT_MS;
+    c->idle_us = timeout_ms > 0 ? timeout_ms * 1000 : 0;
 }
 
 void af_set_clock(af_core *c, int64_t now_us) { c->fake_now = now_us < 0 ? -1 : now_us; }

@@ -4,10 +4,19 @@
  * It accepts eagerly, holds connections in an edge-triggered epoll set, peeks
  * at their first bytes with recv(MSG_PEEK) and reports what happened as a batch
  * of events. It knows nothing about any protocol: deciding is the (Python)
- * engine's job. Deadlines are uniform per core, so held connections form a FIFO
- * that is also the deadline order and the eviction order (oldest first).
+ * engine's job. A held connection is idle (it has sent nothing: held up to the
+ * idle limit, counted by source address for eviction) or partial (it has begun:
+ * held up to the deadline, counted from its first byte). Each limit is uniform
+ * per core, so each state is one FIFO that is also its deadline order. When
+ * max_held is reached, the oldest idle connection of the source address that
+ * holds the most idle ones is evicted; only when none is idle, the oldest
+ * partial one.
  *
- * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call.
+ * Not thread-safe, except af_wake() and af_get_stats(), which any thread may call
+ * while the core lives: their caller must make sure none of them runs during or
+ * after af_free() (acceptfilter.iocore.CCore holds one lock around those calls and
+ * around dropping its pointer before af_free, so a waker never reaches a freed core
+ * or writes into its closed, maybe reused, eventfd).
  */
 #ifndef AFCORE_H
 #define AFCORE_H
@@ -59,8 +68,10 @@ typedef struct af_stats {
     uint64_t surfaced_age_us; /* their summed times from accept to surfacing */
     uint64_t surfaced_hist[AF_HIST_SLOTS]; /* their times to surfacing, by af_set_hist_bounds() slot */
     uint64_t direct_idle;    /* af_accept() waits on a new connection that ran out with no byte */
+    int64_t oldest_accepted_us; /* when the oldest held connection was accepted (core clock, CLOCK_MONOTONIC); -1: none */
     uint32_t held;           /* connections the core still owns */
     uint32_t paused;         /* 1 while accepting is paused for fd exhaustion */
+    uint32_t held_idle;      /* of the held ones, those that have sent nothing yet */
 } af_stats;
 
 /* A connection af_accept() released (the matcher certified it, at accept or
@@ -105,14 +116,18 @@ int64_t af_next_timeout_ms(const af_core *c);
  * adopted one that was non-blocking is made blocking).
  * Returns 0 or -errno (then the connection is still owned and must be closed). */
 int af_release(af_core *c, int fd, uint32_t consume, af_addr *addr);
-/* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). */
+/* Close an owned connection; reset != 0 sends an RST (SO_LINGER 0). reset == 0
+ * sends a FIN: what the client sent and nobody read (up to AF_CLOSE_DRAIN bytes)
+ * is read first, since closing with unread bytes would send an RST instead. */
+#define AF_CLOSE_DRAIN (16u << 20)
 int af_close(af_core *c, int fd, int reset);
 /* Hold a connection accepted elsewhere (another process handed it over), as if
  * just accepted: its deadline starts now, the next af_poll() peeks at it. The
  * core owns fd from then on. -EEXIST if already held; -ENOTCONN and friends
  * if fd is not a connected socket (the caller still owns it then). */
 int af_adopt(af_core *c, int fd);
-/* Make a concurrent or future af_poll() return promptly. Thread-safe. */
+/* Make a concurrent or future af_poll() return promptly. Thread-safe, but never
+ * concurrent with af_free() (see the top of this file). */
 void af_wake(af_core *c);
 /* Stop taking new connections (the listen fd leaves the epoll set). */
 int af_stop_accepting(af_core *c);
@@ -148,6 +163,9 @@ void af_set_queue(af_core *c, afq *q);
  * stats.surfaced_hist: slot i counts times <= bounds[i] (and above the one
  * before), slot n the rest. -EINVAL if too many. */
 int af_set_hist_bounds(af_core *c, const uint64_t *bounds_us, uint32_t n);
+/* How long a connection that has sent nothing may be held (ms; <= 0: no limit,
+ * the default). af_new's timeout_ms counts from a connection's first byte. */
+void af_set_idle_timeout(af_core *c, int64_t timeout_ms);
 /* Tests: run deadlines on a clock the caller sets (microseconds); -1: the
  * real monotonic clock again. */
 void af_set_clock(af_core *c, int64_t now_us);

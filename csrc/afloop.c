@@ -81,6 +81,7 @@ struct afr_conn {
     int fd[2]; /* 0: client, 1: backend */
     struct afr_side side[2];
     int readable[2], writable[2], rdhup[2];
+    int urgent[2]; /* EPOLLPRI: a TCP urgent byte is pending, so a short read may stop at its mark */
     struct afr_dir dir[2]; /* 0: client -> backend (up), 1: backend -> client (down) */
     char *head;            /* sent to the backend first (PROXY header) */
     size_t head_len, head_off;
@@ -328,7 +329,10 @@ static int move_copy(struct afr_loop *l, struct afr_conn *c, int k, int *bad, si
         if (n > 0) {
             size_t got = (size_t)n, sent = 0;
             *budget = got >= *budget ? 0 : *budget - got;
-            if (got < AFR_CHUNK && !c->rdhup[src]) c->readable[src] = 0; /* drained: the next data is an edge */
+            /* Drained: the next data is an edge. Not so at an urgent mark: a read stops
+             * there, with the bytes after it already in (SO_OOBINLINE makes the next read
+             * take them); then read on until EAGAIN. */
+            if (got < AFR_CHUNK && !c->rdhup[src] && !c->urgent[src]) c->readable[src] = 0;
             while (c->writable[dst] && sent < got) {
                 ssize_t w = send(c->fd[dst], l->scratch + sent, got - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
                 if (w >= 0) {
@@ -362,11 +366,27 @@ static int move_copy(struct afr_loop *l, struct afr_conn *c, int k, int *bad, si
         if (errno == EINTR) continue;
         if (errno == EAGAIN) {
             c->readable[src] = 0;
+            c->urgent[src] = 0;
             return 0;
         }
         *bad = src;
         return -errno;
     }
+}
+
+/* splice(2) never reads past a TCP urgent mark (it answers EAGAIN there, however much
+ * follows, or 0 when the FIN is in too: so a 0 is checked here as well): with one pending, the bytes from the mark on are read with recv(2) (the
+ * urgent byte is inline: SO_OOBINLINE) and written into the empty pipe, in order.
+ * Returns the bytes, 0 at EOF, -1 with errno set (EAGAIN: nothing there). */
+static ssize_t past_the_mark(struct afr_loop *l, struct afr_dir *d, int fd) {
+    ssize_t n = recv(fd, l->scratch, 4096, MSG_DONTWAIT); /* one page: an empty pipe takes it whole */
+    if (n <= 0) return n;
+    ssize_t w = write(d->pipe_w, l->scratch, (size_t)n);
+    if (w != n) {
+        if (w >= 0) errno = EIO;
+        return -1;
+    }
+    return n;
 }
 
 static int move_splice(struct afr_loop *l, struct afr_conn *c, int k, int *bad, size_t *budget) {
@@ -410,11 +430,13 @@ static int move_splice(struct afr_loop *l, struct afr_conn *c, int k, int *bad, 
             STAT_ADD(l, pipes, 1);
         }
         ssize_t n = splice(c->fd[src], NULL, d->pipe_w, NULL, AFR_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        /* At an urgent mark splice answers EAGAIN, or 0 once the FIN is in as well. */
+        if ((n < 0 && errno == EAGAIN && c->urgent[src]) || n == 0) n = past_the_mark(l, d, c->fd[src]);
         if (n > 0) {
             d->inpipe = (size_t)n;
             STAT_ADD(l, buffered, n);
             *budget = (size_t)n >= *budget ? 0 : *budget - (size_t)n;
-            if (n < AFR_CHUNK && !c->rdhup[src]) c->readable[src] = 0;
+            if (n < AFR_CHUNK && !c->rdhup[src] && !c->urgent[src]) c->readable[src] = 0;
             continue;
         }
         if (n == 0) {
@@ -425,6 +447,7 @@ static int move_splice(struct afr_loop *l, struct afr_conn *c, int k, int *bad, 
         if (errno == EINTR) continue;
         if (errno == EAGAIN) { /* the pipe is empty: it is the socket that is */
             c->readable[src] = 0;
+            c->urgent[src] = 0;
             return 0;
         }
         *bad = src;
@@ -492,17 +515,24 @@ static void take_in(struct afr_loop *l, struct afr_conn *c) {
     l->live.prev = c;
     STAT_ADD(l, n_live, 1);
     if (c->connecting) {
+        /* The connecting list is kept in deadline order (from the tail: usually the
+         * last), so each turn looks at the due connects and the next one only. */
+        struct afr_conn *before = l->connecting.cprev;
         c->deadline_ns = now_ns() + (int64_t)c->connect_timeout_ms * 1000000;
-        c->cprev = l->connecting.cprev;
-        c->cnext = &l->connecting;
-        l->connecting.cprev->cnext = c;
-        l->connecting.cprev = c;
+        while (before != &l->connecting && before->deadline_ns > c->deadline_ns) before = before->cprev;
+        c->cprev = before;
+        c->cnext = before->cnext;
+        before->cnext->cprev = c;
+        before->cnext = c;
         STAT_ADD(l, n_connecting, 1);
     }
     for (int i = 0; i < 2; i++) {
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->side[i]};
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                                 .data.ptr = &c->side[i]};
         /* Not TCP (a UNIX socket): no Nagle to turn off, nothing to do. */
         setsockopt(c->fd[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        /* Urgent bytes are relayed as ordinary data, in place (a read skips them otherwise). */
+        setsockopt(c->fd[i], SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
         if (set_nonblock(c->fd[i]) < 0 || epoll_ctl(l->ep, EPOLL_CTL_ADD, c->fd[i], &ev) < 0) {
             finish(l, c, i == 0 ? AFR_END_CLIENT : c->connecting ? AFR_END_CONNECT : AFR_END_BACKEND, errno);
             return;
@@ -535,7 +565,8 @@ static void on_event(struct afr_loop *l, struct afr_side *s, uint32_t events) {
         }
         connected(l, c);
     }
-    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->readable[i] = 1;
+    if (events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->readable[i] = 1;
+    if (events & EPOLLPRI) c->urgent[i] = 1; /* read on past the urgent mark */
     if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->rdhup[i] = 1; /* read on to EOF or the error */
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) c->writable[i] = 1;
     pump(l, c);
@@ -547,21 +578,23 @@ static void on_event(struct afr_loop *l, struct afr_side *s, uint32_t events) {
     }
 }
 
-/* Milliseconds epoll_wait may sleep: until the first connect deadline, -1 if none. */
+/* End the connects whose deadline passed; milliseconds epoll_wait may sleep: until
+ * the next deadline, -1 if none. Called on every turn, busy or not (it was called
+ * only when no connection had more to move, so with busy connections a hung connect
+ * was never reported); the list is in deadline order, so the work is the due
+ * connects plus one look. */
 static int expire_connects(struct afr_loop *l) {
-    int64_t now, next = -1;
-    struct afr_conn *c, *after;
-    if (l->connecting.cnext == &l->connecting) return -1;
+    struct afr_conn *c = l->connecting.cnext;
+    int64_t now, left;
+    if (c == &l->connecting) return -1;
     now = now_ns();
-    for (c = l->connecting.cnext; c != &l->connecting; c = after) {
-        after = c->cnext;
-        if (c->deadline_ns <= now)
-            finish(l, c, AFR_END_CONNECT, ETIMEDOUT);
-        else if (next < 0 || c->deadline_ns < next)
-            next = c->deadline_ns;
+    while (c != &l->connecting && c->deadline_ns <= now) {
+        finish(l, c, AFR_END_CONNECT, ETIMEDOUT); /* unlinks it */
+        c = l->connecting.cnext;
     }
-    if (next < 0) return -1;
-    return (int)((next - now) / 1000000 + 1);
+    if (c == &l->connecting) return -1;
+    left = (c->deadline_ns - now) / 1000000 + 1;
+    return left > 0x7fffffff ? 0x7fffffff : (int)left;
 }
 
 static void bury(struct afr_loop *l) {
@@ -603,7 +636,8 @@ int afr_loop_run(struct afr_loop *l) {
     sigaddset(&pipe_only, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &pipe_only, NULL);
     while (!stop) {
-        int timeout = l->ready ? 0 : expire_connects(l);
+        int timeout = expire_connects(l);
+        if (l->ready) timeout = 0; /* connections with more to move: look, do not wait */
         int n = epoll_wait(l->ep, events, AFR_EVENTS, timeout);
         if (n < 0) {
             if (errno == EINTR) continue;

@@ -17,6 +17,84 @@ static int target_ok(const afm_prog *p, int64_t t) { return t >= 0 && t < (int64
 
 static int u32_ok(int64_t v) { return v >= 0 && v <= (int64_t)UINT32_MAX; }
 
+/* The shortest terminator of a SEARCH table (afm_check has checked the table). */
+static int64_t search_min_len(const afm_prog *p, const afm_insn *in) {
+    int64_t off = in->a, best = AFM_MAX_TERM + 1;
+    for (int64_t t = 0; t < in->b; t++) {
+        int64_t n = p->lits[off] & ~AFM_TERM_FAIL;
+        if (n < best) best = n;
+        off += 1 + n;
+    }
+    return best;
+}
+
+/* Whether the instruction always moves the cursor forward by at least one byte. */
+static int consumes(const afm_prog *p, const afm_insn *in) {
+    switch (in->op) {
+    case AFM_SKIP: return in->a >= 1;
+    case AFM_LIT: return 1;
+    case AFM_RUN: return in->b >= 1;
+    case AFM_VEC: return 1;
+    case AFM_SEARCH: return search_min_len(p, in) > in->c;
+    default: return 0;
+    }
+}
+
+/* Successor k (0 or 1) of instruction i, or -1. */
+static int64_t successor(const afm_prog *p, uint32_t i, int k) {
+    const afm_insn *in = &p->code[i];
+    int64_t next = i + 1 < p->ncode ? (int64_t)i + 1 : -1;
+    switch (in->op) {
+    case AFM_JUMP: return k == 0 ? in->a : -1;
+    case AFM_JEQ: return k == 0 ? next : in->d;
+    case AFM_JGE_END: return k == 0 ? next : in->a;
+    case AFM_READY:
+    case AFM_FAIL: return -1;
+    default: return k == 0 ? next : -1;
+    }
+}
+
+/* The verifier's loop rule, as a BPF verifier's: every loop consumes input. A depth-first
+ * search over the instructions that do not consume (from each in order, successors in order)
+ * finds a cycle among them if there is one; the instruction named is the one on that cycle
+ * that jumps back (to itself or an earlier instruction). Returns its index, or -1. Since no
+ * instruction moves the cursor back (SEARCH's back is at most its shortest terminator), a
+ * program that passes loops at most max_bytes times. Mirrored by Program.check(). */
+static int64_t loop_without_input(const afm_prog *p) {
+    uint8_t color[AFM_MAX_CODE]; /* 0 unseen, 1 on the stack, 2 done; 3: consumes (not a node) */
+    uint32_t stack[AFM_MAX_CODE];
+    uint8_t tried[AFM_MAX_CODE]; /* successors of stack[d] looked at so far */
+    for (uint32_t i = 0; i < p->ncode; i++) color[i] = consumes(p, &p->code[i]) ? 3 : 0;
+    for (uint32_t root = 0; root < p->ncode; root++) {
+        if (color[root]) continue;
+        uint32_t depth = 0;
+        stack[depth] = root;
+        tried[depth++] = 0;
+        color[root] = 1;
+        while (depth) {
+            uint32_t u = stack[depth - 1];
+            if (tried[depth - 1] == 2) {
+                color[u] = 2;
+                depth--;
+                continue;
+            }
+            int64_t v = successor(p, u, tried[depth - 1]++);
+            if (v < 0 || color[v] == 2 || color[v] == 3) continue;
+            if (color[v] == 1) { /* a cycle: stack[v's depth..] then back to v; name its backward jump */
+                uint32_t from = depth - 1;
+                while (stack[from] != (uint32_t)v) from--;
+                for (uint32_t d = from; d + 1 < depth; d++)
+                    if (stack[d + 1] <= stack[d]) return stack[d];
+                return u; /* the edge u -> v closes it */
+            }
+            color[v] = 1;
+            stack[depth] = (uint32_t)v;
+            tried[depth++] = 0;
+        }
+    }
+    return -1;
+}
+
 int afm_check(const afm_prog *p) {
     if (!p || !p->code || p->ncode == 0 || p->ncode > AFM_MAX_CODE || p->max_bytes == 0 ||
         (p->nsets && !p->sets) || (p->nlits && !p->lits))
@@ -70,6 +148,8 @@ int afm_check(const afm_prog *p) {
                 ok = n >= 1 && n <= AFM_MAX_TERM && off + 1 + n <= (int64_t)p->nlits;
                 off += 1 + n;
             }
+            /* The cursor never moves back: back is at most the shortest terminator. */
+            ok = ok && in->c <= search_min_len(p, in);
             break;
         }
         case AFM_FAIL:
@@ -80,7 +160,8 @@ int afm_check(const afm_prog *p) {
         if (!ok)
             return -(int)(i + 1);
     }
-    return 0;
+    int64_t loop = loop_without_input(p);
+    return loop < 0 ? 0 : -(int)(loop + 1);
 }
 
 void afm_init(afm_state *s) { memset(s, 0, sizeof *s); }

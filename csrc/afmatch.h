@@ -17,8 +17,11 @@
  *   - it is resumable: each call continues where the last one stopped, so a
  *     growing prefix is scanned once, not once per arrival; the answer for a
  *     prefix does not depend on how it was split;
- *   - work is bounded: a program that loops without advancing is cut off
- *     (AFM_NO) after ncode * (max_bytes + 2) completed instructions.
+ *   - work is bounded: afm_check() refuses a program with a loop that may not
+ *     consume input (as a BPF verifier would: every backward jump closes a loop
+ *     in which some instruction always moves the cursor forward, and none moves
+ *     it back), so a program runs at most ncode * (max_bytes + 1) instructions;
+ *     the interpreter still cuts off (AFM_NO) after ncode * (max_bytes + 2).
  * Any malformed program is refused by afm_check(): call it once per program
  * (acceptfilter.cmatcher does) and never afm_run a program it refused.
  */
@@ -93,7 +96,9 @@ typedef struct afm_state {
 } afm_state;
 
 /* 0 when the program is well formed, else -(index of the first bad instruction + 1),
- * or -(AFM_MAX_CODE + 1) for a bad header (no code, too long, max_bytes 0). */
+ * or -(AFM_MAX_CODE + 1) for a bad header (no code, too long, max_bytes 0). Operands
+ * first (a SEARCH's back may not exceed its shortest terminator), then loops: a
+ * loop that may not consume input is named by the instruction that jumps back. */
 int afm_check(const afm_prog *p);
 void afm_init(afm_state *s);
 /* Run on data[0..len) (the whole prefix seen so far, as peeked); returns s->status. */

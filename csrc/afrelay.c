@@ -42,6 +42,24 @@ static int nonblock(int fd) {
     return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
 }
 
+/* splice(2) never reads past a TCP urgent mark: it answers EAGAIN there however much
+ * follows (0 once the FIN is in too), and poll(2) says readable, so the relay spun at
+ * 100% CPU. After an EAGAIN or a 0
+ * the bytes (if any) are read with recv(2) instead (the urgent byte inline: SO_OOBINLINE)
+ * and written into the empty pipe, in order. Returns the bytes, 0 at EOF, -1 with errno
+ * set (EAGAIN: nothing there). */
+static ssize_t past_the_mark(struct dir *d) {
+    char buf[4096]; /* one page: an empty pipe takes it whole */
+    ssize_t n = recv(d->src, buf, sizeof buf, MSG_DONTWAIT);
+    if (n <= 0) return n;
+    ssize_t w = write(d->pipe_w, buf, (size_t)n);
+    if (w != n) {
+        if (w >= 0) errno = EIO;
+        return -1;
+    }
+    return n;
+}
+
 /* Move what can be moved now; returns 1 if anything changed, -1 on a fatal error. */
 static int step(struct dir *d, int *err) {
     int progress = 0;
@@ -56,6 +74,7 @@ static int step(struct dir *d, int *err) {
         }
         if (d->pending == 0 && !d->eof) {
             ssize_t n = splice(d->src, NULL, d->pipe_w, NULL, AFR_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if ((n < 0 && errno == EAGAIN) || n == 0) n = past_the_mark(d); /* 0: also at a mark, FIN in */
             if (n > 0) {
                 d->pending = (size_t)n;
                 d->drained = n < AFR_CHUNK;
@@ -106,9 +125,12 @@ int afr_relay(int a, int b, uint64_t *a_to_b, uint64_t *b_to_a) {
         {.src = a, .dst = b, .pipe_r = -1, .pipe_w = -1},
         {.src = b, .dst = a, .pipe_r = -1, .pipe_w = -1},
     };
-    int err = 0, i;
+    int err = 0, i, one = 1;
     int p[2];
     if (nonblock(a) < 0 || nonblock(b) < 0) return -errno;
+    /* Urgent bytes are relayed as ordinary data, in place (a read skips them otherwise). */
+    setsockopt(a, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
+    setsockopt(b, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
     for (i = 0; i < 2; i++) {
         if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
             err = errno;

@@ -24,7 +24,10 @@ end only at the tail of the buffer. This one:
   head has a valid ``Content-Length`` (slow uploads then wait here, not in a
   worker); a chunked body, a larger one, or one that would not fit in
   ``max_bytes`` is surfaced at the end of the head (``info["body"]`` says
-  ``"complete"`` or ``"not awaited"``).
+  ``"complete"`` or ``"not awaited"``). So is a head carrying
+  ``Expect: 100-continue`` (``info["expect"]``): its client holds the body back
+  until the server answers ``100 Continue`` (curl does for uploads over 1 MB),
+  so waiting for it here would wait for the deadline.
 
 ``info`` carries ``method``, ``target``, ``version`` and ``host`` (``protocol``
 is ``"http/1"``, ``"http/0.9"``, ``"h2"`` or ``"unknown"`` for passed non-HTTP).
@@ -55,12 +58,17 @@ _SIMPLE_URI = re.compile(rb"/|[A-Za-z][A-Za-z0-9+.-]*://")
 _HOST = re.compile(rb"^host[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# RFC 9110 10.1.1: 100-continue is the only expectation; its value is case-insensitive.
+_EXPECT_CONTINUE = re.compile(rb"^expect[ \t]*:[ \t]*100-continue[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 
 
 class HttpReady(Filter):
     """Wait for a complete HTTP request head (any method, HTTP/0.9, h2 preface)."""
 
     name = "httpready"
+    #: A head not complete by the deadline is answered, as nginx, Apache (mod_reqtimeout)
+    #: and HAProxy answer one, before the close: the client learns why, a browser retries.
+    timeout_reply = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
     def __init__(
         self,
@@ -98,7 +106,10 @@ class HttpReady(Filter):
         CRLF CRLF (counting the request line's own CRLF), with no bare-LF end before it -- lies
         within ``max_bytes``. Nothing else is certified: bare-LF heads, other versions, HTTP/0.9 lines, the h2 preface, leading
         empty lines and non-HTTP bytes are left to :meth:`check`, so the matcher stays sound
-        whatever those rules become. ``body=N`` may wait past the head: no matcher.
+        whatever those rules become. ``body=N`` may wait past the head: no matcher. Whether it
+        does depends on two headers in any letter case (``Content-Length``, and
+        ``Expect: 100-continue``, which makes the head ready at its end), and the bytecode has
+        no case-insensitive search to certify either; the check decides those heads.
         """
         if self.body:
             return None
@@ -244,6 +255,11 @@ class _HttpSession:
         if length is None or length > self._filter.body or end + length > self._filter.max_bytes:
             info["body"] = "not awaited"
             return Decision.accept(info)
+        if _EXPECT_CONTINUE.search(data, self._line_end + 1, end):
+            # The client sends the body only once the server answers 100 Continue.
+            info["body"] = "not awaited"
+            info["expect"] = "100-continue"
+            return Decision.accept(info, reason="Expect: 100-continue: the body follows the server's 100")
         info["body"] = "complete"
         info["content_length"] = length
         self._pending = Decision.accept(info)

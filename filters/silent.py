@@ -26,6 +26,7 @@ class Silent(Filter):
     """Accept, at the deadline, a connection that has sent nothing; reject any that sends a byte."""
 
     name = "silent"
+    accepts_silence = True
 
     def __init__(self, *, to: str = "", max_bytes: int = 1, timeout: float | None = None) -> None:
         super().__init__(max_bytes=max(1, max_bytes), timeout=timeout)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import http.server
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
+
+# Every engine a test starts publishes its stats file (acceptfilter.statsfile) into a
+# directory of this run, never the user's runtime directory, and often, so that tests of
+# `acceptfilter stats`/`top`/metrics wait little. Subprocesses inherit both.
+if "ACCEPTFILTER_RUNTIME_DIR" not in os.environ:
+    os.environ["ACCEPTFILTER_RUNTIME_DIR"] = _RUNTIME_DIR = tempfile.mkdtemp(prefix="acceptfilter-test-run-")
+    atexit.register(shutil.rmtree, _RUNTIME_DIR, True)
+os.environ.setdefault("ACCEPTFILTER_STATS_INTERVAL", "0.1")
 
 
 @pytest.fixture(params=["c", "python"])

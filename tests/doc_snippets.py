@@ -32,6 +32,8 @@ import pytest
 #: How long a snippet may take to start listening, and its server to answer the probe.
 STARTUP_LIMIT = 60.0
 ANSWER_LIMIT = 30.0
+#: How long a snippet whose listener closed the probe unanswered may take to end by itself.
+SELF_END_LIMIT = 15.0
 
 
 def _listening() -> dict[int, tuple[str, int]]:
@@ -78,6 +80,16 @@ class Watchdog(threading.Thread):
                 self.answer = self.probe(*self.probed)
                 break
             time.sleep(0.05)
+        if not self.answer:
+            # No answer at all: either a server that closed the probe unanswered, or a snippet that
+            # listens only for a moment and closes its listener itself (which ends the probe too).
+            # The second kind is ending on its own: give it time to, rather than interrupting it.
+            grace = time.monotonic() + SELF_END_LIMIT
+            while time.monotonic() < grace and self.snippet_running():
+                with self.lock:
+                    if not self.running:
+                        return
+                time.sleep(0.05)
         with self.lock:
             if self.running and self.snippet_running():
                 self.interrupted = True

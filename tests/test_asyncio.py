@@ -106,7 +106,7 @@ def test_start_server_binds_host_port(loop_name: str) -> None:
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_create_server_with_protocol_and_deadline_timer(core: str, loop_name: str) -> None:
-    """The call_at timer surfaces an idle connection at its deadline (on_timeout=surface) without any I/O."""
+    """The call_at timer surfaces an idle connection at its idle limit (on_timeout=surface) without any I/O."""
     made: list[asyncio.BaseTransport] = []
 
     class Proto(asyncio.Protocol):
@@ -116,7 +116,8 @@ def test_create_server_with_protocol_and_deadline_timer(core: str, loop_name: st
     async def main() -> None:
         threads = threading.active_count()
         sock = socket.create_server(("127.0.0.1", 0))
-        listener = acceptfilter.wrap(sock, "httpready", timeout=0.3, core=core, driver="asyncio")
+        listener = acceptfilter.wrap(sock, "httpready", idle_timeout=0.3, on_timeout="surface", core=core,
+                                     driver="asyncio")
         server = await af_asyncio.create_server(Proto, listener)
         port = listener.getsockname()[1]
         _, w = await asyncio.open_connection("127.0.0.1", port)

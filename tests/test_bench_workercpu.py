@@ -1,4 +1,4 @@
-"""bench/workercpu.py: the processes it tells apart, the paired arithmetic and the README lines.
+"""bench/workercpu.py: the processes it tells apart, the paired arithmetic and the benchmark page's lines.
 
 The benchmark itself needs wrk (``./scripts/bench.sh`` installs it); these checks run a real
 gunicorn with the acceptfilter integration and drive it with the benchmarks' own Python client.

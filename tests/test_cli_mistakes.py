@@ -59,6 +59,13 @@ MISTAKES: list[tuple[str, list[str], str]] = [
     ("fuzz with a missing payload file", ["fuzz", "dataready", "--payloads", "/no/such/seeds"], "--payloads /no/such/seeds: no such file or directory"),
     ("run without a server", ["run"], "give the server command after --"),
     ("run with a route policy", ["run", "--on-timeout", "route:x", "--", "uvicorn", "app:app"], "acceptfilter run has no routes"),
+    ("run with a bad metrics port", ["run", "--metrics-port", "lots", "--", "uvicorn", "app:app"],
+     "--metrics-port takes PORT or HOST:PORT, not 'lots'"),
+    ("serve --workers with the metrics port in use", ["serve", "--workers", "2", "--metrics-port", "{taken}"],
+     "cannot listen on 127.0.0.1:{taken}: the port is already in use; stop the other server or pick another --metrics-port"),
+    ("metrics of port 0", ["metrics", "0"], "PORT must be between 1 and 65535"),
+    ("metrics served on a port in use", ["metrics", "8000", "--serve", "{taken}"],
+     "the port is already in use; stop the other server or pick another --serve"),
 ]
 
 

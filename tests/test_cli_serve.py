@@ -44,9 +44,9 @@ class Served:
         while True:
             line = self.proc.stdout.readline()
             self.lines.append(line)
-            if not line or line.startswith("Serving"):
+            if not line or line.startswith("Serving") or '"event": "serving"' in line:  # text or --log-format json
                 break
-        assert line.startswith("Serving"), self.stderr_all()
+        assert line.startswith("Serving") or '"event": "serving"' in line, self.stderr_all()
         self.banner = line
         self.err: queue.Queue[str | None] = queue.Queue()
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)
@@ -227,14 +227,15 @@ def test_metrics_port_serves_prometheus_text(serve: list[Served], tmp_path: Path
     deadline = time.monotonic() + LIMIT
     while True:
         text = get(f"http://127.0.0.1:{mport}/metrics")
-        if "acceptfilter_surfaced_total 1.0" in text or time.monotonic() > deadline:
+        if f'acceptfilter_surfaced_total{{port="{s.port}"}} 1.0' in text or time.monotonic() > deadline:
             break
-    assert "acceptfilter_surfaced_total 1.0" in text, text
+    assert f'acceptfilter_surfaced_total{{port="{s.port}"}} 1.0' in text, text
     assert "# TYPE acceptfilter_time_to_surface_seconds histogram" in text
+    assert f'acceptfilter_kernel_accept_queue_connections{{port="{s.port}"}} 0.0' in text  # the kernel's side too
 
 
 def test_log_format_json(serve: list[Served], tmp_path: Path) -> None:
-    s = Served(["--port", "0", "--status-interval", "0.1", "--log-format", "json", "--timeout", "0.2"], tmp_path)
+    s = Served(["--port", "0", "--status-interval", "0.1", "--log-format", "json", "--idle-timeout", "0.2"], tmp_path)
     serve.append(s)
     idle = socket.create_connection(("127.0.0.1", s.port))  # times out: an event, then a status with timed_out 1
     assert get(f"http://127.0.0.1:{s.port}/hello.txt") == "hello\n"

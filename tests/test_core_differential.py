@@ -91,7 +91,7 @@ def _run(core: str, config: dict[str, Any], max_held: int, scripts: list[list[tu
             if client is not None:
                 client.close()
     assert unaccounted(stats) == 0
-    keys = ("accepted", "held", "surfaced", "rejected", "closed_empty", "failed", "dropped", "detached",
+    keys = ("accepted", "held", "surfaced", "rejected", "closed_empty", "aborted", "failed", "dropped", "detached",
             "timed_out", "evicted", "filter_errors", "surfaced_by_reason", "surfaced_by_route")
     return outcomes, {k: stats[k] for k in keys}
 

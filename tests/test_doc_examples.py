@@ -25,6 +25,7 @@ from .conftest import free_port
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 WRITING = ROOT / "docs" / "writing-filters" / "index.md"
+MATCHERS = ROOT / "docs" / "writing-filters" / "matchers.md"
 TESTING = ROOT / "docs" / "writing-filters" / "testing.md"
 LIMIT = 30.0
 
@@ -68,6 +69,30 @@ def test_testing_example_filter_passes_check_filter_at_2000() -> None:
     namespace: dict[str, Any] = {}
     exec(block, namespace)
     check_filter(namespace["HelloReady"](), max_examples=2000)
+
+
+def kafka_block() -> str:
+    block = next((b for b in python_blocks(MATCHERS) if "class KafkaReady(Filter)" in b), "")
+    assert block, "the docs lost their KafkaReady matcher example"
+    return block
+
+
+def test_matcher_example_is_proven_at_2000() -> None:
+    block = kafka_block().replace("check_filter(flt, max_examples=300)", "check_filter(flt, max_examples=2000)")
+    assert "max_examples=2000" in block
+    exec(block, {})
+
+
+def test_matcher_example_without_its_field_check_is_caught() -> None:
+    """What the page says: drop the api_key FIELD and the matcher certifies what the check rejects."""
+    from acceptfilter.testing import ContractViolation
+
+    line = next(x for x in kafka_block().splitlines() if x.strip().startswith("b.field(4, 2"))
+    unsound = kafka_block().replace(line, "")
+    unsound = "\n".join(x for x in unsound.splitlines() if "match(b" not in x)  # that assert needs the field
+    with pytest.raises(ContractViolation) as caught:
+        exec(unsound, {})
+    assert caught.value.invariant == "matcher", caught.value
 
 
 @pytest.fixture

@@ -76,3 +76,67 @@ def test_fragments_are_marked_and_snippet_options_are_known() -> None:
         for m in PY_FENCE.finditer((ROOT / page).read_text()):
             unknown = set(m["options"].split()) - known
             assert not unknown, f"{page}: unknown fence options {unknown} in {m.group(0)!r}"
+
+
+def test_readme_is_short_and_its_links_resolve() -> None:
+    """The README is an introduction (at most 250 lines) whose links into the docs lead somewhere."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 20, local
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, missing
+    for command in ("./scripts/serve.sh", "./scripts/test.sh"):
+        assert command in readme
+
+
+def test_snippet_runner_fails_what_a_reader_would_see_fail(tmp_path: Path) -> None:
+    """The runner passes a server that answers HTTP, and fails a NameError and a server that answers nothing."""
+    page = tmp_path / "page.md"
+    page.write_text('''
+```python
+import http.server
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 8000), http.server.SimpleHTTPRequestHandler)
+server.serve_forever()
+```
+
+```python
+print(Handler)
+```
+
+```python
+import socket
+
+sock = socket.create_server(("127.0.0.1", 8000))
+while True:
+    sock.accept()[0].close()
+```
+
+```python notest
+this is not Python
+```
+''')
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--markdown-docs", "-p", "tests.doc_snippets", "-p", "no:cacheprovider",
+         "-q", "-o", "addopts=", "--rootdir", str(ROOT), str(page)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "2 failed, 1 passed" in out.stdout, out.stdout[-4000:]
+    assert "NameError: name 'Handler' is not defined" in out.stdout
+    assert "did not answer GET / with HTTP: b''" in out.stdout
+
+
+def test_license_and_changelog() -> None:
+    """LICENSE is the BSD-2-Clause text the metadata declares; CHANGELOG.md keeps a changelog and is in the site."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "BSD-2-Clause"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("BSD 2-Clause License") and "acceptfilter developers" in license_text
+    assert license_text.count("Redistributions") == 2 and "Neither the name" not in license_text  # 2, not 3 clauses
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "Keep a Changelog" in changelog
+    assert changelog.index("## [Unreleased]") < changelog.index(f"## [{project['version']}]")
+    assert '--8<-- "CHANGELOG.md"' in (DOCS / "changelog.md").read_text()

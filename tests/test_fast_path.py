@@ -188,7 +188,7 @@ def test_a_length_framed_message_wakes_once_not_per_segment(listen_sock: socket.
 def test_kernel_defer_accept_as_stage_one(listen_sock: socket.socket, core: str) -> None:
     """defer_accept=1: the kernel queues connections that have sent data; idle ones wait there
     (invisible to stats) and are surfaced later with no data, never dropped."""
-    lst = acceptfilter.wrap(listen_sock, "httpready", core=core, defer_accept=1, timeout=0.5)
+    lst = acceptfilter.wrap(listen_sock, "httpready", core=core, defer_accept=1, idle_timeout=0.5, on_timeout="surface")
     lst.settimeout(30)
     try:
         assert listen_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) >= 1
@@ -199,7 +199,7 @@ def test_kernel_defer_accept_as_stage_one(listen_sock: socket.socket, core: str)
             conn, _ = lst.accept()
             assert conn.recv(4096) == HEAD
             conn.close()
-        conn, _ = lst.accept()  # the idle one: after the kernel's period and the deadline
+        conn, _ = lst.accept()  # the idle one: after the kernel's period and the idle limit
         info = acceptfilter.connection_info(conn)
         assert info is not None and info.reason == "timeout"
         idle.sendall(HEAD)  # a load balancer's pre-opened connection still works

@@ -204,7 +204,7 @@ def serve(tmp_path: Path) -> Iterator:
 
 
 def test_real_ssh_client_reaches_sshd_behind_http_routing(sshd: Sshd, serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    """The README's example with Debian's OpenSSH: its commented identification line is not HTTP/0.9.
+    """The relay docs' example (docs/filters/relay.md) with Debian's OpenSSH: its commented identification line is not HTTP/0.9.
 
     OpenSSH speaks first, so ``sshready`` recognises it; a client that waits
     for the banner is silent and reaches sshd through ``--default ssh``.

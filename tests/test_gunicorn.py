@@ -219,35 +219,42 @@ def test_without_the_filter_idle_connections_starve_sync_workers(start_gunicorn)
         close_all(idle)
 
 
-def _closed_with_fin(sock: socket.socket, seconds: float) -> bool:
-    """True if the peer closed with a FIN (recv gives b""), not an RST, within ``seconds``."""
+REPLY_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+def _read_to_close(sock: socket.socket, seconds: float) -> bytes:
     sock.settimeout(seconds)
+    got = b""
     try:
-        return sock.recv(10) == b""
+        while chunk := sock.recv(65536):
+            got += chunk
     except ConnectionResetError:
-        return False
+        pass
+    return got
 
 
-def test_gunicorn_defaults_close_idle_connections_with_a_fin_and_serve_late_requests(start_gunicorn) -> None:
-    """Issue 14, item 1 and seed 004, with no ACCEPTFILTER_* setting at all."""
-    server = start_gunicorn("-k", "sync", workers=2)
+def test_gunicorn_defaults_hold_idle_connections_and_answer_slow_heads_408(start_gunicorn) -> None:
+    """Issue 23 with default settings (only the deadline shortened): idle is not slow. Pre-opened
+    idle connections outlive the header deadline and are served when used; slowloris heads get
+    408 Request Timeout and a FIN at the deadline; no worker is handed either."""
+    server = start_gunicorn("-k", "sync", workers=2, env={"ACCEPTFILTER_TIMEOUT": "1"})
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
-    balancer = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    slow = open_conns(server.port, 5, b"GET /slow HTTP/1.1\r\nHost: x\r\n")
     try:
-        time.sleep(1.0)  # a balancer's pre-opened connection idles less than the deadline (5 s)...
-        balancer.sendall(b"GET /late HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while chunk := balancer.recv(65536):
-            reply += chunk
-        assert reply.startswith(b"HTTP/1.1 200") and b"/late" in reply  # ...and is served
-        started = time.monotonic()
-        assert all(_closed_with_fin(s, 20) for s in idle)  # at the deadline: a FIN each, not dropped silently
-        assert time.monotonic() - started < 15
-        # No worker was handed an idle connection: both still answer at once.
+        assert all(_read_to_close(s, 20) == REPLY_408 for s in slow)
+        time.sleep(1.5)  # the idle ones are now well past the 1 s deadline, still held
+        for i, s in enumerate(idle[:5]):  # a balancer uses its pool
+            s.sendall(f"GET /late{i} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n".encode())
+            reply = _read_to_close(s, 20)
+            assert reply.startswith(b"HTTP/1.1 200") and f"/late{i}".encode() in reply
+        # No worker was handed an idle or slow connection: both still answer at once.
         assert [curl(server.port, f"/after{i}", max_time=5)["path"] for i in range(6)] == [f"/after{i}" for i in range(6)]
+        for s in idle[5:]:
+            s.settimeout(0.05)
+            with pytest.raises(TimeoutError):
+                s.recv(1)  # still held: nothing sent, no FIN
     finally:
-        for s in [*idle, balancer]:
-            s.close()
+        close_all([*idle, *slow])
 
 
 def test_one_garbage_byte_does_not_get_past_httpready_by_default(start_gunicorn) -> None:

@@ -75,7 +75,7 @@ def test_blocking_accept_surfaces_in_the_calling_thread(core: str) -> None:
 def test_background_thread_takes_over_when_nobody_accepts() -> None:
     """Deadlines are kept while the application is away from accept()."""
     listener = acceptfilter.wrap(socket.create_server(("127.0.0.1", 0)), "httpready", timeout=0.3,
-                                 on_timeout="close")
+                                 idle_timeout=0.3, on_timeout="close")
     port = listener.getsockname()[1]
     try:
         listener.settimeout(0.05)

@@ -146,7 +146,6 @@ CASES: list[tuple[str, Program, bytes, Match]] = [
     ("jeq branch", _frames(), b"\x00\x02\xff\x00", Match(NO)),
     ("field LE", Builder(8).field(0, 2, lo=0x0102, hi=0x0102, le=True).ready().build(), b"\x02\x01", Match(DONE)),
     ("field mask", Builder(8).field(0, 1, mask=0x80, lo=0, hi=0).ready().build(), b"\x81", Match(NO)),
-    ("loop without progress is cut off", Builder(8).label("x").jump("x").build(), b"", Match(NO)),
     ("falls off the end", Builder(8).skip(1).build(), b"a", Match(NO)),
 ]
 
@@ -228,11 +227,30 @@ def programs(draw: st.DrawFn) -> Program:
             terms = draw(st.lists(st.binary(min_size=1, max_size=3), min_size=1, max_size=3))
             off = len(lits)
             lits += b"".join(bytes([len(t) | draw(st.sampled_from([0, TERM_FAIL]))]) + t for t in terms)
-            insn = (op, off, len(terms), draw(st.integers(0, 2)), 0, 0)
+            insn = (op, off, len(terms), draw(st.integers(0, min(2, *map(len, terms)))), 0, 0)
         else:
             insn = (op, 0, 0, 0, 0, 0)
         code.append(insn)
-    return Program(tuple(code), sets, lits, draw(st.integers(1, 80)))
+    return verified(code, sets, lits, draw(st.integers(1, 80)))
+
+
+def verified(code: list[tuple[int, int, int, int, int, int]], sets: tuple[bytes, ...], lits: bytes,
+             max_bytes: int) -> Program:
+    """The program, with every backward jump the verifier refuses (a loop that may consume no input)
+    replaced by FAIL, until it passes: loops that consume stay."""
+    while True:
+        try:
+            return Program(tuple(code), sets, lits, max_bytes)
+        except ValueError as exc:
+            code[_refused_at(str(exc))] = (int(Op.FAIL), 0, 0, 0, 0, 0)
+
+
+def _refused_at(message: str) -> int:
+    import re
+
+    found = re.search(r"instruction (\d+)", message)
+    assert found is not None, message
+    return int(found.group(1))
 
 
 def strategies_byteset(draw: st.DrawFn) -> bytes:
@@ -267,11 +285,13 @@ def test_never_looks_past_max_bytes(program: Program, data: bytes, extra: bytes)
 )
 def test_afm_check_agrees_with_program_check(code: list[tuple[int, ...]], nsets: int, lits: bytes) -> None:
     """C refuses exactly the programs Python refuses, so C never runs a program Python would not."""
+    refusal = ""
     try:
         Program(tuple(code), (bytes(32),) * nsets, lits, 64)  # type: ignore[arg-type]
         python_ok = True
-    except ValueError:
+    except ValueError as exc:
         python_ok = False
+        refusal = str(exc)
     c_code = ffi.new("afm_insn[]", len(code))
     for i, insn in enumerate(code):
         c_code[i].op, c_code[i].a, c_code[i].b, c_code[i].c, c_code[i].d, c_code[i].e = insn
@@ -280,6 +300,75 @@ def test_afm_check_agrees_with_program_check(code: list[tuple[int, ...]], nsets:
     prog = ffi.new("afm_prog *", {"code": c_code, "ncode": len(code), "sets": sets, "nsets": nsets})
     prog.lits, prog.nlits, prog.max_bytes = c_lits, len(lits), 64
     assert (lib.afm_check(prog) == 0) == python_ok, code
+    if not python_ok:  # and both name the same instruction
+        assert lib.afm_check(prog) == -(_refused_at(refusal) + 1), (code, refusal)
+
+
+def _c_prog(program: Program) -> tuple[Any, tuple[Any, ...]]:
+    """The program's C layout, with no check in front of it (and what keeps its arrays alive)."""
+    c_code = ffi.new("afm_insn[]", len(program.code))
+    for i, insn in enumerate(program.code):
+        c_code[i].op, c_code[i].a, c_code[i].b, c_code[i].c, c_code[i].d, c_code[i].e = insn
+    sets = ffi.new("uint8_t[]", b"".join(program.sets) or b"\0")
+    lits = ffi.new("uint8_t[]", program.lits or b"\0")
+    prog = ffi.new("afm_prog *", {"code": c_code, "ncode": len(program.code), "sets": sets,
+                                  "nsets": len(program.sets), "lits": lits, "nlits": len(program.lits),
+                                  "max_bytes": program.max_bytes})
+    return prog, (c_code, sets, lits)
+
+
+def _c_check(program: Program) -> int:
+    """afm_check() on the program's C layout, without Program.check() in front of it."""
+    prog, _keep = _c_prog(program)
+    return int(lib.afm_check(prog))
+
+
+def _unchecked(code: list[tuple[int, int, int, int, int, int]], lits: bytes = b"", max_bytes: int = 64) -> Program:
+    """A Program that skipped Program.check(): what a hand-made afm_prog gives C."""
+    program = object.__new__(Program)
+    for name, value in (("code", tuple(code)), ("sets", (bytes(32),)), ("lits", lits), ("max_bytes", max_bytes)):
+        object.__setattr__(program, name, value)
+    return program
+
+
+def test_a_loop_that_consumes_nothing_is_refused_naming_its_jump() -> None:
+    """Issue 24 item 5: a backward jump over instructions that may not move the cursor ran until the
+    step cut-off (ncode * (max_bytes + 2) instructions per arrival). The verifier refuses it when the
+    program is built, naming the jump, in Python (Builder) and in C (afm_check) alike."""
+    with pytest.raises(ValueError, match=r"instruction 2 .* jumps back to instruction 0 .* consume no input"):
+        Builder(1 << 20).label("top").need(1).field(0, 1, lo=0, hi=255).jump("top").build()
+    with pytest.raises(ValueError, match=r"instruction 1 .* jumps back to instruction 1"):
+        Builder(64).need(1).label("self").jeq(0, 1, 7, "self").ready().build()
+    # RUN may match nothing, SKIP 0 and POP move nothing, so these loops are refused too.
+    with pytest.raises(ValueError, match=r"instruction 3 .* jumps back to instruction 0"):
+        Builder(64).label("top").run(b"a", 0, 4).skip(0).jge_end("out").jump("top").label("out").ready().build()
+    # A loop whose every path consumes is fine (the shape of tlsready's and proxy's lists).
+    good = Builder(64).label("top").jge_end("out").skip(1).vec(1).jump("top").label("out").ready().build()
+    assert _c_check(good) == 0
+    # C refuses what Python refuses, naming the same instruction.
+    bad = [(int(Op.NEED), 1, 0, 0, 0, 0), (int(Op.FIELD), 0, 1, 255, 0, 255), (int(Op.JUMP), 0, 0, 0, 0, 0)]
+    assert _c_check(_unchecked(bad)) == -3
+    # Such a program, run anyway (a hand-made afm_prog), is still cut off by both interpreters.
+    spin = _unchecked([(int(Op.JUMP), 0, 0, 0, 0, 0)], max_bytes=8)
+    assert spin.match(b"") == Match(NO)
+    prog, _keep = _c_prog(spin)
+    state = ffi.new("afm_state *")
+    assert lib.afm_run(prog, state, ffi.NULL, 0) == NO and state.steps == 1 * (8 + 2) + 1
+    # And one that is not even a loop at run time is refused for what it could do: a SEARCH
+    # whose back is longer than a terminator could move the cursor back (an endless loop).
+    with pytest.raises(ValueError, match="instruction 0"):
+        Builder(64).search([b"\n"], back=2).ready().build()
+
+
+@RELAXED
+@given(program=programs(), data=st.binary(max_size=120), cuts=st.lists(st.integers(0, 120), max_size=8))
+def test_verified_programs_never_reach_the_step_cut_off(program: Program, data: bytes, cuts: list[int]) -> None:
+    """Every loop of a verified program consumes, so it runs at most ncode * (max_bytes + 1) instructions
+    on any input, however split: the interpreter's cut-off (ncode * (max_bytes + 2)) is never what ends it."""
+    state = program.start()
+    for cut in [*sorted(cuts), len(data)]:
+        state.run(data[:cut])
+    assert state.steps <= len(program.code) * (program.max_bytes + 1), (program, state.steps)
 
 
 def test_afm_check_refuses_bad_headers() -> None:
@@ -466,7 +555,7 @@ def test_near_misses_do_get_certified(name: str) -> None:
 
 
 def test_state_is_small_and_fixed() -> None:
-    """What the README promises per connection: one fixed-size afm_state, no allocation."""
+    """What the docs promise (docs/writing-filters/matchers.md) per connection: one fixed-size afm_state, no allocation."""
     assert ffi.sizeof("afm_state") == 72
 
 

@@ -20,7 +20,7 @@ HEAD = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 @pytest.fixture
 def listener(core: str) -> Iterator[FilteredListener]:
     sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-    lst = acceptfilter.wrap(sock, "httpready:non_http=reject", timeout=0.3, core=core)
+    lst = acceptfilter.wrap(sock, "httpready:non_http=reject", idle_timeout=0.3, on_timeout="surface", core=core)
     yield lst
     lst.close()
 
@@ -136,7 +136,8 @@ def test_prometheus_exposition(listener: FilteredListener) -> None:
     hist = families["acceptfilter_time_to_surface_seconds"].samples
     assert [s.value for s in hist if s.name.endswith("_count")] == [1.0]
     assert [s.value for s in hist if s.labels.get("le") == "+Inf"] == [1.0]
-    assert families["acceptfilter_held"].samples[0].value == 0.0
+    assert families["acceptfilter_held_connections"].samples[0].value == 0.0
+    assert [s.value for s in families["acceptfilter_peeked_bytes"].samples] == [float(len(HEAD))]
 
 
 _FD_SCRIPT = r"""

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
 @pytest.mark.parametrize("flags", [["-O2"], ["-O1", "-DAF_DEBUG"]], ids=["release", "assertions"])
-@pytest.mark.parametrize("source", ["afcore.c", "afqueue.c", "aflook.c"])
+@pytest.mark.parametrize("source", ["afcore.c", "afqueue.c", "aflook.c", "afsrc.c"])
 def test_c_core_compiles_without_warnings(tmp_path: Path, flags: list[str], source: str) -> None:
     out = subprocess.run(
         ["cc", "-std=c11", *flags, "-Wall", "-Wextra", "-Werror", "-c", str(ROOT / "csrc" / source), "-o", str(tmp_path / "core.o")],
@@ -52,7 +52,7 @@ def test_cffi_declarations_come_from_the_header() -> None:
 
 def test_c_core_has_no_protocol_knowledge() -> None:
     source = "".join((ROOT / "csrc" / name).read_text().lower()
-                     for name in ("afcore.c", "afqueue.c", "afqueue.h", "aflook.c", "aflook.h", "pylook.c"))
+                     for name in ("afcore.c", "afqueue.c", "afqueue.h", "aflook.c", "aflook.h", "afsrc.c", "afsrc.h", "pylook.c"))
     for word in ("http", "tls", "proxy", "get ", "dns"):
         assert word not in source, f"the C core mentions {word!r}: protocol logic belongs in filters"
 

@@ -324,6 +324,90 @@ def test_a_backend_that_never_answers_the_connect_times_out(loop: RelayLoop) -> 
             s.close()
 
 
+def _full_backlog() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it hangs."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(full.getsockname())
+        fillers.append(s)
+    wait_for(lambda: all(f.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for f in fillers[:1]), timeout=LONG)
+    return full, fillers
+
+
+class _Busy:
+    """A relayed connection kept busy both ways by two threads each way: a sender that never stops
+    and a reader that drains, so the loop always has more to move than one turn's budget."""
+
+    CHUNK = b"x" * (1 << 18)
+
+    def __init__(self, loop: RelayLoop, back: socket.socket, stop: threading.Event) -> None:
+        self.pair = Relayed(loop, back)
+        self.stop = stop
+        assert self.pair.backend is not None
+        self.threads = [threading.Thread(target=self._send, args=(self.pair.client,), daemon=True),
+                        threading.Thread(target=self._send, args=(self.pair.backend,), daemon=True),
+                        threading.Thread(target=self._drain, args=(self.pair.client,), daemon=True),
+                        threading.Thread(target=self._drain, args=(self.pair.backend,), daemon=True)]
+        self.moved = 0
+        for t in self.threads:
+            t.start()
+
+    def _send(self, sock: socket.socket) -> None:
+        try:
+            while not self.stop.is_set():
+                sock.sendall(self.CHUNK)
+        except OSError:
+            pass
+
+    def _drain(self, sock: socket.socket) -> None:
+        buf = bytearray(1 << 18)
+        try:
+            while not self.stop.is_set():
+                self.moved += sock.recv_into(buf)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.pair.close()  # ends the threads' blocked calls
+        for t in self.threads:
+            t.join(LONG)
+
+
+def test_a_hung_connect_times_out_while_other_connections_are_busy(loop: RelayLoop, back: socket.socket) -> None:
+    """Issue 24 item 2: connect deadlines were looked at only when no connection had more to move, so
+    with busy connections a hung connect was never reported. Deadlines are checked on every turn."""
+    full, fillers = _full_backlog()
+    stop = threading.Event()
+    busy = [_Busy(loop, back, stop) for _ in range(12)]
+    try:
+        wait_for(lambda: all(b.moved > 4 * len(_Busy.CHUNK) for b in busy), timeout=LONG)  # all of them flowing
+        front = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(front.getsockname(), timeout=LONG)
+        client_end, address = front.accept()
+        front.close()
+        ended: list[_Tally] = []
+        started = time.monotonic()
+        loop.relay(client_end, address, None, Forward(full.getsockname(), connect_timeout=0.5), "t", ended.append)
+        # The deadline is 0.5 s; 10 s allows for a loaded machine (before the fix: never, while busy).
+        wait_for(lambda: bool(ended) or time.monotonic() - started > 10, timeout=LONG)
+        still_busy = all(t.is_alive() for b in busy for t in b.threads)
+        assert ended, "the hung connect was not reported within 10 s while 12 connections were busy"
+        assert ended[0].errors == ["connect: Connection timed out"], ended[0].errors
+        assert still_busy  # the others were busy all along, and are not disturbed
+        client.close()
+    finally:
+        stop.set()
+        for b in busy:
+            b.close()
+        for s in (full, *fillers):
+            s.close()
+
+
 def test_the_proxy_header_goes_first_even_when_the_client_spoke_before_the_connect(loop: RelayLoop,
                                                                                     back: socket.socket) -> None:
     p = Relayed(loop, back, send_proxy=1, accept=False)
@@ -481,3 +565,54 @@ def test_relay_c_compiles_without_warnings(tmp_path: Any, source: str, flags: li
     out = subprocess.run(["cc", "-std=gnu11", "-pthread", *flags, "-Wall", "-Wextra", "-Werror", "-I", str(csrc), "-c",
                           str(csrc / source), "-o", str(tmp_path / "out.o")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def _send_with_urgent(sock: socket.socket, prefix: bytes) -> bytes:
+    """``prefix`` + AB, an urgent C, DEF, then a FIN: what the other side must get, byte for byte."""
+    sock.sendall(prefix + b"AB")
+    sock.send(b"C", socket.MSG_OOB)
+    sock.sendall(b"DEF")
+    sock.shutdown(socket.SHUT_WR)
+    return prefix + b"ABCDEF"
+
+
+@pytest.mark.parametrize("pump", ["c-copy", "c-splice", "thread", "splice", "copy"])
+def test_urgent_bytes_pass_through_every_pump_in_place(pump: str, back: socket.socket,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24 item 3: a TCP urgent byte stalled a relayed connection (copy: the short read at the
+    mark looked like "drained"; splice: DEF and the FIN never came; the thread pump spun at 100 %
+    CPU). Every pump now relays 256 KiB + AB + urgent C + DEF + FIN each way, in order, and idles."""
+    from acceptfilter import relay as relay_mod
+
+    front = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(front.getsockname(), timeout=LONG)
+    client_end, address = front.accept()
+    front.close()
+    loop: RelayLoop | None = None
+    runner: threading.Thread | None = None
+    if pump.startswith("c-"):
+        loop = RelayLoop(pump.removeprefix("c-"))
+        loop.relay(client_end, address, None, Forward(back.getsockname()), "t")
+    else:
+        monkeypatch.setattr(relay_mod, "PUMP", pump)
+        runner = threading.Thread(target=relay_mod._thread_relay,
+                                  args=(client_end, address, None, Forward(back.getsockname()), "t"), daemon=True)
+        runner.start()
+    backend, _ = back.accept()
+    backend.settimeout(LONG)
+    try:
+        up = _send_with_urgent(client, b"u" * (1 << 18))
+        assert read_all(backend) == up  # the urgent byte in place, then the FIN
+        down = _send_with_urgent(backend, b"d" * (1 << 18))
+        cpu = time.process_time()
+        got = read_all(client)
+        assert got == down
+        time.sleep(0.5)  # everything relayed: nothing may spin now
+        assert time.process_time() - cpu < 0.4, "the relay kept a CPU busy after the bytes were through"
+    finally:
+        client.close()
+        backend.close()
+        if loop is not None:
+            loop.close()
+        if runner is not None:
+            runner.join(LONG)

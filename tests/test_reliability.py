@@ -31,15 +31,14 @@ class Hello(QuietHandler):
 
 
 def test_load_balancer_preopened_idle_connections_are_all_served(core: str) -> None:
-    """The Apache/Linux failure: idle pre-opened connections must survive the deadline with on_timeout=surface.
+    """The Apache/Linux failure: idle pre-opened connections must survive the deadline, with defaults.
 
-    socketserver's default is now ``close`` (a FIN the balancer sees, so
-    nothing is dropped silently either: tests/test_defaults.py); a balancer
-    that keeps its pool idle past the deadline asks for ``surface`` as here.
+    Idle is not slow (issue 23): a connection that has sent nothing is held up to
+    the idle limit (620 s), not closed at the header deadline, and served when used.
     """
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
     srv.daemon_threads = True
-    install(srv, "httpready", timeout=0.4, core=core, on_timeout="surface")
+    install(srv, "httpready", timeout=0.4, core=core)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
     t.start()
     try:
@@ -56,7 +55,7 @@ def test_load_balancer_preopened_idle_connections_are_all_served(core: str) -> N
                 reply += chunk
             assert reply.startswith(b"HTTP/1.1 200")
         stats = srv.socket.stats()  # type: ignore[attr-defined]
-        assert stats["timed_out"] == 20 and stats["dropped"] == 0
+        assert stats["timed_out"] == 0 and stats["dropped"] == 0 and stats["surfaced"] == 20
         for conn in pool:
             conn.close()
     finally:
@@ -204,7 +203,7 @@ def test_asan_ubsan_build_runs_the_core_tests_clean(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "sanitize.sh"
     out = subprocess.run(["bash", str(script), "-q", "-x", "-p", "no:cacheprovider", "tests/test_listener.py",
                           "tests/test_engine_lifecycle.py", "tests/test_core_differential.py", "tests/test_fast_path.py", "tests/test_ready_queue.py", "tests/test_first_look.py",
-                          "tests/test_look.py", "-k", "[c] or differential or look"],
+                          "tests/test_look.py", "tests/test_core_life.py", "-k", "[c] or differential or look or c-"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "AF_SANITIZE_DIR": str(tmp_path), "PYTHON": sys.executable})
     tail = (out.stdout + out.stderr)[-3000:]
     assert out.returncode == 0, tail
@@ -218,7 +217,7 @@ def test_asan_ubsan_build_runs_the_core_tests_clean(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("soak_core", ["c", "python"])
 def test_hostile_client_soak(soak_core: str) -> None:
-    """scripts/soak.py: 60 s per core in CI (AF_SOAK_SECONDS), 10 minutes documented in the README."""
+    """scripts/soak.py: 60 s per core in CI (AF_SOAK_SECONDS), 10 minutes documented in docs/explanation/reliability.md."""
     import json
 
     seconds = float(os.environ.get("AF_SOAK_SECONDS", "60" if os.environ.get("CI") else "15"))

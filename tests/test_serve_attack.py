@@ -10,11 +10,13 @@ the invariant.
 from __future__ import annotations
 
 import re
+import resource
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from acceptfilter.cli.serve import KernelQueue, status_line
@@ -22,12 +24,20 @@ from acceptfilter.cli.serve import KernelQueue, status_line
 from .conftest import wait_for
 
 
-def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int, list[str]]:
+def _start(tmp_path: Path, *args: str, fd_limit: int | None = None) -> tuple[subprocess.Popen[str], int, list[str]]:
     (tmp_path / "big.bin").write_bytes(b"x" * 4_000_000)
+
+    def limit() -> None:
+        if fd_limit is not None:  # as `ulimit -n` would, in the child only
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
     proc = subprocess.Popen([sys.executable, "-m", "acceptfilter.cli", "serve", "--port", "0", "--directory",
-                             str(tmp_path), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit)
     assert proc.stdout is not None and proc.stderr is not None
     banner = proc.stdout.readline()
+    while banner.startswith("route "):  # "route NAME: ... forwarded to ..." lines come first
+        banner = proc.stdout.readline()
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", banner).group(1))  # type: ignore[union-attr]
     err: list[str] = []
 
@@ -74,13 +84,14 @@ def test_nul_in_the_path_and_clients_that_leave_give_no_traceback(tmp_path: Path
 def test_status_line_carries_every_term_of_the_invariant(tmp_path: Path) -> None:
     proc, port, err = _start(tmp_path, "--timeout", "0.3", "--status-interval", "0.1")
     try:
-        idle = socket.create_connection(("127.0.0.1", port))  # closed at the deadline (on_timeout close)
+        idle = socket.create_connection(("127.0.0.1", port))  # partial: answered 408 and closed at the deadline
+        idle.sendall(b"GET / HT")
         socket.create_connection(("127.0.0.1", port)).close()  # closed empty
         with socket.create_connection(("127.0.0.1", port)) as bad:
             bad.sendall(b"\x00")  # rejected
         assert _get(port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")  # surfaced
         pattern = re.compile(r"status: accepted (\d+) = held (\d+) \+ surfaced (\d+) \+ rejected (\d+) "
-                             r"\+ closed empty (\d+) \+ failed (\d+) \+ dropped (\d+) \+ detached \d+  timed out (\d+)  "
+                             r"\+ closed empty (\d+) \+ aborted (\d+) \+ failed (\d+) \+ dropped (\d+) \+ detached \d+  timed out (\d+)  "
                              r"evicted (\d+)"
                              r"  kernel queue (\d+)/(\d+)")
 
@@ -89,14 +100,14 @@ def test_status_line_carries_every_term_of_the_invariant(tmp_path: Path) -> None
                 m = pattern.match(line)
                 if m:
                     n = [int(g) for g in m.groups()]
-                    return n[0] == 4 and n[7] == 1 and n[3] == 1 and n[4] == 1 and n[2] == 1 and n[6] == 1
+                    return n[0] == 4 and n[8] == 1 and n[3] == 1 and n[4] == 1 and n[2] == 1 and n[7] == 1
             return False
 
         wait_for(settled, timeout=15)
         m = next(pattern.match(line) for line in reversed(err) if pattern.match(line))
         n = [int(g) for g in m.groups()]  # type: ignore[union-attr]
-        assert n[0] == sum(n[1:7])
-        assert n[10] == 1024  # the backlog, from TCP_INFO
+        assert n[0] == sum(n[1:8])
+        assert n[11] == 1024  # the backlog, from TCP_INFO
         idle.close()
     finally:
         proc.terminate()
@@ -112,7 +123,8 @@ def test_kernel_queue_reads_the_accept_queue_without_netlink() -> None:
         for c in clients:
             c.close()
     assert "kernel queue ?" in status_line({k: 0 for k in ("accepted", "held", "surfaced", "rejected", "closed_empty",
-                                                          "failed", "dropped", "detached", "timed_out", "evicted")}, None)
+                                                          "aborted", "failed", "dropped", "detached", "timed_out",
+                                                          "evicted")}, None)
 
 
 def test_evicted_connections_are_closed_not_handed_to_handler_threads(tmp_path: Path) -> None:
@@ -135,5 +147,100 @@ def test_evicted_connections_are_closed_not_handed_to_handler_threads(tmp_path: 
     finally:
         for s in idle:
             s.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+REPLY_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+def _until_close(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_serve_answers_a_slow_head_408_and_keeps_idle_connections(tmp_path: Path) -> None:
+    """Issue 23: the partial deadline gets 408 + FIN; an idle connection outlives it and is served when used."""
+    backend = socket.create_server(("127.0.0.1", 0))  # the relay route's backend: never reached here
+    proc, port, err = _start(tmp_path, "--timeout", "0.3", "--route", "http=httpready", "--route", "dns=dnsready",
+                             "--forward", f"dns=127.0.0.1:{backend.getsockname()[1]}")
+    try:
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"GET /big.bin HTTP/1.1\r\n")
+        dns = socket.create_connection(("127.0.0.1", port), timeout=10)
+        dns.sendall(b"\x00\x30\xab\xcd\x01")  # a DNS query under way, for the relay route
+        assert _until_close(slow) == REPLY_408
+        assert _until_close(dns) == b""  # not an HTTP route: the FIN alone
+        time.sleep(0.5)  # past the deadline again
+        idle.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert _until_close(idle).startswith(b"HTTP/1.0 200")
+        for s in (idle, slow, dns):
+            s.close()
+        assert not any("Traceback" in line for line in err)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        backend.close()
+
+
+def test_serve_banner_names_both_budgets_and_the_fd_bound(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "acceptfilter.cli", "serve", "--port", "0", "--directory",
+                             str(tmp_path), "--no-status"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert "deadline 5 s, idle limit 620 s, on timeout: close, max held 192," in banner, banner
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_serve_at_ulimit_256_with_150_idle_and_150_partial_keeps_answering(tmp_path: Path) -> None:
+    """Issue 23, item 2: held connections are bounded by what the process can afford (fd limit less
+    headroom), idle ones evicted first: new requests are answered, no 404, no traceback."""
+    (tmp_path / "file.txt").write_text("here\n")
+    proc, port, err = _start(tmp_path, "--timeout", "60", "--status-interval", "0.2", fd_limit=256)
+    held: list[socket.socket] = []
+    try:
+        for i in range(300):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 2:
+                c.sendall(b"GET /file.txt HTTP/1.1\r\nHost: x\r\n")  # partial: 150 slowloris heads
+            held.append(c)
+        for _ in range(20):
+            reply = _get(port, b"GET /file.txt HTTP/1.0\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"here\n"), reply[:200]
+        pattern = re.compile(r"accepted (\d+) = held (\d+) .* evicted (\d+)")
+
+        def bounded() -> bool:
+            for line in reversed(err):
+                m = pattern.search(line)
+                if m:
+                    return int(m.group(1)) >= 320 and int(m.group(2)) <= 192 and int(m.group(3)) >= 108
+            return False
+
+        wait_for(bounded, timeout=15)
+        partial_alive = 0
+        for c in held[1::2]:  # the partial ones were never evicted: idle ones made the room
+            c.settimeout(0.05)
+            try:
+                partial_alive += c.recv(1, socket.MSG_PEEK) != b""
+            except TimeoutError:
+                partial_alive += 1
+            except ConnectionResetError:
+                pass
+        assert partial_alive == 150
+        assert not any("Traceback" in line or " 404 " in line for line in err), "".join(err[-20:])
+    finally:
+        for c in held:
+            c.close()
         proc.terminate()
         proc.wait(10)

@@ -9,6 +9,7 @@ serving goes on.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -162,6 +163,31 @@ def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path) -> None:
     assert out.returncode == 3, out.stderr  # uvicorn's own status for a startup failure, passed on
     assert "failed to start (exit status 3); stopping" in out.stderr
     assert not serving(port)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_serve_with_workers_prints_one_summed_status_line(tmp_path: Path, verbose: bool) -> None:
+    """The parent sums the workers' stats files into one line; -v adds a line per worker; workers print none."""
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--status-interval", "0.2",
+                             "--directory", str(tmp_path), "--timeout", "60", *(["-v"] if verbose else [])],
+                            text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        wait_for(lambda: len(children(proc.pid)) >= 2 and serving(port), 60)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        lines: list[str] = []
+        while sum(line.startswith("status: 2 workers: accepted") and "= held 3 " in line for line in lines) < 2:
+            line = proc.stderr.readline()  # two rounds: the per-worker lines of -v follow their sum
+            assert line, lines
+            lines.append(line.strip())
+        status = [line for line in lines if "accepted" in line]
+        assert all(re.match(r"status: \d workers?: accepted|worker pid \d+: accepted", line) for line in status), status
+        assert any(line.startswith("worker pid") for line in status) == verbose, status
+        close_all(clients)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def _reloaded_moved(log: Path) -> list[int]:

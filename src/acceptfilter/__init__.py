@@ -10,7 +10,7 @@ then hand it to the server's ``accept()`` with every byte still unread::
     listener = acceptfilter.wrap(sock, "httpready", timeout=5)
     conn, addr = listener.accept()      # a complete request head is waiting
 
-See the README for servers, policies and writing your own filter.
+The documentation (docs/, a MkDocs site) covers servers, policies and writing your own filter.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ ffibuilder.set_source(
     "acceptfilter._core",
     '#include "afcore.h"\n#include "afmatch.h"\n#include "afqueue.h"',
     # Relative to the project root, where setuptools runs the build.
-    sources=["csrc/afcore.c", "csrc/aflook.c", "csrc/afmatch.c", "csrc/afqueue.c"],
+    sources=["csrc/afcore.c", "csrc/aflook.c", "csrc/afmatch.c", "csrc/afqueue.c", "csrc/afsrc.c"],
     include_dirs=["csrc"],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

@@ -172,6 +172,21 @@ class Decider:
         """
         return self.feed(self.start(peer), data, False)
 
+    def timeout_reply(self, progress: Progress | None) -> bytes | None:
+        """What a partial connection is answered at its deadline: the reply of the first
+        route (in priority order) that was still waiting on it, if that route has one."""
+        for i, route in enumerate(self.matching):
+            chain = None if progress is None else progress.chains[i]
+            if chain is None or not chain.rejected:
+                return route.timeout_reply
+        return None
+
+    def serves_silence(self) -> bool:
+        """True if a client that sends nothing is served here (server-first: SMTP, an SSH
+        client that waits for the banner): a default route, or a route whose first filter
+        declares :attr:`~acceptfilter.Filter.accepts_silence` (``silent``)."""
+        return self.default_route is not None or any(r.chain[0].accepts_silence for r in self.matching)
+
     # -- the rules -------------------------------------------------------
     def _routes(self, progress: Progress, data: bytes, final: bool) -> Outcome | None:
         waiting = False

@@ -102,7 +102,11 @@ def somaxconn() -> int:
 
 
 def listen_counters() -> dict[str, int]:
-    """Namespace-wide ``ListenOverflows`` and ``ListenDrops`` (every listener together)."""
+    """Namespace-wide ``ListenOverflows``, ``ListenDrops`` and ``TCPDeferAcceptDrop`` (every listener together).
+
+    ``ListenDrops`` includes the bare ACKs ``TCP_DEFER_ACCEPT`` dropped (``TCPDeferAcceptDrop``);
+    ``ListenOverflows`` is the accept queue overflowing.
+    """
     try:
         with open("/proc/net/netstat") as f:
             lines = f.read().splitlines()
@@ -116,8 +120,9 @@ def listen_counters() -> dict[str, int]:
             return {
                 "listen_overflows": int(table.get("ListenOverflows", 0)),
                 "listen_drops": int(table.get("ListenDrops", 0)),
+                "defer_accept_drops": int(table.get("TCPDeferAcceptDrop", 0)),
             }
-    return {"listen_overflows": 0, "listen_drops": 0}
+    return {"listen_overflows": 0, "listen_drops": 0, "defer_accept_drops": 0}
 
 
 def _dump(family: int, states: int, *, sport: int = 0, extensions: int = 0) -> tuple[Any, ...]:

@@ -19,7 +19,12 @@ A connection's lifecycle, with the state of each side::
 Every connection the core accepted ends in exactly one terminal outcome, and
 at every moment a reader can observe (:meth:`Engine.stats`)::
 
-    accepted == surfaced + rejected + closed_empty + failed + dropped + detached + held
+    accepted == surfaced + rejected + closed_empty + aborted + failed + dropped + detached + held
+
+``aborted`` is the peer's doing: it reset the connection (HAProxy's health
+checks send a PROXY header, then an RST), or closed it in the middle of a
+request, before a decision. ``failed`` is a filter error or a fault on this
+side (an errno not in :data:`~acceptfilter.events.PEER_ERRNOS`): what to alert on.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .decision import Decider, Outcome, Phase, Progress
-from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, READY, SHUTDOWN, TIMEOUT, Address, Event
+from .events import DATA, EOF, ERROR, EVICT, FULL, KIND_NAMES, PEER_ERRNOS, READY, SHUTDOWN, TIMEOUT, Address, Event
 from .iocore import IOCore
 from .policy import Action, Policy, Route
 
@@ -60,7 +65,10 @@ class _Peer:
         except OSError as exc:
             return f"? ({exc.strerror})"
         try:
-            return str(sock.getpeername())
+            peer = sock.getpeername()
+            if isinstance(peer, tuple) and len(peer) >= 2:  # host:port, [v6]:port, as the relay's lines write it
+                return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+            return str(peer or "unix")
         except OSError as exc:
             return f"? ({exc.strerror})"
         finally:
@@ -75,7 +83,18 @@ WARN_INTERVAL = 60.0
 _WATCH_INTERVAL = 1.0
 
 #: The terminal outcomes; their sum plus ``held`` is ``accepted``.
-OUTCOMES = ("surfaced", "rejected", "closed_empty", "failed", "dropped", "detached")
+OUTCOMES = ("surfaced", "rejected", "closed_empty", "aborted", "failed", "dropped", "detached")
+
+
+#: One INFO line per connection that never reached the application (rejected, timed out, evicted), beside the
+#: relay's "forwarded" lines: off unless enabled (``acceptfilter serve --forward`` enables it).
+outcome_log = logging.getLogger("acceptfilter.outcome")
+
+
+def _tell(what: str, fd: int, reason: str, age: float, data: bytes, then: object) -> None:
+    if outcome_log.isEnabledFor(logging.INFO):
+        outcome_log.info("%s client=%s reason=%s bytes=%d seconds=%.3f then=%s", what, _Peer(fd), reason, len(data),
+                         age, then)
 
 
 def unaccounted(stats: Mapping[str, Any]) -> int:
@@ -197,11 +216,19 @@ class _Counters:
     surfaced: int = 0
     rejected: int = 0
     closed_empty: int = 0
+    aborted: int = 0
     failed: int = 0
     dropped: int = 0
     detached: int = 0
     timed_out: int = 0
+    #: Of those, idle ones (nothing sent) at the idle limit (or a server-first deadline).
+    timed_out_idle: int = 0
+    #: Partial connections answered with their route's timeout reply (HTTP: 408) before the close.
+    timeout_replies: int = 0
     evicted: int = 0
+    #: Evictions by the state of the connection that made room (idle ones go first).
+    evicted_idle: int = 0
+    evicted_partial: int = 0
     shutdown: int = 0
     filter_errors: int = 0
     unclaimed: int = 0
@@ -245,6 +272,11 @@ class Engine:
         self._fd_exhaustion = 0
         self._next_watch = 0.0
         self._on_error = policy.on_error or policy.on_timeout
+        #: A silent client is served here (server-first): idle ones surface at the deadline.
+        self.server_first = self.decider.serves_silence()
+        #: Seconds an idle connection may be held (None: no limit); the core keeps it.
+        self.idle_timeout = policy.idle_deadline(routes, server_first=self.server_first)
+        core.set_idle_timeout(self.idle_timeout)
         #: The route a compiled matcher's READY connections surface into (set_matcher).
         self._fast_route: str | None = None
         self._shutdown_action = Action("close")
@@ -264,7 +296,8 @@ class Engine:
         return self._core.next_timeout()
 
     def wake(self) -> None:
-        """Make a concurrent (or the next) :meth:`step` return promptly. Any thread."""
+        """Make a concurrent (or the next) :meth:`step` return promptly. Any thread, any time:
+        the core serialises wake-ups with :meth:`free`, after which a wake is a no-op."""
         self._core.wake()
 
     def stop_accepting(self) -> None:
@@ -419,8 +452,8 @@ class Engine:
                         self._waiting.pop(fd, None)
                         try:
                             self._core.release(fd, 0)
-                        except OSError:
-                            self._close(fd, reset=False, outcome="failed")
+                        except OSError as exc:
+                            self._close(fd, reset=False, outcome=_ended(exc.errno))
                             continue
                         self._counters.detached += 1
                         fds.append(fd)
@@ -439,8 +472,10 @@ class Engine:
     def _one(self, fd: int, kind: int, err: int, data: bytes, age: float, out: dict[str, list[Surfaced]]) -> None:
         if kind == ERROR:
             self._waiting.pop(fd, None)
-            log.debug("fd %d from %s failed while held (errno %d)", fd, _Peer(fd), err)
-            self._close(fd, reset=False, outcome="failed")
+            ended = _ended(err)
+            log.debug("fd %d from %s %s while held after %.3fs with %d bytes (%s)", fd, _Peer(fd), ended, age,
+                      len(data), os.strerror(err))
+            self._close(fd, reset=False, outcome=ended)
             return
         if kind == EOF and not data:
             self._waiting.pop(fd, None)
@@ -452,23 +487,45 @@ class Engine:
             return
         final = kind != DATA
         progress = self._waiting.get(fd)
+        # At the deadline of a partial request: the reply of the route that was waiting on it.
+        reply = self.decider.timeout_reply(progress) if kind == TIMEOUT and data else None
         if progress is None:
             progress = self.decider.start(self._core.peer(fd) if self._needs_peer else None)
-        outcome = self.decider.feed(progress, data, final)
+        if kind == EOF:
+            # The peer half-closed: a client may do that right after its request, so the
+            # bytes get a final check. First as they are: bytes the filters reject anyway
+            # are "rejected"; a request the peer left unfinished is "aborted".
+            outcome = self.decider.feed(progress, data, False)
+            if outcome is None:
+                outcome = self.decider.feed(progress, data, True)
+                if outcome is not None and outcome.phase is Phase.REJECTED and self.default_route is None:
+                    self._waiting.pop(fd, None)
+                    log.debug("fd %d from %s aborted after %.3fs: closed with an unfinished request (%d bytes: %s)",
+                              fd, _Peer(fd), age, len(data), outcome.reason)
+                    self._close(fd, reset=False, outcome="aborted")
+                    return
+        else:
+            outcome = self.decider.feed(progress, data, final)
         if outcome is None:
             assert not final, "the decider waited on a final event"
             self._waiting[fd] = progress
             return
         self._waiting.pop(fd, None)
-        self._act(fd, kind, outcome, data, age, out)
+        self._act(fd, kind, outcome, data, age, out, reply)
 
-    def _act(self, fd: int, kind: int, outcome: Outcome, data: bytes, age: float, out: dict[str, list[Surfaced]]) -> None:
+    def _act(self, fd: int, kind: int, outcome: Outcome, data: bytes, age: float, out: dict[str, list[Surfaced]],
+             reply: bytes | None = None) -> None:
         if outcome.phase is Phase.FAILED:
             self._apply(fd, self._on_error, "filter_error", outcome, age, out)
             return
         cause = _CAUSE.get(kind)
         if cause is not None:
-            setattr(self._counters, cause, getattr(self._counters, cause) + 1)
+            c = self._counters
+            setattr(c, cause, getattr(c, cause) + 1)
+            if kind == TIMEOUT and not data:
+                c.timed_out_idle += 1
+            elif kind == EVICT:
+                self._evicted(idle=not data)
         if outcome.phase is Phase.ACCEPTED:
             assert outcome.route is not None
             self._surface(fd, outcome.route, outcome.consume, outcome.info, "ready", age, out)
@@ -480,23 +537,41 @@ class Engine:
                 return
             log.debug("fd %d from %s rejected (%s) after %.3fs", fd, _Peer(fd), outcome.reason or KIND_NAMES[kind],
                       age)
+            _tell("rejected", fd, outcome.reason or KIND_NAMES[kind], age, data, self.policy.on_reject)
             self._close(fd, reset=self.policy.on_reject.kind == "reset", outcome="rejected")
             return
         if kind == SHUTDOWN:
             self._apply(fd, self._shutdown_action, "shutdown", outcome, age, out)
             return
         reason = "timeout" if kind == TIMEOUT else "evicted"
-        log.debug("fd %d from %s %s after %.3fs with %d bytes: %s", fd, _Peer(fd), reason, age, len(data),
-                  self.policy.on_timeout)
-        self._apply(fd, self.policy.on_timeout, reason, outcome, age, out)
+        # An evicted idle connection makes room: closed (FIN), never handed to the application.
+        action = Action("close") if kind == EVICT and not data and not self.server_first else self.policy.on_timeout
+        log.debug("fd %d from %s %s after %.3fs with %d bytes: %s", fd, _Peer(fd), reason, age, len(data), action)
+        _tell("timed out" if kind == TIMEOUT else "evicted", fd, reason, age, data, action)
+        self._apply(fd, action, reason, outcome, age, out, reply)
 
     def _apply(self, fd: int, action: Action, reason: str, outcome: Outcome, age: float,
-               out: dict[str, list[Surfaced]]) -> None:
+               out: dict[str, list[Surfaced]], reply: bytes | None = None) -> None:
         if action.kind == "surface":
             target = action.route or self.default_route or self.routes[0].name
             self._surface(fd, target, outcome.consume, outcome.info, reason, age, out)
+            return
+        if reply is not None and action.kind == "close" and _send_reply(fd, reply):
+            self._counters.timeout_replies += 1
+        self._close(fd, reset=action.kind == "reset", outcome="dropped")
+
+    def _evicted(self, *, idle: bool) -> None:
+        """Count an eviction by the state of its connection; say so, at most once a WARN_INTERVAL."""
+        c = self._counters
+        if idle:
+            c.evicted_idle += 1
         else:
-            self._close(fd, reset=action.kind == "reset", outcome="dropped")
+            c.evicted_partial += 1
+        if self._warn.allow("evicted") is not None:
+            log.warning("held connections reached max_held: evicting to make room, idle ones first (the oldest "
+                        "of the source address holding the most), then partial ones; %d idle and %d partial "
+                        "evicted so far (at most one line every %g s). Raise the fd limit (ulimit -n) or max_held "
+                        "if these are not an attack.", c.evicted_idle, c.evicted_partial, WARN_INTERVAL)
 
     # -- filter failures -------------------------------------------------
     def _filter_failed(self, name: str, what: str, exc: BaseException | None) -> None:
@@ -519,7 +594,7 @@ class Engine:
             addr = self._core.release(fd, consume)
         except OSError as exc:
             log.debug("fd %d could not be surfaced (%s); closing it", fd, exc)
-            self._close(fd, reset=False, outcome="failed")
+            self._close(fd, reset=False, outcome=_ended(exc.errno))
             return
         # Built from validated plain values (the decider copied info into a dict): cannot fail.
         if raw is None:
@@ -569,15 +644,22 @@ class Engine:
             for i, n in enumerate(core.get("surfaced_hist", ())[:len(latency)]):
                 latency[i] += n
             latency_sum += float(core.get("surfaced_age", 0.0))
+        held_idle = int(core.get("held_idle", 0))
         return {
             "accepted": core["accepted"],
             "held": core["held"],
+            "held_idle": held_idle,
+            "held_partial": int(core["held"]) - held_idle,
             **{name: getattr(c, name) for name in OUTCOMES},
             "surfaced": c.surfaced + by_core,
             "surfaced_at_accept": int(core.get("fast", 0)),
             "surfaced_by_core": by_core,
             "timed_out": c.timed_out,
+            "timed_out_idle": c.timed_out_idle,
+            "timeout_replies": c.timeout_replies,
             "evicted": c.evicted,
+            "evicted_idle": c.evicted_idle,
+            "evicted_partial": c.evicted_partial,
             "shutdown": c.shutdown,
             "filter_errors": c.filter_errors,
             "unclaimed": c.unclaimed + int(core.get("surfaced_lost", 0)),
@@ -590,6 +672,8 @@ class Engine:
             "accept_paused": bool(core["paused"]),
             "peeks": core["peeks"],
             "bytes_peeked": core["bytes_peeked"],
+            # The core's clock is time.monotonic()'s (CLOCK_MONOTONIC); held ones are in accept order.
+            "oldest_held_age": max(0.0, time.monotonic() - oldest) if (oldest := core.get("oldest_accepted")) is not None else 0.0,
             "buffered_bytes": core["buffered"],
             "time_to_surface": {
                 "buckets": list(LATENCY_BUCKETS),
@@ -598,6 +682,29 @@ class Engine:
                 "count": sum(latency),
             },
         }
+
+
+def _ended(err: int | None) -> str:
+    """The outcome of a held connection that ended with ``err``: the peer's doing, or ours."""
+    return "aborted" if err in PEER_ERRNOS else "failed"
+
+
+def _send_reply(fd: int, reply: bytes) -> bool:
+    """Write ``reply`` to a held connection without blocking, then our FIN after it (the
+    core's close reads what the client sent, so the close itself adds no RST). Best effort:
+    False when the client cannot take it (it left, or its window is shut)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        sent = sock.send(reply, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        sock.shutdown(socket.SHUT_WR)
+        return sent == len(reply)
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # the core's descriptor: it closes it
 
 
 def _close_all(items: list[Surfaced]) -> int:

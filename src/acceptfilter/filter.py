@@ -164,6 +164,16 @@ class Filter:
     #: HTTP, TLS, DNS and PROXY, so without examples a filter for another
     #: protocol (RESP, memcached ...) is only ever fed foreign bytes.
     examples: ClassVar[tuple[bytes, ...]] = ()
+    #: What a connection this filter was still waiting on is answered at its deadline,
+    #: before it is closed (``on_timeout="close"``), when it had begun a request: an
+    #: HTTP filter declares ``408 Request Timeout`` here, as nginx, Apache and HAProxy
+    #: answer a slow request head. None (the default): closed with a FIN alone. The
+    #: I/O cores never look at it: the engine writes it.
+    timeout_reply: ClassVar[bytes | None] = None
+    #: True for a filter that accepts a client that has said nothing by the deadline (``silent``:
+    #: server-first protocols). A listener with one keeps the deadline for idle connections
+    #: instead of the long idle limit: those clients wait for the server to speak first.
+    accepts_silence: ClassVar[bool] = False
 
     def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float | None = None) -> None:
         if max_bytes < 1:

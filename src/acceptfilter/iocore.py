@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .events import (
@@ -101,12 +102,17 @@ class IOCore(Protocol):
     def saved_stats(self) -> dict[str, Any]:
         """The counters last published (by :meth:`snapshot`, after every poll, and whenever the
         core queued a connection): accepted, accept_errors, fd_exhaustion, peeks, bytes_peeked,
-        buffered, held, paused; surfaced (by the core itself, no caller involved), fast (of
+        buffered, held, held_idle (of the held, those that sent nothing yet), paused; surfaced (by the core itself, no caller involved), fast (of
         those, certified at accept), surfaced_lost (put into a closed queue), surfaced_age
         (seconds, summed) and surfaced_hist. Safe from any thread."""
 
     def set_clock(self, now: float | None) -> None:
         """Tests: run deadlines on this clock (seconds); None: the real monotonic clock again."""
+
+    def set_idle_timeout(self, timeout: float | None) -> None:
+        """Seconds a connection that has sent nothing may be held (None or 0: no limit, the
+        default); reported :data:`TIMEOUT` with no data. The ``timeout`` the core was made with
+        counts from a connection's first byte."""
 
     def set_direct_wait(self, wait: float, backoff: float) -> None:
         """How long (seconds) a waiting :meth:`accept_ready` waits on the connection it just
@@ -178,6 +184,10 @@ class CCore:
         self._queue: Any = None  # the ready queue the core puts into (kept alive with it)
         self._ready = ffi.new("af_ready *")
         self._program: Any = None  # the compiled matcher, kept alive as long as the core
+        #: Held around every call that any thread may make (wake, the counters) and around
+        #: free(): once free() has the lock and drops the pointer, no thread is in af_wake()
+        #: and none can reach the freed core or write into its closed (maybe reused) eventfd.
+        self._life = threading.Lock()
 
     def fileno(self) -> int:
         return int(self._lib.af_fileno(self._core))
@@ -253,8 +263,9 @@ class CCore:
             _check(rc, "close")
 
     def wake(self) -> None:
-        if self._core is not None:
-            self._lib.af_wake(self._core)
+        with self._life:  # any thread, any time: after free() a wake is a no-op
+            if self._core is not None:
+                self._lib.af_wake(self._core)
 
     def adopt(self, fd: int) -> None:
         _check(self._lib.af_adopt(self._core, fd), "adopt")
@@ -266,17 +277,18 @@ class CCore:
         return self._collect(self._lib.af_drain(self._core, self._events_out))
 
     def snapshot(self) -> None:
-        if self._core is not None:
-            self._lib.af_publish_stats(self._core)
+        with self._life:
+            if self._core is not None:
+                self._lib.af_publish_stats(self._core)
 
     def saved_stats(self) -> dict[str, Any]:
         if self._last is not None:
             return dict(self._last)
         s = self._ffi.new("af_stats *")
-        core = self._core
-        if core is None:
-            return dict(self._last or {})
-        self._lib.af_get_stats(core, s)
+        with self._life:
+            if self._core is None:
+                return dict(self._last or {})
+            self._lib.af_get_stats(self._core, s)
         return {
             "accepted": s.accepted,
             "accept_errors": s.accept_errors,
@@ -285,10 +297,12 @@ class CCore:
             "bytes_peeked": s.bytes_peeked,
             "buffered": s.buffered,
             "held": s.held,
+            "held_idle": s.held_idle,
             "paused": s.paused,
             "surfaced": s.surfaced,
             "fast": s.fast,
             "direct_idle": s.direct_idle,
+            "oldest_accepted": s.oldest_accepted_us / 1e6 if s.oldest_accepted_us >= 0 else None,
             "surfaced_lost": s.surfaced_lost,
             "surfaced_age": s.surfaced_age_us / 1e6,
             "surfaced_hist": list(s.surfaced_hist),
@@ -296,6 +310,10 @@ class CCore:
 
     def set_clock(self, now: float | None) -> None:
         self._lib.af_set_clock(self._core, -1 if now is None else round(now * 1e6))
+
+    def set_idle_timeout(self, timeout: float | None) -> None:
+        ms = 0 if not timeout or timeout <= 0 else max(1, round(min(timeout * 1000, self._lib.AF_MAX_TIMEOUT_MS)))
+        self._lib.af_set_idle_timeout(self._core, ms)
 
     def set_direct_wait(self, wait: float, backoff: float) -> None:
         def us(seconds: float) -> int:
@@ -307,8 +325,12 @@ class CCore:
         if self._core is None:
             return
         self.snapshot()
-        self._last = self.saved_stats()  # saved_stats() keeps the last numbers
-        core, self._core = self._core, None
+        last = self.saved_stats()
+        with self._life:  # after this block no thread holds the pointer (see _life)
+            core, self._core = self._core, None
+            if core is None:
+                return
+            self._last = last  # saved_stats() keeps the last numbers
         self._lib.af_free(core)
 
 

@@ -29,7 +29,7 @@ from .engine import ConnectionInfo, Engine, Surfaced
 from .errors import FilterSpecError
 from .filter import Filter
 from .iocore import Address, CoreName, IOCore, make_core
-from .policy import Action, Policy, Route, parse_action
+from .policy import DEFAULT_ON_TIMEOUT, Action, Policy, Route, default_max_held, parse_action
 from .readyqueue import ReadyQueue, make_queue
 from .registry import load_chain
 
@@ -121,42 +121,6 @@ def _closed_error() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
 
-#: The smallest default bound on held connections. FreeBSD bounds its held
-#: queue by the listen backlog, but socketserver listens with a backlog of 5:
-#: five idle clients would then evict real ones.
-MIN_DEFAULT_MAX_HELD = 1024
-
-
-def _default_max_held(sock: socket.socket) -> int:
-    return max(_listen_backlog(sock), MIN_DEFAULT_MAX_HELD)
-
-
-def _listen_backlog(sock: socket.socket) -> int:
-    """The listen socket's effective backlog, as the kernel reports it."""
-    try:
-        import asyncio
-
-        asyncio.get_running_loop()
-        in_loop = True  # pyroute2's sync API runs its own loop: it cannot run inside one
-    except RuntimeError:
-        in_loop = False
-    try:
-        if in_loop:
-            raise RuntimeError("inside a running event loop")
-        from .diag import listen_backlog
-
-        backlog = listen_backlog(sock)
-        if backlog:
-            return backlog
-    except Exception as exc:  # diagnostics are best effort; fall back to the sysctl
-        log.debug("could not read the listen backlog: %s", exc)
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-
-
 class _Hub:
     """One listen socket, its I/O core, engine, driver and per-route queues."""
 
@@ -184,7 +148,7 @@ class _Hub:
         self.sock = sock
         self.timeout = sock.gettimeout()
         self.queues: dict[str, ReadyQueue] = {r.name: make_queue(core) for r in routes}
-        self.max_held = policy.max_held or _default_max_held(sock)
+        self.max_held = policy.max_held or default_max_held()
         self.deadline = policy.deadline(routes)
         io_core: IOCore = make_core(
             core,
@@ -246,6 +210,20 @@ class _Hub:
             except Exception:
                 self.engine.free()
                 raise
+        from .publish import publish
+
+        #: This engine's live counters for `acceptfilter stats PORT`, top and the metrics exporter.
+        self.publication = publish(sock, self.published_stats)
+
+    def published_stats(self) -> dict[str, Any]:
+        """What the stats file carries: the engine's counters and the hub's gauges."""
+        out = self.engine.stats()
+        out["queued"] = sum(len(q) for q in self.queues.values())
+        out["max_held"] = self.max_held
+        out["deadline"] = self.deadline
+        out["engines"] = 1
+        out["defer_accept"] = self.defer_accept
+        return out
 
     def attach_driver(self, driver: Driver) -> None:
         """Adopt a driver started elsewhere, so :meth:`close` stops it first.
@@ -313,6 +291,8 @@ class _Hub:
             if self.closed:
                 return
             self.closed = True
+        if self.publication is not None:
+            self.publication.close()
         if self.driver is not None:
             self.driver.stop()
         try:
@@ -504,8 +484,13 @@ class FilteredListener:
 
     @property
     def deadline(self) -> float:
-        """Seconds a connection may be held before ``on_timeout`` applies."""
+        """Seconds a partial connection may be held, from its first byte, before ``on_timeout`` applies."""
         return self._hub.deadline
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds a connection that has sent nothing may be held (None: no limit)."""
+        return self._hub.engine.idle_timeout
 
     @property
     def max_held(self) -> int:
@@ -573,13 +558,14 @@ def wrap(
     filter: FilterSpecs = "httpready",
     *,
     timeout: float | None = None,
-    on_timeout: str | Action = "surface",
+    on_timeout: str | Action = DEFAULT_ON_TIMEOUT,
     max_held: int | None = None,
     on_reject: str | Action = "close",
     on_error: str | Action | None = None,
     core: CoreName | str = "c",
     driver: DriverName | str = "thread",
     defer_accept: int | None = None,
+    idle_timeout: float | None = None,
 ) -> FilteredListener:
     """Put a filter (or a chain of filters) in front of a listening socket.
 
@@ -594,9 +580,12 @@ def wrap(
     kernel queues a connection only once it has sent data, so what ``accept()`` finds is
     usually complete and taken by the fast path (an idle client waits in the kernel for
     about that long, is then surfaced with no data, never dropped, and the deadline
-    starts; ``stats()`` does not see it meanwhile: ``diag`` shows it as ``syn_recv``).
+    starts; ``stats()`` does not see it meanwhile: ``diag`` shows it as ``syn_recv``);
+    ``idle_timeout`` the seconds a connection that has sent nothing is held (None: the
+    default, 620; 0: no limit), while ``timeout`` is the deadline of one that has begun.
     """
-    policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject, on_error=on_error)
+    policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject,
+                          on_error=on_error, idle_timeout=idle_timeout)
     chain = load_chain(filter)
     hub = _Hub(sock, (Route("default", chain),), policy, default_route=None, core=core, driver=driver, defer_accept=defer_accept)
     return FilteredListener(hub, "default")
@@ -615,6 +604,7 @@ def route(
     core: CoreName | str = "c",
     driver: DriverName | str = "thread",
     defer_accept: int | None = None,
+    idle_timeout: float | None = None,
 ) -> Router:
     """Several routes on one listening socket, each surfacing into its own listener.
 
@@ -630,7 +620,8 @@ def route(
     if default is not None and default not in routes:
         built.append(Route(default, ()))
     if on_timeout is None:
-        on_timeout = Action("surface", default) if default else Action("surface")
-    policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject, on_error=on_error)
+        on_timeout = Action("surface", default) if default else Action(DEFAULT_ON_TIMEOUT)
+    policy = Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, on_reject=on_reject,
+                          on_error=on_error, idle_timeout=idle_timeout)
     hub = _Hub(sock, tuple(built), policy, default_route=default, core=core, driver=driver, defer_accept=defer_accept)
     return Router(hub)

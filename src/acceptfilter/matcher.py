@@ -31,8 +31,13 @@ Protocol knowledge stays in ``filters/*.py`` as declarations built with
 record (program counter, cursor, an 8-deep frame stack, a progress counter): constant
 size, and resumable -- each arrival continues where the last stopped, so a growing
 prefix is scanned once. It never looks at a byte past ``max_bytes``, never moves past
-the innermost frame's end, and cuts off a program that loops without progress after
-``len(code) * (max_bytes + 2)`` instructions.
+the innermost frame's end, and runs at most ``len(code) * (max_bytes + 1)`` instructions:
+:meth:`Program.check` (and afm_check in C) is a verifier in the way BPF's is -- every loop
+must consume input (each cycle of the program holds an instruction that always moves the
+cursor forward, and no instruction moves it back), and a program with a loop that might
+not is refused when built, naming the jump that closes it. The interpreters still cut off
+at ``len(code) * (max_bytes + 2)`` instructions, a second line that a verified program
+never reaches.
 
 Answers: :data:`DONE` (certain; ``consume``), :data:`MORE` (not sure yet; ``need`` is a
 lower bound on the further bytes before the answer can change -- for ``SO_RCVLOWAT``: exact
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -206,10 +212,73 @@ class Program:
                     if not ok:
                         break
                     off += 1 + tl
+                # The cursor never moves back: back is at most the shortest terminator.
+                ok = ok and c <= min(len(t) for t, _ in self.terms(a, b))
             elif op != Op.FAIL:
                 ok = False
             if not ok:
                 return f"instruction {i} {self.code[i]!r}"
+        loop = self._loop_without_input()
+        if loop is not None:
+            i, target = loop
+            return (f"instruction {i} {self.code[i]!r} jumps back to instruction {target} in a loop that may "
+                    "consume no input (every loop must move the cursor forward: it could run forever)")
+        return None
+
+    def _consumes(self, insn: Insn) -> bool:
+        """Whether the instruction always moves the cursor forward by at least one byte."""
+        op, a, b, c, _d, _e = insn
+        if op == _SKIP:
+            return a >= 1
+        if op == _RUN:
+            return b >= 1
+        if op == _SEARCH:
+            return min(len(t) for t, _ in self.terms(a, b)) > c
+        return op in (_LIT, _VEC)
+
+    def _successors(self, i: int) -> tuple[int, ...]:
+        op, a, _b, _c, d, _e = self.code[i]
+        after = (i + 1,) if i + 1 < len(self.code) else ()
+        if op == _JUMP:
+            return (a,)
+        if op == _JEQ:
+            return (*after, d)
+        if op == _JGE_END:
+            return (*after, a)
+        if op in (Op.READY, Op.FAIL):
+            return ()
+        return after
+
+    def _loop_without_input(self) -> tuple[int, int] | None:
+        """The verifier's loop rule (afmatch.c's loop_without_input, step for step): a depth-first
+        search over the instructions that do not consume finds a cycle among them if there is
+        one; returns (the instruction on it that jumps back, its target), or None."""
+        n = len(self.code)
+        color = [3 if self._consumes(insn) else 0 for insn in self.code]  # 0 unseen, 1 on the stack, 2 done
+        for root in range(n):
+            if color[root]:
+                continue
+            stack = [root]
+            tried = [0]
+            color[root] = 1
+            while stack:
+                u = stack[-1]
+                successors = self._successors(u)
+                if tried[-1] >= len(successors):
+                    color[u] = 2
+                    stack.pop()
+                    tried.pop()
+                    continue
+                v = successors[tried[-1]]
+                tried[-1] += 1
+                if color[v] in (2, 3):
+                    continue
+                if color[v] == 1:  # a cycle: the stack from v, then back to v; name its backward jump
+                    cycle = [*stack[stack.index(v):], v]
+                    return next((x, y) for x, y in itertools.pairwise(cycle) if y <= x)
+                color[v] = 1
+                stack.append(v)
+                tried.append(0)
         return None
 
     def start(self) -> MatchState:

@@ -1,18 +1,22 @@
 """The pure-Python I/O core: the reference the C core is tested against.
 
 Same behaviour as ``csrc/afcore.c`` with ``select.epoll`` and
-``socket.recv(MSG_PEEK)``: edge-triggered, one event per connection per batch,
-held connections in accept order (which is also deadline and eviction order).
+``socket.recv(MSG_PEEK)``: edge-triggered, one event per connection per batch.
+Held connections are idle (nothing sent: in accept order, which is the idle
+deadline order, and counted by source address for eviction, as ``csrc/afsrc.c``
+does) or partial (in first-byte order, which is the deadline order).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -25,7 +29,9 @@ __all__ = ["PyCore"]
 
 _EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_CONN_EVENTS = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLET  # PRI: an urgent byte
+#: SO_PEEK_OFF (asm-generic/socket.h; not in the socket module): peek from an offset (TCP: Linux 6.10+).
+SO_PEEK_OFF = 42
 #: SO_LINGER values: an RST if the process dies holding the connection; the default close (a FIN) again.
 _ABORTIVE = struct.pack("ii", 1, 0)
 _GRACEFUL = struct.pack("ii", 0, 0)
@@ -34,16 +40,27 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
 #: longer waits so after one sent nothing in that time, for DIRECT_BACKOFF (seconds;
 #: AF_DIRECT_WAIT_US and AF_DIRECT_BACKOFF_US in afcore.h).
 DIRECT_WAIT, DIRECT_BACKOFF = 0.001, 0.1
+#: close(reset=False) reads at most this much unread input first (AF_CLOSE_DRAIN): a FIN, not an RST.
+CLOSE_DRAIN = 16 << 20
+
+
+def oob_inline(sock: socket.socket) -> None:
+    """SO_OOBINLINE: a TCP urgent byte is ordinary data (as afcore.c sets it), where a read or a
+    splice would otherwise skip it or stop at it. Best effort (a socket that has no such thing)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
 
 
 class _Conn:
-    __slots__ = ("abortive", "accepted_at", "addr", "armed", "data", "eof", "final", "lowat", "match", "nonblock", "sock",
-                 "state")
+    __slots__ = ("abortive", "accepted_at", "addr", "armed", "data", "data_at", "eof", "final", "idle", "lowat", "match",
+                 "nonblock", "sock", "state")
 
     def __init__(self, sock: socket.socket, addr: Address, now: float) -> None:
         self.sock = sock
         self.addr = addr
         self.accepted_at = now
+        self.idle = True  # HELD with nothing sent yet (in the idle list)
+        self.data_at = now  # its first byte: the deadline counts from here
         self.data = b""
         self.eof = False
         self.armed = False
@@ -55,8 +72,53 @@ class _Conn:
         self.abortive = False  # SO_LINGER {1, 0} while watched (cleared before it is handed over or closed)
 
 
-#: A connection's states, as in the C core: HELD (in the FIFO) -> FINAL (reported) -> gone.
+#: A connection's states, as in the C core: HELD (idle or partial list) -> FINAL (reported) -> gone.
 HELD, FINAL = "held", "final"
+
+
+def _source(addr: Address) -> Any:
+    """The source address of a peer (its host; one source for every UNIX peer), as afs_key()."""
+    return addr[0] if isinstance(addr, tuple) and addr else ""
+
+
+class _Sources:
+    """Idle connections by source address, as ``csrc/afsrc.c``: the top is the source with the most,
+    and among equals the one that reached that count first (each count keeps its sources in order)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Any, OrderedDict[int, None]] = {}  # each source's idle fds, oldest first
+        self._buckets: dict[int, dict[Any, None]] = {}  # count -> sources, in the order they reached it
+        self._top = 0
+
+    def _move(self, key: Any, old: int, new: int) -> None:
+        if old:
+            bucket = self._buckets[old]
+            del bucket[key]
+            if not bucket:
+                del self._buckets[old]
+                if old == self._top:
+                    self._top -= 1
+        if new:
+            self._buckets.setdefault(new, {})[key] = None
+            self._top = max(self._top, new)
+
+    def add(self, key: Any, fd: int) -> None:
+        fds = self.fds.setdefault(key, OrderedDict())
+        fds[fd] = None
+        self._move(key, len(fds) - 1, len(fds))
+
+    def remove(self, key: Any, fd: int) -> None:
+        fds = self.fds[key]
+        del fds[fd]
+        self._move(key, len(fds) + 1, len(fds))
+        if not fds:
+            del self.fds[key]
+
+    def victim(self) -> int | None:
+        """The oldest idle connection of the source that holds the most, or None."""
+        if not self._top:
+            return None
+        return next(iter(self.fds[next(iter(self._buckets[self._top]))]))
 
 
 class PyCore:
@@ -77,6 +139,7 @@ class PyCore:
         max_events: int = 512,
     ) -> None:
         listen_sock.setblocking(False)
+        oob_inline(listen_sock)  # inherited by every connection accepted from it
         self._lsock = listen_sock
         self._lfd = listen_sock.fileno()
         self._max_bytes = min(max(1, max_bytes), MAX_BYTES)
@@ -85,9 +148,15 @@ class PyCore:
         self._max_events = max(16, max_events)
         self._ep = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: As CCore._life: held by wake() and by free() around closing the wake fd, so that a
+        #: wake-up never goes into a closed (maybe reused) descriptor; -1 once freed.
+        self._life = threading.Lock()
         self._ep.register(self._lfd, select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
-        self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # HELD, in accept order
+        self._idle_timeout: float | None = None  # set_idle_timeout(); None: no limit
+        self._idle: OrderedDict[int, _Conn] = OrderedDict()  # HELD, nothing sent, in accept order
+        self._sources = _Sources()  # the idle ones by source address
+        self._fifo: OrderedDict[int, _Conn] = OrderedDict()  # HELD, partial, in first-byte order
         self._finals: OrderedDict[int, _Conn] = OrderedDict()  # FINAL: reported, not yet resolved
         self._owned: dict[int, _Conn] = {}  # HELD + FINAL
         self._pending: list[int] = []
@@ -134,7 +203,7 @@ class PyCore:
             self._fresh_data -= 1
         self._events[fd] = (kind, err)
         if kind != DATA:
-            del self._fifo[fd]
+            self._unlink_held(fd, conn)
             self._disarm(fd, conn)
             conn.state = FINAL
             conn.final = (kind, err)
@@ -145,6 +214,32 @@ class PyCore:
             if len(self._events) >= self._max_events:
                 break
             self._events[fd] = conn.final
+
+    def _append_held(self, fd: int, conn: _Conn) -> None:
+        if conn.idle:
+            self._idle[fd] = conn
+            self._sources.add(_source(conn.addr), fd)
+        else:
+            self._fifo[fd] = conn
+
+    def _unlink_held(self, fd: int, conn: _Conn) -> None:
+        if conn.idle:
+            del self._idle[fd]
+            self._sources.remove(_source(conn.addr), fd)
+        else:
+            del self._fifo[fd]
+
+    def _held(self, fd: int) -> _Conn | None:
+        conn = self._fifo.get(fd)
+        return conn if conn is not None else self._idle.get(fd)
+
+    def _to_partial(self, fd: int, conn: _Conn) -> None:
+        """Idle -> partial: its first byte arrived, the deadline starts now."""
+        if conn.state == HELD and conn.idle:
+            self._unlink_held(fd, conn)
+            conn.idle = False
+            conn.data_at = self._now()
+            self._append_held(fd, conn)
 
     def _disarm(self, fd: int, conn: _Conn) -> None:
         if conn.armed:
@@ -175,13 +270,17 @@ class PyCore:
 
     def _forget(self, fd: int) -> _Conn:
         conn = self._owned.pop(fd)
-        (self._fifo if conn.state == HELD else self._finals).pop(fd)
+        if conn.state == HELD:
+            self._unlink_held(fd, conn)
+        else:
+            self._finals.pop(fd)
         self._buffered -= len(conn.data)
         self._disarm(fd, conn)
         return conn
 
-    def _peek(self, conn: _Conn, hup: bool) -> tuple[int, int]:
-        """(kind, errno): kind 0 when nothing final happened."""
+    def _peek(self, fd: int, conn: _Conn, hup: bool, urgent: bool = False) -> tuple[int, int]:
+        """(kind, errno): kind 0 when nothing final happened. ``urgent``: EPOLLPRI said a TCP
+        urgent byte is pending (peek past its mark, as afcore.c's peek_past_mark)."""
         self._stats["peeks"] += 1
         try:
             data = conn.sock.recv(self._max_bytes, _PEEK)
@@ -196,6 +295,9 @@ class PyCore:
                 self._stats["bytes_peeked"] += len(data) - len(conn.data)
                 self._buffered += len(data) - len(conn.data)
                 conn.data = data
+                self._to_partial(fd, conn)
+        if urgent and conn.data and not conn.eof:
+            self._peek_past_mark(conn)
         if hup:
             conn.eof = True
         if conn.match is not None and conn.data:
@@ -215,6 +317,30 @@ class PyCore:
             return EOF, 0
         return 0, 0
 
+    def _peek_past_mark(self, conn: _Conn) -> None:
+        """A peek stops at a TCP urgent mark when bytes come before it (SO_OOBINLINE or not): peek on
+        from the end of what is known with SO_PEEK_OFF, then switch the offset off again."""
+        sock = conn.sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, len(conn.data))
+        except OSError:
+            return  # an older kernel: the filter sees the bytes up to the mark
+        try:
+            while len(conn.data) < self._max_bytes:
+                self._stats["peeks"] += 1
+                more = sock.recv(self._max_bytes - len(conn.data), _PEEK)
+                if not more:
+                    conn.eof = True
+                    break
+                self._stats["bytes_peeked"] += len(more)
+                self._buffered += len(more)
+                conn.data += more
+        except OSError:
+            pass  # EAGAIN; an error shows at the next peek
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
+
     @staticmethod
     def _set_lowat(conn: _Conn, size: int) -> None:
         """SO_RCVLOWAT counts unread bytes, peeked ones included. Best effort, as in the C core."""
@@ -226,12 +352,19 @@ class PyCore:
             return
         conn.lowat = size > 1
 
-    def _evict_oldest_undecided(self) -> None:
-        """Over max_held: the oldest HELD connection without fresh data in this batch."""
+    def _evict_one(self) -> bool:
+        """Over max_held, as the C core's evict_one(): the oldest idle connection of the source
+        that holds the most idle ones; only then the oldest partial one without fresh data in
+        this batch. False when there is none."""
+        victim = self._sources.victim()
+        if victim is not None:
+            self._emit(victim, EVICT)
+            return True
         for fd in self._fifo:
             if fd not in self._events:
                 self._emit(fd, EVICT)
-                return
+                return True
+        return False
 
     def _count_surfaced(self, age: float) -> None:
         """Surfaced by the core itself (the matcher certified it): no caller will count it."""
@@ -289,15 +422,15 @@ class PyCore:
             self._backoff = 0.0
             self._stats["accepted"] += 1
             # Left blocking, as in the C core: every read here says MSG_DONTWAIT.
-            if self._max_held and len(self._fifo) - self._fresh_data >= self._max_held:
-                self._evict_oldest_undecided()
+            if self._max_held and len(self._idle) + len(self._fifo) - self._fresh_data >= self._max_held:
+                self._evict_one()
             fd = sock.fileno()
             conn = _Conn(sock, addr, now)
             if self._program is not None:
                 conn.match = self._program.start()
             self._owned[fd] = conn
-            self._fifo[fd] = conn
-            kind, err = self._peek(conn, False)
+            self._append_held(fd, conn)
+            kind, err = self._peek(fd, conn, False)
             if kind:
                 if self._settle(fd, kind, err):
                     self._stats["fast"] += 1  # certified at accept: accept_ready() returns it now
@@ -324,7 +457,7 @@ class PyCore:
         fd, self._direct = self._direct, None
         if fd is None:
             return False
-        conn = self._fifo[fd]
+        conn = self._owned[fd]
         if self._fast is not None or self._events:
             self._arm(fd, conn)
             return False
@@ -342,7 +475,7 @@ class PyCore:
         if nxt is not None and nxt - self._now() <= wait:
             wait, bounded = max(0.0, nxt - self._now()), True
         p = select.poll()
-        p.register(fd, select.POLLIN | select.POLLRDHUP)
+        p.register(fd, select.POLLIN | select.POLLPRI | select.POLLRDHUP)
         p.register(self._wakefd, select.POLLIN)
         ready = dict(p.poll(wait * 1000))
         flags = ready.get(fd, 0)
@@ -352,18 +485,23 @@ class PyCore:
                 epoll_flags |= select.EPOLLERR
             if flags & (select.POLLHUP | select.POLLRDHUP):
                 epoll_flags |= select.EPOLLRDHUP
+            if flags & select.POLLPRI:
+                epoll_flags |= select.EPOLLPRI
             self._on_readable(fd, epoll_flags)
         elif not ready and not bounded:
             self._stats["direct_idle"] += 1
             self._direct_resume = self._now() + self._direct_backoff
-        if conn.state == HELD and not conn.armed and fd in self._fifo:
+        if conn.state == HELD and not conn.armed and self._held(fd) is conn:
             self._arm(fd, conn)
         return not ready and bounded
 
     def _next_deadline(self) -> float | None:
         nxt = None
         if self._timeout is not None and self._fifo:
-            nxt = next(iter(self._fifo.values())).accepted_at + self._timeout
+            nxt = next(iter(self._fifo.values())).data_at + self._timeout
+        if self._idle_timeout is not None and self._idle:
+            idle = next(iter(self._idle.values())).accepted_at + self._idle_timeout
+            nxt = idle if nxt is None else min(nxt, idle)
         if self._paused_until is not None and (nxt is None or self._paused_until < nxt):
             nxt = self._paused_until
         return nxt
@@ -434,19 +572,21 @@ class PyCore:
     def _poll_once(self, timeout: float | None, fast: bool) -> list[Event]:
         self._report_finals()
         for fd in self._pending:
-            conn = self._fifo.get(fd)
+            conn = self._held(fd)
             if conn is not None and not conn.armed:
                 self._arm(fd, conn)
         self._pending = []
-        while self._max_held and len(self._fifo) > self._max_held and len(self._events) + 2 <= self._max_events:
-            self._emit(next(iter(self._fifo)), EVICT)
+        while (self._max_held and len(self._idle) + len(self._fifo) > self._max_held
+               and len(self._events) + 2 <= self._max_events):
+            if not self._evict_one():
+                break
         now = self._now()
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
             if self._listening:
                 self._ep.modify(self._lfd, select.EPOLLIN)
         waited_out = False
-        if fast and not self._events and not self._fifo:
+        if fast and not self._events and not self._fifo and not self._idle:
             # A thread waiting in accept(), nothing held: the listen queue first; what was taken
             # in is published before the wait (stats() must not lag behind it), and the wait hands
             # over the first connection the matcher certifies. With connections held, the epoll
@@ -492,13 +632,19 @@ class PyCore:
         if self._timeout is not None:
             while self._fifo and len(self._events) < self._max_events:
                 fd, conn = next(iter(self._fifo.items()))
-                if conn.accepted_at + self._timeout > now:
+                if conn.data_at + self._timeout > now:
+                    break
+                self._emit(fd, TIMEOUT)
+        if self._idle_timeout is not None:
+            while self._idle and len(self._events) < self._max_events:
+                fd, conn = next(iter(self._idle.items()))
+                if conn.accepted_at + self._idle_timeout > now:
                     break
                 self._emit(fd, TIMEOUT)
         return self._collect(now)
 
     def _on_readable(self, fd: int, flags: int) -> None:
-        conn = self._fifo.get(fd)
+        conn = self._held(fd)
         if conn is None:
             return
         if flags & select.EPOLLERR:  # reset while held, whatever it sent before (a FIN has no EPOLLERR)
@@ -506,7 +652,7 @@ class PyCore:
             self._emit(fd, ERROR, err or errno.ECONNRESET)
             return
         before = len(conn.data)
-        kind, err = self._peek(conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)))
+        kind, err = self._peek(fd, conn, bool(flags & (select.EPOLLRDHUP | select.EPOLLHUP)), bool(flags & select.EPOLLPRI))
         if kind:
             self._settle(fd, kind, err)
         elif len(conn.data) != before and conn.match is None:
@@ -555,10 +701,12 @@ class PyCore:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             else:
                 if conn.data or not conn.eof:
-                    # Closing with unread data sends an RST; read what is there (up to max_bytes,
-                    # peeked or not: an adopted one may not be) so "close" is a FIN.
+                    # Closing with unread data sends an RST; read everything there (not just
+                    # max_bytes: the client may have sent more), up to CLOSE_DRAIN, so "close" is a FIN.
+                    left = CLOSE_DRAIN
                     try:
-                        conn.sock.recv(self._max_bytes, socket.MSG_DONTWAIT)
+                        while left > 0 and (got := len(conn.sock.recv(min(left, 16384), socket.MSG_DONTWAIT))):
+                            left -= got
                     except OSError:
                         pass
                 self._clear_abortive(conn)
@@ -567,10 +715,13 @@ class PyCore:
         conn.sock.close()
 
     def wake(self) -> None:
-        try:
-            os.eventfd_write(self._wakefd, 1)
-        except OSError:
-            pass
+        with self._life:  # any thread, any time: after free() a wake is a no-op
+            if self._wakefd < 0:
+                return
+            try:
+                os.eventfd_write(self._wakefd, 1)
+            except OSError:
+                pass
 
     def adopt(self, fd: int) -> None:
         if fd in self._owned:
@@ -584,8 +735,9 @@ class PyCore:
         self._stats["accepted"] += 1  # taken in, so the accounting still adds up
         conn = _Conn(sock, addr, self._now())
         conn.nonblock = not os.get_blocking(fd)  # left as it is; made blocking when released
+        oob_inline(sock)
         self._owned[fd] = conn
-        self._fifo[fd] = conn
+        self._append_held(fd, conn)
         self._pending.append(fd)  # armed, and so peeked, by the next poll(); evicted there if over the bound
 
     def stop_accepting(self) -> None:
@@ -598,22 +750,31 @@ class PyCore:
         self._fresh_data = 0
         self._report_finals()
         now = self._now()
-        while self._fifo and len(self._events) < self._max_events:
-            fd, conn = next(iter(self._fifo.items()))
+        while (self._idle or self._fifo) and len(self._events) < self._max_events:
+            fd, conn = next(iter((self._idle or self._fifo).items()))
             if not conn.eof:
-                self._peek(conn, False)
+                self._peek(fd, conn, False)
             self._emit(fd, SHUTDOWN)
         return self._collect(now)
 
     def snapshot(self) -> None:
         self._saved = {**self._stats, "surfaced_hist": list(self._stats["surfaced_hist"]), "buffered": self._buffered,
-                       "held": len(self._owned), "paused": int(self._paused_until is not None)}
+                       "held": len(self._owned), "held_idle": len(self._idle), "paused": int(self._paused_until is not None),
+                       "oldest_accepted": self._oldest_accepted()}
+
+    def _oldest_accepted(self) -> float | None:
+        """When the oldest held connection was accepted: the older of the two heads, as the C core does."""
+        heads = [next(iter(held.values())).accepted_at for held in (self._idle, self._fifo) if held]
+        return min(heads) if heads else None
 
     def saved_stats(self) -> dict[str, Any]:
         return dict(self._saved)
 
     def set_clock(self, now: float | None) -> None:
         self._fake_now = now
+
+    def set_idle_timeout(self, timeout: float | None) -> None:
+        self._idle_timeout = min(timeout, MAX_TIMEOUT) if timeout and timeout > 0 else None
 
     def set_direct_wait(self, wait: float, backoff: float) -> None:
         self._direct_wait, self._direct_backoff = max(0.0, wait), max(0.0, backoff)
@@ -625,7 +786,11 @@ class PyCore:
             conn.sock.close()
         self._owned.clear()
         self._fifo.clear()
+        self._idle.clear()
+        self._sources = _Sources()
         self._finals.clear()
         if not self._ep.closed:
             self._ep.close()
-            os.close(self._wakefd)
+            with self._life:
+                wakefd, self._wakefd = self._wakefd, -1
+            os.close(wakefd)

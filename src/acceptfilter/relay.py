@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .listener import FilteredListener
+from .pycore import oob_inline
 
 __all__ = ["Forward", "RelayLoop", "forward", "loop_stats", "parse_forward", "parse_target", "proxy_header", "relay"]
 
@@ -190,7 +191,14 @@ def _splice_pump(src: socket.socket, dst: socket.socket) -> int:
         while True:
             n = os.splice(s, w, _CHUNK, flags=os.SPLICE_F_MOVE)
             if n == 0:
-                return total
+                # EOF, or a TCP urgent mark: splice stops there (returning 0 however much follows).
+                # recv reads past it (the urgent byte inline: SO_OOBINLINE); b"" is a real EOF.
+                data = src.recv(_CHUNK)
+                if not data:
+                    return total
+                dst.sendall(data)
+                total += len(data)
+                continue
             while n:
                 m = os.splice(r, d, n, flags=os.SPLICE_F_MOVE)
                 n -= m
@@ -255,6 +263,7 @@ def _thread_relay(client: socket.socket, address: Any, info: Any, fwd: Forward, 
     tally = _Tally()
     client.settimeout(None)
     _nodelay(client)
+    oob_inline(client)
     try:
         backend = socket.create_connection(fwd.target, timeout=fwd.connect_timeout)
     except OSError as exc:
@@ -264,6 +273,7 @@ def _thread_relay(client: socket.socket, address: Any, info: Any, fwd: Forward, 
         return tally
     backend.settimeout(None)
     _nodelay(backend)
+    oob_inline(backend)
     try:
         if fwd.send_proxy:
             backend.sendall(_header_for(client, address, fwd))
@@ -508,11 +518,19 @@ def _fmt(address: Any) -> str:
     return str(address or "?")
 
 
+#: How a peer that is done may end a connection: TLS peers often close right after close_notify, and the
+#: other side's last bytes then meet a reset. After both sides spoke, that is the normal end of a session.
+_CLOSING = (os.strerror(errno.ECONNRESET), os.strerror(errno.EPIPE))
+
+
 def _log(route: str, address: Any, fwd: Forward, info: Any, tally: _Tally, seconds: float) -> None:
     details = getattr(info, "info", {}) or {}
     extra = "".join(f" {key}={details[key]}" for key in ("sni", "ja4") if details.get(key))
     why = getattr(info, "reason", "")
-    errors = f" ({'; '.join(tally.errors)})" if tally.errors else ""
+    if tally.up and tally.down and tally.errors and all(e.endswith(_CLOSING) for e in tally.errors):
+        errors = " closed=reset"  # not an error: a session that ended (psql over TLS does this every time)
+    else:
+        errors = f" ({'; '.join(tally.errors)})" if tally.errors else ""
     log.info("forwarded route=%s client=%s backend=%s:%d reason=%s%s up=%d down=%d seconds=%.3f%s", route,
              _fmt(address), fwd.target[0], fwd.target[1], why, extra, tally.up, tally.down, seconds, errors)
 

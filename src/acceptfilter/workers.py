@@ -1,6 +1,6 @@
 """Several worker processes on one listen socket, each with its own engine (``--workers N``).
 
-The model, and why (numbers in the README, "Several worker processes"):
+The model, and why (numbers in docs/how-to/workers.md):
 the parent binds (or inherits from systemd) one listen socket and forks N
 workers; each worker wraps its copy of that socket in its own engine and
 serves what surfaces. All engines accept from the one kernel accept queue,
@@ -39,6 +39,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ __all__ = ["BOOT_GRACE", "Role", "check_workers", "fork_workers"]
 #: A worker that exits sooner than this after it was forked failed to start.
 BOOT_GRACE = 2.0
 _PR_SET_PDEATHSIG = 1
+#: Seconds the parent's idle hook runs between two checks on the workers.
+_IDLE_STEP = 0.2
 
 
 def check_workers(value: Any, option: str = "--workers") -> int:
@@ -96,11 +99,14 @@ def _child(index: int, parent: int) -> Role:
     return Role(index)
 
 
-def fork_workers(count: int, *, label: str = "worker") -> Role:
+def fork_workers(count: int, *, label: str = "worker", idle: Callable[[float], None] | None = None) -> Role:
     """Fork ``count`` workers; in each, return its Role; in the parent, supervise until stopped.
 
     Call it after the listen socket exists and before any thread or event
     loop is started: the workers inherit the socket, nothing else running.
+    ``idle(seconds)``, if given, runs in the parent between checks on the
+    workers and returns within about ``seconds`` (the summed status line and
+    the metrics endpoint of ``--workers``: the parent stays threadless).
     """
     parent = os.getpid()
     children: dict[int, tuple[int, float]] = {}
@@ -143,9 +149,15 @@ def fork_workers(count: int, *, label: str = "worker") -> Role:
         exit_code = 0
         while children:
             try:
-                pid, status = os.wait()
+                pid, status = os.waitpid(-1, os.WNOHANG if idle is not None else 0)
             except ChildProcessError:
                 break
+            if pid == 0:  # idle is set, and no worker exited
+                if idle is not None and not stopping:
+                    idle(_IDLE_STEP)
+                else:
+                    time.sleep(_IDLE_STEP)  # stopping: the workers' last words, not the parent's status
+                continue
             if pid not in children:
                 continue
             index, started = children.pop(pid)

@@ -27,6 +27,7 @@ _COMMAND_MODULES = (
     "acceptfilter.cli.serve",
     "acceptfilter.cli.stats",
     "acceptfilter.cli.top",
+    "acceptfilter.cli.metrics",
     "acceptfilter.cli.run",
     "acceptfilter.cli.fuzz",
 )

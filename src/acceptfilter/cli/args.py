@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["ON_TIMEOUT_HELP", "non_negative_int", "on_timeout", "port", "positive_float", "positive_int"]
+__all__ = ["IDLE_TIMEOUT_HELP", "MAX_HELD_HELP", "ON_TIMEOUT_HELP", "TIMEOUT_HELP", "non_negative_float",
+           "non_negative_int", "on_timeout", "port", "positive_float", "positive_int"]
 
 
 def _whole(text: str) -> int:
@@ -58,8 +59,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more seconds, not {text!r}")
+    return value
+
+
 # argparse names the type in its "invalid <type> value" fallback; keep ours readable.
-for _fn, _name in ((positive_int, "number"), (non_negative_int, "number"), (port, "port"), (positive_float, "seconds")):
+for _fn, _name in ((positive_int, "number"), (non_negative_int, "number"), (port, "port"), (positive_float, "seconds"),
+                   (non_negative_float, "seconds")):
     _fn.__name__ = _name
 
 
@@ -78,5 +87,13 @@ def on_timeout(text: str) -> str:
     return text.strip()
 
 
-ON_TIMEOUT_HELP = ("what a connection whose deadline passed gets: surface (default: the application sees it, "
-                   "like Linux's TCP_DEFER_ACCEPT), close, reset (RST), or route:NAME (with --route: that route)")
+ON_TIMEOUT_HELP = ("what a connection whose deadline passed gets: close (default; a partial HTTP request is "
+                   "answered 408 Request Timeout first), surface (the application sees it and applies its own "
+                   "timeouts), reset (RST), or route:NAME (with --route: that route)")
+TIMEOUT_HELP = ("seconds a connection that has begun its request may be held, from its first byte "
+                "(default: 5, or the filter's timeout=)")
+IDLE_TIMEOUT_HELP = ("seconds a connection that has sent nothing may be held (default: 620, longer than every "
+                     "common balancer keeps an idle connection; 0: no limit). With a server-first route "
+                     "(--default, silent) idle clients are served at the deadline instead")
+MAX_HELD_HELP = ("bound on held connections (default: the fd limit, ulimit -n, less a quarter of it for the "
+                 "application); when full, an idle connection of the source address holding the most goes first")

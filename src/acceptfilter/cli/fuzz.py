@@ -67,6 +67,9 @@ def _import(target: str) -> ModuleType:
             if spec is None or spec.loader is None:
                 raise AcceptFilterError(f"--import {target}: cannot load this file as Python")
             module = importlib.util.module_from_spec(spec)
+            folder = str(path.resolve().parent)  # as `python FILE` does: its sibling modules import
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
             sys.modules[mod_name] = module
             spec.loader.exec_module(module)
             return module

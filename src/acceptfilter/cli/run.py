@@ -22,15 +22,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import os
 import socket
 import sys
 from typing import Any
 
 from ..errors import AcceptFilterError
-from ..policy import DEFAULT_TIMEOUT
+from ..exporter import MetricsServer
+from ..exporter import start as start_metrics
 from ..workers import check_workers, fork_workers
-from .args import on_timeout, positive_float, positive_int
+from .args import (
+    IDLE_TIMEOUT_HELP,
+    MAX_HELD_HELP,
+    TIMEOUT_HELP,
+    non_negative_float,
+    on_timeout,
+    positive_float,
+    positive_int,
+)
 
 SERVERS = ("uvicorn", "hypercorn", "gunicorn")
 
@@ -43,13 +53,16 @@ def register(subparsers: Any) -> None:
         "behind an accept filter.",
     )
     p.add_argument("--filter", "-f", action="append", metavar="SPEC", help="filter spec; repeat for a chain (default: httpready)")
-    p.add_argument("--timeout", type=positive_float, default=None,
-                   help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--timeout", type=positive_float, default=None, help=TIMEOUT_HELP)
+    p.add_argument("--idle-timeout", type=non_negative_float, default=None, metavar="S", help=IDLE_TIMEOUT_HELP)
     p.add_argument("--on-timeout", type=on_timeout, default=None, metavar="ACTION",
-                   help="surface, close or reset (RST) (default: close for gunicorn, whose workers a surfaced idle "
-                        "client would pin; surface for uvicorn and hypercorn)")
-    p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
+                   help="close (default: a partial HTTP request is answered 408 Request Timeout first), surface "
+                        "(the server sees it) or reset (RST)")
+    p.add_argument("--max-held", type=positive_int, default=None, help=MAX_HELD_HELP)
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
+    p.add_argument("--metrics-port", default=None, metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics there: every engine on the server's port summed (all workers), "
+                        "with the kernel's view of it (host default: 127.0.0.1; needs prometheus_client)")
     p.add_argument("server", nargs=argparse.REMAINDER, metavar="-- SERVER ARGS", help="uvicorn|hypercorn|gunicorn ...")
     p.set_defaults(func=run)
 
@@ -58,8 +71,34 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "filter": args.filter or ["httpready"],
         "core": args.core,
-        "policy": {"timeout": args.timeout, "on_timeout": args.on_timeout, "max_held": args.max_held},
+        "policy": {"timeout": args.timeout, "idle_timeout": args.idle_timeout, "on_timeout": args.on_timeout,
+                   "max_held": args.max_held},
+        "metrics": _metrics_address(args),
     }
+
+
+def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """--metrics-port checked before the server starts (a bad value, or prometheus_client missing: one line)."""
+    if args.metrics_port is None:
+        return None
+    from ..exporter import parse_address
+    from ..metrics import _client
+
+    address = parse_address(args.metrics_port, "--metrics-port")
+    _client()
+    return address
+
+
+def _metrics(options: dict[str, Any], port: int) -> MetricsServer | None:
+    """The scrape endpoint for every engine on ``port`` (bound now: a port in use is one line, before serving)."""
+    if options["metrics"] is None:
+        return None
+    from ..exporter import metrics_server
+
+    host, mport = options["metrics"]
+    server = metrics_server(host, mport, port)
+    print(f"acceptfilter: metrics on {server.url}", file=sys.stderr, flush=True)
+    return server
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,14 +131,20 @@ def _run_gunicorn(server_args: list[str], args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["ACCEPTFILTER_FILTER"] = " ".join(args.filter or ["httpready"])
     env["ACCEPTFILTER_CORE"] = args.core
+    if args.metrics_port is not None:
+        _metrics_address(args)
+        env["ACCEPTFILTER_METRICS_PORT"] = str(args.metrics_port)
     for var, value in (("ACCEPTFILTER_TIMEOUT", args.timeout), ("ACCEPTFILTER_MAX_HELD", args.max_held),
-                       ("ACCEPTFILTER_ON_TIMEOUT", args.on_timeout)):
+                       ("ACCEPTFILTER_ON_TIMEOUT", args.on_timeout), ("ACCEPTFILTER_IDLE_TIMEOUT", args.idle_timeout)):
         if value is not None:
             env[var] = str(value)
     from ..integrations.gunicorn import settings
 
     settings(env)  # a bad filter spec fails here, before gunicorn starts
     server_args, asgi = _gunicorn_worker_class(server_args)
+    if asgi and args.metrics_port is not None:
+        raise AcceptFilterError("--metrics-port with gunicorn's uvicorn worker is not supported: each worker filters "
+                                "by itself; use `acceptfilter run --metrics-port ... -- uvicorn --workers N ...`")
     # The uvicorn worker filters in each worker (acceptfilter.workers); sync and gthread need the hooks.
     config = [] if asgi else ["-c", "python:acceptfilter.gunicorn"]
     argv = [sys.executable, "-m", "gunicorn", *config, *server_args]
@@ -166,13 +211,17 @@ def _workers_args(server_args: list[str]) -> list[str]:
     return values
 
 
-def _bind(host: str, port: int, backlog: int) -> socket.socket:
-    """The one listen socket every worker shares (one line on failure)."""
+def _bind(host: str, port: int, backlog: int, option: str) -> socket.socket:
+    """The listen socket (every worker shares it), bound before the server starts: a port in use or
+    a privileged one is one line, in ``acceptfilter serve``'s words, not the server's traceback."""
+    from ..errors import listen_error
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     try:
         return socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
-        raise AcceptFilterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise listen_error(where, exc, option) from None
 
 
 def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
@@ -194,14 +243,19 @@ def _run_uvicorn(server_args: list[str], options: dict[str, Any]) -> int:
         host, port, loop = kwargs.pop("host"), kwargs.pop("port"), kwargs.pop("loop", "auto")
         config = {k: v for k, v in kwargs.items() if k in accepted and k not in ("uds", "fd", "reload", "workers")}
         policy = {k: v for k, v in options["policy"].items() if v is not None}
-        sock = options["sock"]
+        sock = options["sock"] or _bind(host, port, int(config.get("backlog", 2048)), "--port")
+        metrics = _metrics(options, int(sock.getsockname()[1]))
         if workers > 1:
-            sock = sock or _bind(host, port, int(config.get("backlog", 2048)))
-            role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
+            role = fork_workers(workers, idle=metrics.serve_for if metrics else None)  # one engine per worker
             if not role.is_worker:
                 sock.close()
                 exit_code.append(role.exit_code)
                 return
+            if metrics is not None:
+                metrics.server_close()  # the parent answers scrapes, summing the workers
+                metrics = None
+        if metrics is not None:
+            start_metrics(metrics)
         try:
             af_uvicorn.run(app, host, port, loop=str(loop), filter=options["filter"], core=options["core"], policy=policy,
                            sock=sock, reload_on_hup=True, **config)
@@ -243,12 +297,19 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
         if config.worker_class not in ("asyncio", "uvloop"):
             raise AcceptFilterError(f"acceptfilter run supports Hypercorn's asyncio and uvloop workers, not "
                                     f"{config.worker_class!r} (trio: use acceptfilter.integrations.trio in code)")
-        sock = options["sock"] or _bind(host, int(port), config.backlog)
+        sock = options["sock"] or _bind(host, int(port), config.backlog, "--bind")
+        metrics = _metrics(options, int(sock.getsockname()[1]))
         if workers > 1:
-            role = fork_workers(workers)  # one engine per worker on the shared socket (acceptfilter.workers)
+            role = fork_workers(workers, idle=metrics.serve_for if metrics else None)  # one engine per worker
             if not role.is_worker:
                 sock.close()
                 return role.exit_code
+            if metrics is not None:
+                metrics.server_close()  # the parent answers scrapes, summing the workers
+                metrics = None
+        if metrics is not None:
+            start_metrics(metrics)
+        _hypercorn_logs_once(config)
         app = load_application(config.application_path, config.wsgi_max_body_size)
         loop = "uvloop" if config.worker_class == "uvloop" else "asyncio"
         policy = {k: v for k, v in options["policy"].items() if v is not None}
@@ -262,3 +323,12 @@ def _run_hypercorn(server_args: list[str], options: dict[str, Any]) -> int:
         return int(main_module.main(server_args) or 0)
     finally:
         setattr(main_module, "run", original)  # noqa: B010
+
+
+def _hypercorn_logs_once(config: Any) -> None:
+    """Keep Hypercorn's error log to its own handler: it propagates to the root logger too, which
+    is silent under ``hypercorn`` alone but is the command's handler here (every line twice)."""
+    error_logger = config.log.error_logger
+    if isinstance(error_logger, logging.Logger) and error_logger.handlers:
+        error_logger.propagate = False
+

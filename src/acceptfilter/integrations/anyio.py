@@ -13,7 +13,6 @@ Handlers get the filter's info with :func:`stream_info`.
 
 from __future__ import annotations
 
-import socket
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ import anyio.abc
 
 from ..engine import ConnectionInfo
 from ..listener import FilteredListener, FilterSpecs, wrap
+from ._tcp import bind_tcp
 
 __all__ = ["FilteredAnyioListener", "open_filtered_tcp_listener", "stream_info"]
 
@@ -80,15 +80,20 @@ class FilteredAnyioListener(anyio.abc.Listener[anyio.abc.SocketStream]):
 
 async def open_filtered_tcp_listener(
     port: int,
-    host: str = "127.0.0.1",
+    host: str | None = None,
     *,
     filter: FilterSpecs = "httpready",
     backlog: int = 1024,
     driver: str = "thread",
     **options: Any,
 ) -> FilteredAnyioListener:
-    """Bind ``host:port`` and wrap it (``driver="asyncio"`` on the asyncio backend: no thread)."""
-    sock = socket.create_server((host, port), backlog=backlog)
+    """Bind ``host:port`` and wrap it (``driver="asyncio"`` on the asyncio backend: no thread).
+
+    ``host=None`` listens on every interface, as ``anyio.create_tcp_listener(local_port=port)`` does:
+    one dual-stack ``::`` socket where the machine has IPv6 (IPv4 peers read ``::ffff:a.b.c.d``),
+    else ``0.0.0.0``; ``"127.0.0.1"`` listens for this machine only.
+    """
+    sock = bind_tcp(host, port, backlog, dual_stack=True)
     try:
         return FilteredAnyioListener(wrap(sock, filter, driver=driver, **options))
     except Exception:

@@ -13,7 +13,6 @@ Handlers get the filter's info with :func:`stream_info`.
 
 from __future__ import annotations
 
-import socket
 import weakref
 from typing import Any
 
@@ -21,6 +20,7 @@ import trio
 
 from ..engine import ConnectionInfo
 from ..listener import FilteredListener, FilterSpecs, wrap
+from ._tcp import bind_tcp
 
 __all__ = ["FilteredTrioListener", "open_filtered_tcp_listener", "stream_info"]
 
@@ -61,10 +61,14 @@ class FilteredTrioListener(trio.abc.Listener[trio.SocketStream]):
 
 
 async def open_filtered_tcp_listener(
-    port: int, host: str = "127.0.0.1", *, filter: FilterSpecs = "httpready", backlog: int = 1024, **options: Any
+    port: int, host: str | None = None, *, filter: FilterSpecs = "httpready", backlog: int = 1024, **options: Any
 ) -> FilteredTrioListener:
-    """Bind ``host:port``, wrap it in ``filter`` (``options`` go to :func:`acceptfilter.wrap`)."""
-    sock = socket.create_server((host, port), backlog=backlog)
+    """Bind ``host:port``, wrap it in ``filter`` (``options`` go to :func:`acceptfilter.wrap`).
+
+    ``host=None`` listens on every interface, as ``trio.open_tcp_listeners(port)`` does, with one
+    socket: every IPv4 one (``"::"``: IPv6 and IPv4; ``"127.0.0.1"``: this machine only).
+    """
+    sock = bind_tcp(host, port, backlog)
     try:
         return FilteredTrioListener(wrap(sock, filter, driver="thread", **options))
     except Exception:

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from ..engine import ConnectionInfo
 from ..listener import FilteredListener, FilterSpecs, wrap
+from ._tcp import bind_tcp
 from .asyncio import attach
 
 __all__ = ["FilteredPort", "listen", "listen_socket", "transport_info", "transport_info_by_peer"]
@@ -100,13 +101,16 @@ def listen(
     port: int,
     factory: Any,
     *,
-    interface: str = "127.0.0.1",
+    interface: str = "",
     filter: FilterSpecs = "httpready",
     backlog: int = 1024,
     **options: Any,
 ) -> FilteredPort:
-    """Like ``reactor.listenTCP(port, factory, interface=...)`` behind ``filter``."""
-    return listen_socket(reactor, socket.create_server((interface, port), backlog=backlog), factory,
+    """Like ``reactor.listenTCP(port, factory, interface=...)`` behind ``filter``.
+
+    ``interface`` defaults to every IPv4 interface, as ``listenTCP``'s does (``"::"``: IPv6 and IPv4).
+    """
+    return listen_socket(reactor, bind_tcp(interface, port, backlog), factory,
                          filter=filter, **options)
 
 

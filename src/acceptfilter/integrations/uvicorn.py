@@ -88,19 +88,14 @@ async def serve(
             "uvicorn calls loop.create_server(sock=listener): on uvloop run it on "
             "acceptfilter.integrations.uvloop.Loop (see loop_factory())"
         )
+    app = _with_info(app, config)
+    server = _AnnouncingServer(uvicorn.Config(app, **config), filter)  # Config() sets up uvicorn's logging
+    # Load the app before listening, as uvicorn does: a bad "module:app" is uvicorn's one
+    # "Error loading ASGI app" line and exit status 3, with nothing announced and nothing bound.
+    server.config.load()
     raw = sock or socket.create_server((host, port), backlog=config.get("backlog", 2048))
     listener = wrap(raw, filter, core=core, driver="asyncio", **(policy or {}))
-    app = _with_info(app, config)
     index_peers(listener)
-    server = uvicorn.Server(uvicorn.Config(app, **config))  # Config() sets up uvicorn's logging
-    bound_host, bound_port = listener.getsockname()[:2]
-    # uvicorn logs its address only for sockets it bound itself.
-    logging.getLogger("uvicorn.error").info(
-        "Uvicorn running on http://%s:%d behind acceptfilter %s (Press CTRL+C to quit)",
-        f"[{bound_host}]" if ":" in bound_host else bound_host,
-        bound_port,
-        filter,
-    )
     if started is not None:
         started(listener, server)
     reloader = _Reloader(server, listener, filter, core, dict(policy or {}), int(config.get("backlog", 2048)))
@@ -214,6 +209,31 @@ def _serving(server: uvicorn.Server, listener: FilteredListener) -> tuple[Any, C
         if mine and factory is not None:
             return candidate, factory
     raise RuntimeError("uvicorn is not serving this listener (yet)")
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn's Server that says where it runs once it does: after the lifespan startup and listening.
+
+    uvicorn logs its address only for sockets it bound itself, so the filtered
+    listener would start silently; a line before ``serve()`` would claim "running"
+    for an app whose startup then fails.
+    """
+
+    def __init__(self, config: uvicorn.Config, filter: FilterSpecs) -> None:
+        super().__init__(config)
+        self._filter = filter
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started or not sockets:
+            return
+        bound_host, bound_port = sockets[0].getsockname()[:2]
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on http://%s:%d behind acceptfilter %s (Press CTRL+C to quit)",
+            f"[{bound_host}]" if ":" in bound_host else bound_host,
+            bound_port,
+            self._filter,
+        )
 
 
 def _with_info(app: Any, config: dict[str, Any]) -> Any:

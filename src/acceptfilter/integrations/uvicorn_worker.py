@@ -47,7 +47,8 @@ class UvicornWorker(_UvicornWorker):  # type: ignore[misc]
             self.log.error("acceptfilter: %s", exc)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
         policy: dict[str, Any] = {k: v for k, v in (("timeout", config.timeout), ("on_timeout", config.on_timeout),
-                                    ("max_held", config.max_held)) if v is not None}
+                                    ("max_held", config.max_held), ("idle_timeout", config.idle_timeout))
+                                  if v is not None}
         listeners = []
         for sock in self.sockets:
             raw = getattr(sock, "sock", sock)  # gunicorn's TCPSocket wraps the socket

@@ -48,11 +48,16 @@ def create_server(
 
     ``sock`` (a listening socket, owned from now on) replaces ``host``/``port``;
     ``policy`` goes to :func:`acceptfilter.wrap`; ``adjustments`` to waitress
-    (``threads=``, ``connection_limit=`` ...). The engine runs on its own
+    (``threads=``, ``connection_limit=`` ...; ``asyncore_use_poll`` defaults to True here:
+    held connections take descriptors, and select() fails past 1023). The engine runs on its own
     thread: waitress's loop is a ``select()`` loop acceptfilter cannot join.
     """
     if any(k in adjustments for k in ("sockets", "listen", "unix_socket", "host", "port")):
         raise ValueError("give the address as sock= or host=/port=, not as waitress adjustments")
+    # waitress's loop uses select() by default, which raises ValueError (and stops the server) on
+    # a descriptor >= 1024. Idle connections held for a balancer push the ones it is handed past
+    # that: with 1,100 held, the first request killed the server. poll() has no such limit.
+    adjustments.setdefault("asyncore_use_poll", True)
     raw = sock or socket.create_server((host, port), backlog=adjustments.get("backlog", 1024))
     try:
         server = waitress.server.create_server(app, sockets=[raw], _start=False, **adjustments)

@@ -78,10 +78,12 @@ def http_requests(draw: st.DrawFn) -> bytes:
         st.lists(
             st.tuples(
                 st.one_of(
-                    st.sampled_from(["Host", "host", "HOST", "Content-Length", "User-Agent", "Accept"]), _token()
+                    st.sampled_from(["Host", "host", "HOST", "Content-Length", "User-Agent", "Accept", "Expect"]),
+                    _token(),
                 ),
                 st.sampled_from([":", ": ", " : ", ":\t"]),
-                st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+                st.one_of(st.sampled_from(["100-continue", "100-Continue", "5"]),
+                          st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)),
             ),
             max_size=8,
         )

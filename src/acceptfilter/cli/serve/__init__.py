@@ -17,8 +17,18 @@ import os
 from typing import Any
 
 from ...diag import KernelQueue
-from ...policy import DEFAULT_TIMEOUT
-from ..args import non_negative_int, on_timeout, port, positive_float, positive_int
+from ..args import (
+    IDLE_TIMEOUT_HELP,
+    MAX_HELD_HELP,
+    ON_TIMEOUT_HELP,
+    TIMEOUT_HELP,
+    non_negative_float,
+    non_negative_int,
+    on_timeout,
+    port,
+    positive_float,
+    positive_int,
+)
 from .main import run
 from .status import status_line
 
@@ -38,14 +48,11 @@ def register(subparsers: Any) -> None:
                    help="address to listen on (default: 127.0.0.1; '::' is IPv6 and IPv4; unix:PATH a UNIX socket)")
     p.add_argument("--port", "-p", type=port, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--directory", "-d", default=os.getcwd(), help="directory to serve (default: the current one)")
-    p.add_argument("--timeout", type=positive_float, default=None,
-                   help=f"seconds a connection may be held (default: {DEFAULT_TIMEOUT:g}, or the filter's timeout=)")
+    p.add_argument("--timeout", type=positive_float, default=None, help=TIMEOUT_HELP)
+    p.add_argument("--idle-timeout", type=non_negative_float, default=None, metavar="S", help=IDLE_TIMEOUT_HELP)
     p.add_argument("--on-timeout", type=on_timeout, default=None, metavar="ACTION",
-                   help="what a connection whose deadline passed gets: close (default: the file server gives each "
-                        "connection a thread, which a surfaced idle client would pin), surface (the application "
-                        "sees it, like Linux's TCP_DEFER_ACCEPT), reset (RST), or route:NAME (with --route: that "
-                        "route; by default what timed out half-sent gets --on-reject)")
-    p.add_argument("--max-held", type=positive_int, default=None, help="bound on held connections (default: the listen backlog)")
+                   help=ON_TIMEOUT_HELP + "; with --route, by default what timed out half-sent gets --on-reject")
+    p.add_argument("--max-held", type=positive_int, default=None, help=MAX_HELD_HELP)
     p.add_argument("--core", choices=("c", "python"), default="c", help="I/O core (default: c)")
     p.add_argument("--backlog", type=positive_int, default=1024, help="listen backlog (default: 1024)")
     p.add_argument("--defer-accept", type=non_negative_int, default=0, metavar="S",

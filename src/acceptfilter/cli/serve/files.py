@@ -92,6 +92,15 @@ class FileHandler(http.server.SimpleHTTPRequestHandler):
                                           "errno": name}})
             super().send_error(503, "Service Unavailable", "The server cannot read files right now; try again.")
 
+    #: send_error()'s message, told in the access record of the answer it makes (one record per request).
+    _error_message: str | None = None
+
+    def log_error(self, format: str, *args: Any) -> None:
+        if format == "code %d, message %s" and len(args) == 2:  # send_error(): log_request() follows
+            self._error_message = str(args[1])
+            return
+        super().log_error(format, *args)
+
     def address_string(self) -> str:
         addr = self.client_address
         return str(addr[0]) if isinstance(addr, tuple) and addr else "unix"
@@ -104,6 +113,9 @@ class FileHandler(http.server.SimpleHTTPRequestHandler):
         fields: dict[str, Any] = {"client": self.address_string(), "request": getattr(self, "requestline", "")}
         if format == '"%s" %s %s' and len(args) == 3:  # log_request(): the request, its status and size
             fields["status"], fields["size"] = str(args[1]), str(args[2])
+            if self._error_message is not None:
+                fields["error"] = self._error_message
+                self._error_message = None
         if info:
             fields["reason"], fields["held_ms"] = info.reason, round(info.held_for * 1000, 3)
         access_log.info("%s - - [%s] %s%s", self.address_string(), self.log_date_time_string(), format % args, why,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import stat
 
-from ...errors import AcceptFilterError
+from ...errors import AcceptFilterError, listen_error
 
 
 def listen(bind: str, port: int, backlog: int) -> socket.socket:
@@ -24,24 +23,17 @@ def listen(bind: str, port: int, backlog: int) -> socket.socket:
         raise listen_error(where, exc, "--port") from None
 
 
-def listen_error(where: str, exc: OSError, option: str) -> AcceptFilterError:
-    if exc.errno == errno.EADDRINUSE:
-        return AcceptFilterError(f"cannot listen on {where}: the port is already in use; stop the other server or pick another {option}")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return AcceptFilterError(f"cannot listen on {where}: permission denied (ports below 1024 need privileges)")
-    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:  # a name or an address not here
-        return AcceptFilterError(f"cannot listen on {where}: no such local address")
-    return AcceptFilterError(f"cannot listen on {where}: {exc.strerror or exc}")
-
-
 def listen_unix(path: str, backlog: int) -> socket.socket:
     """A UNIX stream socket at ``path``; a stale socket file left by a dead server is replaced."""
     if not path:
         raise AcceptFilterError("--bind unix:PATH needs a path")
+    where = f"unix:{path}"
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         mode = None
+    except OSError as exc:  # a folder on the way this user may not search
+        raise listen_error(where, exc, "--bind") from None
     if mode is not None:
         if not stat.S_ISSOCK(mode):
             raise AcceptFilterError(f"cannot listen on unix:{path}: it exists and is not a socket")
@@ -49,7 +41,10 @@ def listen_unix(path: str, backlog: int) -> socket.socket:
         try:
             probe.connect(path)
         except ConnectionRefusedError:
-            os.unlink(path)  # nobody listens there: a stale file
+            try:
+                os.unlink(path)  # nobody listens there: a stale file
+            except OSError as exc:
+                raise listen_error(where, exc, "--bind") from None
         except OSError:
             pass
         else:
@@ -62,7 +57,7 @@ def listen_unix(path: str, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise listen_error(f"unix:{path}", exc, "--bind") from None
+        raise listen_error(where, exc, "--bind") from None
     return sock
 
 

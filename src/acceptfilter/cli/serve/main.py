@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import http.server
 import logging
 import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ...errors import AcceptFilterError
-from ..console import console
-from .listen import listen
-from .metrics_http import serve_metrics
+from ...exporter import MetricsServer, metrics_server
+from ...exporter import start as start_metrics
+from ..console import JsonFormatter, console
+from .listen import display, listen
+from .parent import WorkersParent
 from .plan import Plan, check
 from .server import Serve
 from .signals import Signals
@@ -30,31 +32,63 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
 
     workers = check_workers(args.workers)
     sock = inherited_listener() or listen(args.bind, args.port, args.backlog)  # systemd's socket first
+    metrics: MetricsServer | None = None
     if workers > 1:
+        # One endpoint for all workers, in the parent: bound before the fork, so a port in use stops us now.
+        if args.metrics_port is not None:
+            try:
+                metrics = _metrics_server(args, sock)
+            except BaseException:
+                sock.close()
+                raise
+            _line(f"Metrics on {metrics.url} (the sum over {workers} workers)", args.log_format == "json",
+                  event="metrics", address=metrics.url)
+        parent = WorkersParent(args, sock, metrics)
         # Before any thread exists: each worker filters and serves the shared socket (acceptfilter.workers).
-        role = fork_workers(workers)
+        role = fork_workers(workers, idle=parent.idle)
         if not role.is_worker:
+            console.clear_status()
             sock.close()
+            if metrics is not None:
+                metrics.server_close()
             return role.exit_code
+        if metrics is not None:
+            metrics.server_close()  # the parent's
+        args.metrics_port = None  # the parent answers scrapes,
+        args.status = False  # and prints the summed status line (a line per worker under -v)
     with Signals() as signals:
         return _run(args, plan, sock, signals, ready)
+
+
+def _metrics_server(args: argparse.Namespace, sock: socket.socket,
+                    own: Callable[[], dict[str, Any]] | None = None) -> MetricsServer:
+    """The scrape endpoint: every engine on the port (their stats files) and the kernel's view of it;
+    ``own`` stats for a UNIX socket, which has no port to find engines by."""
+    host = "127.0.0.1" if args.bind.startswith("unix:") else args.bind
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return metrics_server(host, args.metrics_port, int(sock.getsockname()[1]))
+    if own is None:
+        raise AcceptFilterError("--metrics-port with --workers needs a TCP --bind (the workers publish by port)")
+    return metrics_server(host, args.metrics_port, own)
 
 
 def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Signals,
          ready: threading.Event | None) -> int:
     serve = Serve(args, plan, sock)
-    metrics: http.server.HTTPServer | None = None
+    metrics: MetricsServer | None = None
     try:
         if args.metrics_port is not None:
-            metrics = serve_metrics(args.bind, args.metrics_port, lambda: serve.current.stats())
+            metrics = _metrics_server(args, serve.sock, lambda: serve.current.stats())
+            start_metrics(metrics)
         serve.start()
+        json_lines = args.log_format == "json"
         for name, target in plan.forwards.items():
             chain = " -> ".join(plan.routes.get(name, []) if plan.routes else []) or "(rejected connections)"
-            _line(f"route {name}: {chain} forwarded to {target}")
-        _line(serve.banner())
+            _line(f"route {name}: {chain} forwarded to {target}", json_lines, event="route", route=name,
+                  target=str(target))
+        _line(serve.banner(), json_lines, event="serving", address=display(serve.sock))
         if metrics is not None:
-            host, mport = str(metrics.server_address[0]), int(metrics.server_address[1])
-            _line(f"Metrics on http://{f'[{host}]' if ':' in host else host}:{mport}/metrics")
+            _line(f"Metrics on {metrics.url}", json_lines, event="metrics", address=metrics.url)
         kernel_warnings(serve.sock, args.backlog)
         return run_until_signal(serve, args, signals, ready)
     finally:
@@ -64,8 +98,9 @@ def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Sig
         serve.close()
 
 
-def _line(text: str) -> None:
-    """One whole line on stdout in one write, flushed.
+def _line(text: str, json_line: bool = False, **fields: Any) -> None:
+    """One whole line on stdout in one write, flushed; under ``--log-format json`` a JSON object
+    (``message`` and ``fields``, shaped like the log records on stderr), so every line parses.
 
     ``print`` writes the text and its newline separately when stdout is
     unbuffered (``PYTHONUNBUFFERED``, common in containers), and the workers
@@ -73,6 +108,10 @@ def _line(text: str) -> None:
     ("Serving ...Serving ...\\n\\n") and a reader waiting for a line per worker
     would wait forever. One ``write`` of a short line to a pipe is atomic.
     """
+    if json_line:
+        record = logging.makeLogRecord({"name": "acceptfilter.serve", "levelno": logging.INFO, "levelname": "INFO",
+                                        "msg": text, "fields": {"type": "event", **fields}})
+        text = JsonFormatter().format(record)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 

@@ -63,7 +63,8 @@ class Serve:
 
     def _build(self, sock: socket.socket, *, driver: str) -> Current:
         args, plan = self.args, self.plan
-        policy: dict[str, Any] = {"timeout": args.timeout, "max_held": args.max_held, "core": args.core, "driver": driver,
+        policy: dict[str, Any] = {"timeout": args.timeout, "idle_timeout": args.idle_timeout, "max_held": args.max_held,
+                                  "core": args.core, "driver": driver,
                                   "defer_accept": args.defer_accept or None}
         if plan.routes is None:
             listener = wrap(sock, plan.specs, on_timeout=args.on_timeout or WORKER_ON_TIMEOUT,
@@ -79,13 +80,15 @@ class Serve:
         if isinstance(self.current.source, Router):
             if self.plan.forwards:
                 logging.getLogger("acceptfilter.relay").setLevel(logging.INFO)  # a line per relayed connection
+                logging.getLogger("acceptfilter.outcome").setLevel(logging.INFO)  # and per one rejected or timed out
             # The accept threads of the current listeners (a reload's old ones end with their listeners).
             self.forwards = [forward(self.current.source[name], target) for name, target in self.plan.forwards.items()]
 
     def banner(self) -> str:
         args, plan, listener = self.args, self.plan, self.current.listener
         on_timeout = plan.policy["on_timeout"] if plan.routes is not None else (args.on_timeout or WORKER_ON_TIMEOUT)
-        policy = (f"deadline {listener.deadline:g} s, on timeout: {on_timeout}, "
+        idle = "no limit" if listener.idle_timeout is None else f"{listener.idle_timeout:g} s"
+        policy = (f"deadline {listener.deadline:g} s, idle limit {idle}, on timeout: {on_timeout}, "
                   f"max held {listener.max_held}, {args.core} core")
         if plan.routes is not None and plan.serve_name is None:
             where = display(self.sock).removeprefix("http://").rstrip("/")

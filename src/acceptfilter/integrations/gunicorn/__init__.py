@@ -28,14 +28,20 @@ connections over.
 
 Settings, from the environment (which wins) or :func:`install`:
 ``ACCEPTFILTER_FILTER`` (a spec, or a chain of specs separated by spaces;
-default ``httpready``), ``ACCEPTFILTER_TIMEOUT`` (seconds),
-``ACCEPTFILTER_ON_TIMEOUT`` (``close``, the default: a surfaced idle client
-would pin a sync or gthread worker; ``surface``, ``reset``),
+default ``httpready``), ``ACCEPTFILTER_TIMEOUT`` (seconds a request that has
+begun may take to arrive, from its first byte), ``ACCEPTFILTER_IDLE_TIMEOUT``
+(seconds a connection that has sent nothing is held, default 620, longer than
+any common balancer's idle timeout; 0: no limit),
+``ACCEPTFILTER_ON_TIMEOUT`` (``close``, the default: a partial HTTP request gets
+``408 Request Timeout``, then a FIN; ``surface`` would pin a sync or gthread
+worker; ``reset``),
 ``ACCEPTFILTER_MAX_HELD`` (default: the filter process's fd limit, raised to
 its hard limit, less 256), ``ACCEPTFILTER_CORE`` (``c`` or ``python``) and
 ``ACCEPTFILTER_DEFER_ACCEPT`` (``TCP_DEFER_ACCEPT`` seconds on the listen
 sockets, default 1, 0 for off: workers then rarely accept a connection whose
-request has not arrived yet).
+request has not arrived yet) and ``ACCEPTFILTER_METRICS_PORT`` (``PORT`` or
+``HOST:PORT``: the filter process serves Prometheus metrics there, every
+filtered port summed with the kernel's view of it; needs prometheus_client).
 An application reads what the filters learnt with
 ``acceptfilter.connection_info(environ["gunicorn.socket"])`` (or
 :func:`connection_info` here).

@@ -68,6 +68,10 @@ class FeederSettings:
     #: TCP_DEFER_ACCEPT seconds on gunicorn's listen sockets (0: off), so a worker
     #: accepting a connection usually finds its request already there.
     defer_accept: int = 1
+    #: Seconds a connection that has sent nothing is held (None: the default, 620; 0: no limit).
+    idle_timeout: float | None = None
+    #: HOST:PORT of a Prometheus endpoint in the filter process (every filtered port, summed per port).
+    metrics_port: str | None = None
 
     def argv(self) -> list[str]:
         out: list[str] = []
@@ -78,11 +82,16 @@ class FeederSettings:
         out += ["--on-timeout", self.on_timeout, "--core", self.core]
         if self.max_held is not None:
             out += ["--max-held", str(self.max_held)]
+        if self.idle_timeout is not None:
+            out += ["--idle-timeout", repr(self.idle_timeout)]
+        if self.metrics_port is not None:
+            out += ["--metrics-port", self.metrics_port]
         return out
 
     def wrap(self, sock: socket.socket) -> FilteredListener:
         return wrap(sock, list(self.filters), timeout=self.timeout, on_timeout=self.on_timeout,
-                    max_held=self.max_held or default_max_held(), core=self.core, driver="none")
+                    idle_timeout=self.idle_timeout, max_held=self.max_held or default_max_held(), core=self.core,
+                    driver="none")
 
 
 def default_max_held() -> int:
@@ -127,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--on-timeout", default=WORKER_ON_TIMEOUT)
     p.add_argument("--max-held", type=int, default=None)
+    p.add_argument("--idle-timeout", type=float, default=None)
     p.add_argument("--core", default="c")
+    p.add_argument("--metrics-port", default=None, metavar="HOST:PORT", help="serve Prometheus metrics there")
     p.add_argument("--log-level", default="info")
     p.add_argument("--error-log", default="-", metavar="PATH", help="gunicorn's --error-logfile ('-': stderr)")
     p.add_argument("--uid", type=int, default=None, help="switch to this user once the sockets are wrapped")
@@ -292,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _die_with(args.master)
     _raise_fd_limit()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the arbiter reloads; a hang-up of the terminal is its business
-    settings = FeederSettings(tuple(args.filter), args.timeout, args.on_timeout, args.max_held, args.core)
+    settings = FeederSettings(tuple(args.filter), args.timeout, args.on_timeout, args.max_held, args.core,
+                              idle_timeout=args.idle_timeout)
     status = os.fdopen(args.status_fd, "w", closefd=True)
     pairs: list[_Pair] = []
     try:
@@ -301,6 +313,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             pairs.append(_Pair(settings.wrap(socket.socket(fileno=listen_fd)), socket.socket(fileno=channel_fd),
                                socket.socket(fileno=hold_in), socket.socket(fileno=hold_out)))
     except (AcceptFilterError, ValueError, OSError) as exc:
+        status.write(f"E{exc}")
+        status.close()
+        return 2
+    try:
+        if args.metrics_port is not None:  # bound before dropping privileges: a low port works
+            from ...exporter import metrics_server, parse_address, start
+
+            host, mport = parse_address(args.metrics_port, "ACCEPTFILTER_METRICS_PORT")
+            ports = sorted({int(p.listener.getsockname()[1]) for p in pairs if p.listener.family != socket.AF_UNIX})
+            server = metrics_server(host, mport, ports, option="ACCEPTFILTER_METRICS_PORT")
+            start(server)
+            log.info("metrics on %s", server.url)
+    except AcceptFilterError as exc:
         status.write(f"E{exc}")
         status.close()
         return 2

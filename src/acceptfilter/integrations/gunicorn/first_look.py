@@ -14,6 +14,7 @@ from ...engine import ConnectionInfo
 from ...events import Address
 from ...listener import _UNPARSED, _remember, remember_certified
 from ...policy import Policy
+from ...pycore import oob_inline
 from ..handoff import _DONTWAIT, MAX_LOOKS, HandoffListener, offer_fd
 
 __all__ = ["FirstLookListener"]
@@ -56,6 +57,7 @@ class FirstLookListener(HandoffListener):
         self._reset_rejects = policy.on_reject.kind == "reset"
         self._surface_overflow = policy.on_timeout.kind == "surface"
         listen.setblocking(False)
+        oob_inline(listen)  # what the worker accepts from it has urgent bytes inline, as the cores do
         self._poller = select.epoll()
         self._poller.register(channel.fileno(), select.EPOLLIN)
         self._poller.register(listen.fileno(), select.EPOLLIN)

@@ -22,8 +22,10 @@ _ENV = {
     "timeout": "ACCEPTFILTER_TIMEOUT",
     "on_timeout": "ACCEPTFILTER_ON_TIMEOUT",
     "max_held": "ACCEPTFILTER_MAX_HELD",
+    "idle_timeout": "ACCEPTFILTER_IDLE_TIMEOUT",
     "core": "ACCEPTFILTER_CORE",
     "defer_accept": "ACCEPTFILTER_DEFER_ACCEPT",
+    "metrics_port": "ACCEPTFILTER_METRICS_PORT",
 }
 _installed: dict[str, Any] = {}
 
@@ -46,8 +48,12 @@ def settings(env: Mapping[str, str] | None = None, **defaults: Any) -> FeederSet
     try:
         timeout = None if merged.get("timeout") is None else float(merged["timeout"])
         max_held = None if merged.get("max_held") is None else int(merged["max_held"])
+        idle_timeout = None if merged.get("idle_timeout") is None else float(merged["idle_timeout"])
     except ValueError as exc:
-        raise AcceptFilterError(f"{_ENV['timeout']} must be seconds and {_ENV['max_held']} a count: {exc}") from None
+        raise AcceptFilterError(f"{_ENV['timeout']} and {_ENV['idle_timeout']} must be seconds and "
+                                f"{_ENV['max_held']} a count: {exc}") from None
+    if idle_timeout is not None and not (idle_timeout >= 0 and idle_timeout != float("inf")):
+        raise AcceptFilterError(f"{_ENV['idle_timeout']} must be 0 (no limit) or more seconds, not {idle_timeout:g}")
     if timeout is not None and not timeout > 0:
         raise AcceptFilterError(f"{_ENV['timeout']} must be more than 0 seconds, not {timeout:g}")
     if max_held is not None and max_held < 1:
@@ -62,9 +68,18 @@ def settings(env: Mapping[str, str] | None = None, **defaults: Any) -> FeederSet
     if core not in ("c", "python"):
         raise AcceptFilterError(f"{_ENV['core']} must be 'c' or 'python', not {core!r}")
     on_timeout = str(merged.get("on_timeout", WORKER_ON_TIMEOUT))  # sync/gthread: a surfaced idle client pins a worker
+    metrics = merged.get("metrics_port")
+    if metrics is not None:
+        from ...exporter import parse_address
+
+        host, port = parse_address(str(metrics), _ENV["metrics_port"])
+        metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        from ...metrics import _client
+
+        _client()  # one line naming what to install if prometheus_client is missing
     load_chain(list(filters))  # unknown names and malformed specs fail here, in the arbiter
-    Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held)
-    return FeederSettings(filters, timeout, on_timeout, max_held, core, defer_accept)
+    Policy.build(timeout=timeout, on_timeout=on_timeout, max_held=max_held, idle_timeout=idle_timeout)
+    return FeederSettings(filters, timeout, on_timeout, max_held, core, defer_accept, idle_timeout, metrics)
 
 
 def connection_info(environ: Mapping[str, Any]) -> ConnectionInfo | None:
@@ -164,7 +179,7 @@ def install(namespace: MutableMapping[str, Any], **defaults: Any) -> None:
 
     Adds the server hooks to ``namespace``; a hook you already define there
     still runs, after acceptfilter's. ``defaults`` are ``filter``,
-    ``timeout``, ``on_timeout``, ``max_held`` and ``core``; the
+    ``timeout``, ``idle_timeout``, ``on_timeout``, ``max_held``, ``core`` and ``defer_accept``; the
     ``ACCEPTFILTER_*`` environment variables override them.
     """
     unknown = set(defaults) - set(_ENV)

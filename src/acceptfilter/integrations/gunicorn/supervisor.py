@@ -125,7 +125,7 @@ class Supervisor:
         os.ftruncate(tally, 16)
         pairs = [f"{lst.fileno()}:{send.fileno()}:{hold_recv.fileno()}:{hold_send.fileno()}"
                  for lst, (send, _), (hold_send, hold_recv) in zip(self.listeners, self.channels, self.offloads, strict=True)]
-        cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn.filter_process", "--master", str(os.getpid()),
+        cmd = [sys.executable, "-m", "acceptfilter.integrations.gunicorn.filter_process_main", "--master", str(os.getpid()),
                "--status-fd", str(status_w), "--tally-fd", str(tally), "--log-level", self.loglevel, "--error-log", self.errorlog, *config.argv()]
         uid, gid = self.owner_ids
         if (uid, gid) != (os.getuid(), os.getgid()):

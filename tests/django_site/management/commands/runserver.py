@@ -1,4 +1,4 @@
-"""runserver behind httpready: what the README tells a Django project to add, plus a handle for the test."""
+"""runserver behind httpready: what the docs (docs/how-to/django-werkzeug.md) tell a Django project to add, plus a handle for the test."""
 
 from __future__ import annotations
 

@@ -1,0 +1,134 @@
+"""The thread that keeps every engine's stats file (:mod:`.statsfile`) up to date.
+
+One daemon thread per process, started with the first engine, rewrites each
+registered engine's file every :data:`INTERVAL` seconds
+(``ACCEPTFILTER_STATS_INTERVAL``). Why a thread and not the stepping thread
+after each batch: an engine holding idle connections gets no events and can
+sleep in ``epoll_wait`` for minutes, and the fast path surfaces connections with
+no batch at all; a batch-driven writer would leave the held count and the
+oldest held age stale exactly when an operator looks. The snapshot takes the
+engine's stats lock for the few microseconds a ``stats()`` call takes, the same
+as the status line; the file write itself happens outside it.
+
+A forked child starts with no registrations (``os.register_at_fork``): the
+parent's files are the parent's to update and remove.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .statsfile import StatsWriter
+
+__all__ = ["INTERVAL", "Publication", "publish"]
+
+log = logging.getLogger("acceptfilter")
+
+
+def _interval() -> float:
+    try:
+        value = float(os.environ.get("ACCEPTFILTER_STATS_INTERVAL", "0.5"))
+    except ValueError:
+        return 0.5
+    return value if value > 0 else 0.5
+
+
+#: Seconds between two rewrites of a stats file (read at each round: tests set it after import).
+INTERVAL = _interval()
+
+_lock = threading.Lock()
+_registered: dict[int, Publication] = {}
+_thread: threading.Thread | None = None
+_wake = threading.Event()
+
+
+class Publication:
+    """One engine's file and the callable that gives its stats; :meth:`close` removes the file."""
+
+    def __init__(self, writer: StatsWriter, source: Callable[[], dict[str, Any]]) -> None:
+        self.writer = writer
+        self.source = source
+        self.closed = False
+
+    def write(self) -> None:
+        try:
+            stats = self.source()
+        except Exception:  # closing under us: the next round (or close) settles it
+            return
+        self.writer.write(stats)
+
+    def close(self) -> None:
+        with _lock:
+            if self.closed:
+                return
+            self.closed = True
+            _registered.pop(id(self), None)
+        self.writer.close()
+
+
+def _label() -> str:
+    """What runs this engine, for the reader: the program (``python -m X``: X) and its arguments, shortened."""
+    program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else sys.executable)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if program == "__main__.py" and spec is not None:
+        program = spec.name.removesuffix(".__main__").removesuffix(".cli")  # acceptfilter.cli -> acceptfilter
+    return " ".join([program, *sys.argv[1:]])[:64]
+
+
+def publish(sock: socket.socket, source: Callable[[], dict[str, Any]]) -> Publication | None:
+    """Start publishing ``source()`` for the listener ``sock``; None where it cannot (a UNIX socket, no directory).
+
+    Publishing is an aid, never a reason for a server not to start: a runtime
+    directory that cannot be written is one warning.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or os.environ.get("ACCEPTFILTER_STATS") == "off":
+        return None
+    try:
+        writer = StatsWriter(sock, _label())
+    except OSError as exc:
+        log.warning("acceptfilter: no stats file for `acceptfilter stats` (%s)", exc)
+        return None
+    publication = Publication(writer, source)
+    publication.write()
+    global _thread
+    with _lock:
+        _registered[id(publication)] = publication
+        if _thread is None:
+            _thread = threading.Thread(target=_run, name="acceptfilter-stats", daemon=True)
+            _thread.start()
+    return publication
+
+
+def _run() -> None:
+    while not _wake.wait(_interval()):
+        with _lock:
+            publications = list(_registered.values())
+        for publication in publications:
+            if not publication.closed:
+                publication.write()
+
+
+def _after_fork_in_child() -> None:
+    global _thread, _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    _registered.clear()  # the parent's engines are not this process's to publish or remove
+    _thread = None
+
+
+@atexit.register
+def _remove_all() -> None:
+    """Files of engines the program never closed go with the process (a kill -9 leaves them: readers clean up)."""
+    with _lock:
+        publications = list(_registered.values())
+    for publication in publications:
+        publication.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -103,3 +103,45 @@ def test_a_full_non_blocking_channel_pushes_back(tcp_pair) -> None:
         listener.accept()
     send.close()
     recv.close()
+
+
+_AT_THE_FD_LIMIT = r'''
+import os, resource, socket, sys
+from acceptfilter.integrations.handoff import make_channel, offer_fd, receive_fds
+
+server = socket.create_server(("127.0.0.1", 0))
+clients = [socket.create_connection(server.getsockname()) for _ in range(3)]
+conns = [server.accept()[0] for _ in clients]
+sender, receiver = make_channel()
+for conn in conns:
+    offer_fd(sender, conn.fileno())
+    conn.close()  # the message holds the only server-side reference now
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+filler = []
+try:
+    while True:
+        filler.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+dropped = [0]
+got = receive_fds(receiver, dropped=dropped)
+for fd in filler:
+    os.close(fd)
+clients[0].settimeout(30)
+print(len(got), dropped[0], clients[0].recv(1) == b"")
+'''
+
+
+def test_connections_dropped_at_the_fd_limit_are_counted_not_silent(tmp_path) -> None:
+    """A process with no descriptor left receives an SCM_RIGHTS message with its descriptors cut
+    off (MSG_CTRUNC): the kernel closes the connections in flight. receive_fds counts every one
+    and goes on reading (it stopped at the first, uncounted, as if the sender were gone)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _AT_THE_FD_LIMIT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    received, dropped, client_saw_eof = out.stdout.split()
+    assert (int(received), int(dropped)) == (0, 3)
+    assert client_saw_eof == "True"  # what the lost client saw: the reason it must be counted

@@ -171,16 +171,25 @@ def offer_fd(channel: socket.socket, fd: int, flags: int = 0) -> None:
     channel.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], flags)
 
 
-def receive_fds(channel: socket.socket, limit: int = MAX_LOOKS) -> list[int]:
-    """Descriptors waiting in ``channel`` (one per message), without blocking."""
+def receive_fds(channel: socket.socket, limit: int = MAX_LOOKS, dropped: list[int] | None = None) -> list[int]:
+    """Descriptors waiting in ``channel`` (one per message), without blocking.
+
+    A message that arrives with its descriptors cut off (``MSG_CTRUNC``: this process had no
+    descriptor left, so the kernel closed what was in flight) is counted in ``dropped[0]`` when
+    given, and receiving goes on: the connections behind it must not wait for another wake-up.
+    """
     out: list[int] = []
     for _ in range(limit):
         try:
-            _, ancdata, _, _ = channel.recvmsg(16, _ANCILLARY, _RECV_FLAGS | _DONTWAIT)
+            payload, ancdata, msg_flags, _ = channel.recvmsg(16, _ANCILLARY, _RECV_FLAGS | _DONTWAIT)
         except BlockingIOError:
             break
         fds = _received_fds(ancdata)
         if not fds:
+            if payload and msg_flags & int(socket.MSG_CTRUNC):
+                if dropped is not None:
+                    dropped[0] += 1
+                continue
             break  # every sender is gone
         out.extend(fds)
     return out

@@ -189,6 +189,7 @@ class _Pair:
         self.pending: deque[tuple[int, Address, ConnectionInfo]] = deque()
         #: The channel refused for a reason writability will not signal (ETOOMANYREFS).
         self.retry_soon = False
+        self.dropped_in_flight = 0  # passed on by a worker, closed by the kernel for want of an fd
         listener.setblocking(False)
         channel.setblocking(False)
 
@@ -232,7 +233,13 @@ class _Pair:
 
     def adopt_offered(self) -> int:
         """Hold every connection the workers passed on."""
-        fds = receive_fds(self.holds)
+        dropped = [0]
+        fds = receive_fds(self.holds, dropped=dropped)
+        if dropped[0]:
+            # The kernel closed them in flight: we had no descriptor to receive them into.
+            self.dropped_in_flight += dropped[0]
+            log.error("lost %d connection(s) a worker passed on: no file descriptor left to receive them "
+                      "(EMFILE; %d lost this way so far)", dropped[0], self.dropped_in_flight)
         for fd in fds:
             try:
                 self.listener.adopt(fd)
@@ -379,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tally.close_cleanly()
         stats = [p.listener.stats() for p in pairs]
         log.info("stopped: %d connections handed to workers, %d held ones passed on, %d lost; "
-                 "accepted %d, rejected %d, timed out %d", feeder.handed, feeder.passed_on, feeder.lost, sum(s.get("accepted", 0) for s in stats),
+                 "accepted %d, rejected %d, timed out %d", feeder.handed, feeder.passed_on,
+                 feeder.lost + sum(p.dropped_in_flight for p in pairs), sum(s.get("accepted", 0) for s in stats),
                  sum(s.get("rejected", 0) for s in stats), sum(s.get("timed_out", 0) for s in stats))
     return 0
 

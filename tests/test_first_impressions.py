@@ -7,9 +7,7 @@ Run as a user runs them: the real command in a subprocess, real servers, real cl
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import queue
 import re
 import shutil
@@ -28,13 +26,12 @@ from typing import Any
 
 import pytest
 
-from .conftest import free_port
+from .conftest import drop_file_privilege, free_port
 from .test_cli_serve import Served
 
 CLI = [sys.executable, "-m", "acceptfilter.cli"]
 LIMIT = 60.0  # seconds any start or stop may take on a loaded 2-core machine
 CURL = shutil.which("curl")
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
 
 ASGI_APP = '''
 async def app(scope, receive, send):
@@ -128,15 +125,6 @@ def test_run_on_a_port_in_use_is_one_line(server: str, tmp_path: Path) -> None:
                           f"stop the other server or pick another {where[0]}\n"), out.stderr
 
 
-def _no_file_privilege() -> None:
-    """In the child, before exec: drop the capabilities that let root write into any folder."""
-    if os.geteuid() == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 @pytest.mark.parametrize("mode", [0o500, 0o000], ids=["folder-read-only", "folder-unsearchable"])
 def test_serve_on_a_unix_socket_without_permission_is_one_line(mode: int, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
@@ -145,7 +133,7 @@ def test_serve_on_a_unix_socket_without_permission_is_one_line(mode: int, tmp_pa
     try:
         out = subprocess.run([*CLI, "serve", "--no-status", "--directory", str(tmp_path), "--bind",
                               f"unix:{locked}/af.sock"], capture_output=True, text=True, timeout=LIMIT,
-                             cwd=tmp_path, preexec_fn=_no_file_privilege)
+                             cwd=tmp_path, preexec_fn=drop_file_privilege)
     finally:
         locked.chmod(0o700)
     assert out.returncode == 2, out.stderr

@@ -213,7 +213,8 @@ class _Hub:
         from .publish import publish
 
         #: This engine's live counters for `acceptfilter stats PORT`, top and the metrics exporter.
-        self.publication = publish(sock, self.published_stats)
+        loop = getattr(self.driver, "loop", None)  # an asyncio driver's loop refreshes it: no thread
+        self.publication = publish(sock, self.published_stats, loop)
 
     def published_stats(self) -> dict[str, Any]:
         """What the stats file carries: the engine's counters and the hub's gauges."""

@@ -10,12 +10,17 @@ oldest held age stale exactly when an operator looks. The snapshot takes the
 engine's stats lock for the few microseconds a ``stats()`` call takes, the same
 as the status line; the file write itself happens outside it.
 
+An engine that an asyncio loop drives (``driver="asyncio"``) is refreshed by a
+timer on that loop instead, and starts no thread: "no thread" stays true of the
+async integrations.
+
 A forked child starts with no registrations (``os.register_at_fork``): the
 parent's files are the parent's to update and remove.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -52,10 +57,21 @@ _wake = threading.Event()
 class Publication:
     """One engine's file and the callable that gives its stats; :meth:`close` removes the file."""
 
-    def __init__(self, writer: StatsWriter, source: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, writer: StatsWriter, source: Callable[[], dict[str, Any]],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.writer = writer
         self.source = source
         self.closed = False
+        #: The loop whose timer refreshes this file (None: the process's publishing thread does).
+        self.loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _tick(self) -> None:
+        """On the loop: rewrite the file, then come back in one interval."""
+        if self.closed or self.loop is None or self.loop.is_closed():
+            return
+        self.write()
+        self._timer = self.loop.call_later(_interval(), self._tick)
 
     def write(self) -> None:
         try:
@@ -70,6 +86,14 @@ class Publication:
                 return
             self.closed = True
             _registered.pop(id(self), None)
+        timer, self._timer = self._timer, None
+        if timer is not None and self.loop is not None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is self.loop:
+                timer.cancel()  # from another thread the closed flag stops the next tick instead
         self.writer.close()
 
 
@@ -82,8 +106,11 @@ def _label() -> str:
     return " ".join([program, *sys.argv[1:]])[:64]
 
 
-def publish(sock: socket.socket, source: Callable[[], dict[str, Any]]) -> Publication | None:
+def publish(sock: socket.socket, source: Callable[[], dict[str, Any]],
+            loop: asyncio.AbstractEventLoop | None = None) -> Publication | None:
     """Start publishing ``source()`` for the listener ``sock``; None where it cannot (a UNIX socket, no directory).
+
+    With ``loop`` (the loop that drives the engine) the file is refreshed by a timer on it, with no thread.
 
     Publishing is an aid, never a reason for a server not to start: a runtime
     directory that cannot be written is one warning.
@@ -95,12 +122,14 @@ def publish(sock: socket.socket, source: Callable[[], dict[str, Any]]) -> Public
     except OSError as exc:
         log.warning("acceptfilter: no stats file for `acceptfilter stats` (%s)", exc)
         return None
-    publication = Publication(writer, source)
+    publication = Publication(writer, source, loop)
     publication.write()
     global _thread
     with _lock:
-        _registered[id(publication)] = publication
-        if _thread is None:
+        _registered[id(publication)] = publication  # atexit removes its file either way
+        if loop is not None:
+            publication._timer = loop.call_later(_interval(), publication._tick)
+        elif _thread is None:
             _thread = threading.Thread(target=_run, name="acceptfilter-stats", daemon=True)
             _thread.start()
     return publication
@@ -111,7 +140,7 @@ def _run() -> None:
         with _lock:
             publications = list(_registered.values())
         for publication in publications:
-            if not publication.closed:
+            if not publication.closed and publication.loop is None:
                 publication.write()
 
 

@@ -238,6 +238,9 @@ class _Hub:
             if self.closed or self.driver is not None:
                 raise ValueError("this listener is closed or already has a driver")
             self.driver = driver
+            loop = getattr(driver, "loop", None)
+            if loop is not None and self.publication is not None:
+                self.publication.move_to(loop)  # no thread for an engine its loop drives
             if isinstance(driver, ThreadDriver) and driver.engine is self.engine and len(self.queues) == 1:
                 self.inline = driver
                 if self.fast:

@@ -51,7 +51,7 @@ INTERVAL = _interval()
 _lock = threading.Lock()
 _registered: dict[int, Publication] = {}
 _thread: threading.Thread | None = None
-_wake = threading.Event()
+_thread_stop = threading.Event()  #: set to end the current thread
 
 
 class Publication:
@@ -80,12 +80,25 @@ class Publication:
             return
         self.writer.write(stats)
 
+    def move_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Refresh from now on by a timer on ``loop`` (the engine's new driver), not the thread.
+
+        Called on that loop. The thread stops once no file needs it.
+        """
+        with _lock:
+            if self.closed or self.loop is not None:
+                return
+            self.loop = loop
+            self._timer = loop.call_later(_interval(), self._tick)
+        _stop_thread_if_unused()
+
     def close(self) -> None:
         with _lock:
             if self.closed:
                 return
             self.closed = True
             _registered.pop(id(self), None)
+        _stop_thread_if_unused()
         timer, self._timer = self._timer, None
         if timer is not None and self.loop is not None:
             try:
@@ -124,19 +137,32 @@ def publish(sock: socket.socket, source: Callable[[], dict[str, Any]],
         return None
     publication = Publication(writer, source, loop)
     publication.write()
-    global _thread
+    global _thread, _thread_stop
     with _lock:
         _registered[id(publication)] = publication  # atexit removes its file either way
         if loop is not None:
             publication._timer = loop.call_later(_interval(), publication._tick)
         elif _thread is None:
-            _thread = threading.Thread(target=_run, name="acceptfilter-stats", daemon=True)
+            _thread_stop = threading.Event()
+            _thread = threading.Thread(target=_run, args=(_thread_stop,), name="acceptfilter-stats", daemon=True)
             _thread.start()
     return publication
 
 
-def _run() -> None:
-    while not _wake.wait(_interval()):
+def _stop_thread_if_unused() -> None:
+    """End the publishing thread when no registered file is refreshed by it (the process may have none)."""
+    global _thread
+    with _lock:
+        if _thread is None or any(p.loop is None for p in _registered.values()):
+            return
+        thread, _thread = _thread, None
+        _thread_stop.set()
+    if thread is not threading.current_thread():
+        thread.join(5)
+
+
+def _run(stop: threading.Event) -> None:
+    while not stop.wait(_interval()):
         with _lock:
             publications = list(_registered.values())
         for publication in publications:

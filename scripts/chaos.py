@@ -48,7 +48,7 @@ def app(environ, start_response):
     return [body]
 '''
 STATUS = re.compile(r"accepted (\d+) = held (\d+) \+ surfaced (\d+) \+ rejected (\d+) \+ closed empty (\d+) "
-                    r"\+ failed (\d+) \+ dropped (\d+) \+ detached (\d+)")
+                    r"\+ aborted (\d+) \+ failed (\d+) \+ dropped (\d+) \+ detached (\d+)")
 #: What a process is allowed to open beyond what it holds when its fd limit is lowered.
 FD_MARGIN = 4
 

@@ -19,9 +19,8 @@ suite count, GREASE excluded) and ``ja4`` (the FoxIO JA4 fingerprint).
   included) is rejected with a reason saying so, as soon as its length is
   known. A malformed record or message is rejected; at the end (EOF,
   deadline) an incomplete ClientHello is rejected. A rejected hello is closed
-  with its unread bytes still in the socket, so the kernel sends an RST, not
-  a FIN: the client sees "connection reset" (documented; draining up to 16 KiB
-  of a hello the server refuses would only cost it more).
+  as ``on_reject`` says: ``close`` (the default) reads what is unread first, so
+  the client sees a clean FIN (an unexpected EOF to OpenSSL), ``reset`` an RST.
 """
 
 from __future__ import annotations

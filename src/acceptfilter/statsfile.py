@@ -31,6 +31,7 @@ import re
 import socket
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -169,12 +170,21 @@ class StatsWriter:
         finally:
             os.close(fd)
         self._generation = 0
+        #: write() (the publishing thread or a loop) and close() (whoever closes the listener) may
+        #: race: a write into an unmapped file raised in the publishing thread.
+        self._lock = threading.Lock()
+        self._closed = False
         self._fixed = (os.getpid(), self.port, _start_ticks(os.getpid()), os.fstat(sock.fileno()).st_ino,
                        int(sock.family), str(host).encode()[:64], label.encode()[:64])
 
     def write(self, stats: Mapping[str, Any]) -> None:
         """Publish a snapshot: readers see this one whole, or the previous one, never a mix."""
         pairs = [(n.encode(), v) for n, v in flatten(stats)]
+        with self._lock:
+            if not self._closed:
+                self._write(pairs)
+
+    def _write(self, pairs: list[tuple[bytes, float]]) -> None:
         m = self._map
         self._generation += 1  # odd: a write is under way
         struct.pack_into("<Q", m, _GEN_OFFSET, self._generation)
@@ -190,11 +200,15 @@ class StatsWriter:
         struct.pack_into("<Q", m, _GEN_OFFSET, self._generation)
 
     def close(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        self._map.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self._map.close()
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,8 @@ def _dump(family: int, states: int, *, sport: int = 0, extensions: int = 0) -> t
         from pyroute2 import DiagSocket
     except ImportError as exc:  # a hard dependency, but say so clearly if it is missing
         raise DiagError(f"pyroute2 is needed for the kernel view: {exc}") from None
+    except OSError as exc:  # importing opens files: EMFILE at a process's fd limit
+        raise DiagError(f"cannot load pyroute2 for the kernel view: {exc.strerror or exc}") from None
     try:
         with DiagSocket() as diag:
             diag.bind()

@@ -80,6 +80,9 @@ def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Sig
         if args.metrics_port is not None:
             metrics = _metrics_server(args, serve.sock, lambda: serve.current.stats())
             start_metrics(metrics)
+        # Before the engine accepts: the kernel view imports pyroute2 and opens a netlink socket, which an
+        # early flood of held connections at a low fd limit would otherwise starve (EMFILE, a traceback).
+        kernel_warnings(serve.sock, args.backlog)
         serve.start()
         json_lines = args.log_format == "json"
         for name, target in plan.forwards.items():
@@ -89,7 +92,6 @@ def _run(args: argparse.Namespace, plan: Plan, sock: socket.socket, signals: Sig
         _line(serve.banner(), json_lines, event="serving", address=display(serve.sock))
         if metrics is not None:
             _line(f"Metrics on {metrics.url}", json_lines, event="metrics", address=metrics.url)
-        kernel_warnings(serve.sock, args.backlog)
         return run_until_signal(serve, args, signals, ready)
     finally:
         if metrics is not None:

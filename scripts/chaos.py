@@ -10,7 +10,7 @@ connect) and ``gunicorn -c python:acceptfilter.gunicorn -w 2``: 500 idle
 connections, 100 slowloris ones trickling a request head, legit HTTP clients
 in a loop, and (serve) SSH clients whose relay hangs. Meanwhile, at fixed
 fractions of the duration: SIGHUP to the parent, SIGKILL of a worker, a
-worker's (gunicorn: the filter process's) fd limit lowered to what it has
+the workers' (gunicorn: the filter process's) fd limits lowered to what it has
 open for a while, SIGHUP again; at the end SIGTERM.
 
 Exits non-zero and says why unless: every legit request got its page, except
@@ -316,12 +316,16 @@ class Server:
         """The worker processes (for gunicorn, not its filter process)."""
         return [pid for pid in children(self.proc.pid) if "filter_process" not in cmdline(pid)]
 
-    def holder(self) -> int:
-        """The process that holds connections: a serve worker, or gunicorn's filter process."""
+    def holders(self) -> list[int]:
+        """The processes that hold connections: every serve worker, or gunicorn's filter process.
+
+        Every serve worker, not one: the workers share the listen queue, so while one is at its
+        limit another takes the burst, and the limited one may never try an accept that fails.
+        """
         if self.kind == "serve":
-            return self.workers()[0]
+            return self.workers()
         found = [pid for pid in children(self.proc.pid) if "filter_process" in cmdline(pid)]
-        return found[0] if found else self.workers()[0]
+        return found[:1] if found else self.workers()[:1]
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -379,19 +383,21 @@ def run_one(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         note(f"SIGKILL worker {victim}")
         os.kill(victim, signal.SIGKILL)
         at(0.45)
-        holder = server.holder()
-        soft, hard = resource.prlimit(holder, resource.RLIMIT_NOFILE)
-        resource.prlimit(holder, resource.RLIMIT_NOFILE, (open_fds(holder) + FD_MARGIN, hard))
-        note(f"fd limit of {holder} lowered to {open_fds(holder) + FD_MARGIN}")
-        burst = load.burst(50)  # new connections it must accept (serve) or receive (gunicorn) at its limit
+        limits: dict[int, tuple[int, int]] = {}
+        for holder in server.holders():
+            limits[holder] = resource.prlimit(holder, resource.RLIMIT_NOFILE)
+            resource.prlimit(holder, resource.RLIMIT_NOFILE, (open_fds(holder) + FD_MARGIN, limits[holder][1]))
+        note("fd limit of " + ", ".join(f"{pid} lowered to {open_fds(pid) + FD_MARGIN}" for pid in limits))
+        burst = load.burst(50)  # new connections they must accept (serve) or receive (gunicorn) at their limit
         at(0.6)
         for c in burst:
             c.close()
         at(0.65)
-        try:
-            resource.prlimit(holder, resource.RLIMIT_NOFILE, (soft, hard))
-        except ProcessLookupError:
-            pass
+        for holder, limit in limits.items():
+            try:
+                resource.prlimit(holder, resource.RLIMIT_NOFILE, limit)
+            except ProcessLookupError:
+                pass
         note("fd limit restored")
         at(0.75)
         note("SIGHUP")

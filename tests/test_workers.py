@@ -351,3 +351,54 @@ def test_a_sigkilled_worker_resets_every_connection_it_held_idle_or_half_sent(tm
     finally:
         close_all(held)
         interrupt(proc)
+
+
+def _own_group(pid: int) -> bool:
+    """Whether a forked worker has its own process group: acceptfilter.workers sets it after its signal handlers."""
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+@needs_curl
+@pytest.mark.parametrize("server", ["serve", "uvicorn"])
+def test_a_sighup_while_the_workers_start_is_kept_and_each_worker_reloads_once_serving(
+        tmp_path: Path, server: str) -> None:
+    """A SIGHUP that reaches workers still starting (an upgrade right after a restart) is not lost.
+
+    Before: a worker ignored SIGHUP until its own handler was in place, so a worker that had built its
+    filters but not yet installed that handler kept the old ones and said nothing; and uvicorn's reload,
+    if its handler was in place but uvicorn had not started serving, failed ("reload failed").
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "w0").write_text("w0")
+    (tmp_path / "app.py").write_text(APP)
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    if server == "serve":
+        cmd = [*CLI, "serve", "--port", str(port), "--workers", "2", "--no-status", "--directory", str(site)]
+        pattern = r"reloaded: \d+ chain\(s\) rebuilt"
+    else:
+        cmd = [*CLI, "run", "--", "uvicorn", "app:app", "--port", str(port), "--workers", "2"]
+        pattern = r"reloaded: filters rebuilt"
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, text=True, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        parent = proc.pid
+        # As soon as both are forked and have their early handler: long before they serve.
+        wait_for(lambda: len(kids := children(parent)) >= 2 and all(_own_group(p) for p in kids), 60)
+        workers = children(parent)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(re.findall(pattern, log.read_text())) >= 2, 60)
+        text = log.read_text()
+        assert "reload failed" not in text and "Traceback" not in text, text
+        assert proc.poll() is None and children(parent) == workers, "reloaded in place, nobody restarted"
+        if server == "serve":
+            assert curl(port, "/w0") == (200, "w0")
+        else:
+            assert answers(port, "/after")[0] in workers
+    finally:
+        interrupt(proc)
+    assert proc.returncode in (0, -signal.SIGINT, 130)

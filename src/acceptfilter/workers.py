@@ -25,8 +25,9 @@ under systemd use ``KillMode=mixed`` for the same reason). SIGHUP is passed
 on as one SIGHUP to each worker, which reloads its filters in place the way a
 single process does (held connections move to the new filters undecided; the
 listen socket and the application are never closed, so no connection and no
-request is lost). A worker ignores SIGHUP until it has installed its own
-handler: one that is still starting builds the current filters anyway. A worker that exits by
+request is lost). A SIGHUP that reaches a worker before its own handler is
+in place is kept (:func:`take_early_hangup`), and the worker reloads as soon
+as it can: its filters may have been built before the signal. A worker that exits by
 itself within :data:`BOOT_GRACE` seconds of starting stops everything with its
 exit status (a broken application would otherwise be forked forever); a
 worker killed by a signal, or one that exits later, is logged and replaced.
@@ -45,7 +46,7 @@ from typing import Any
 
 from .errors import AcceptFilterError
 
-__all__ = ["BOOT_GRACE", "Role", "check_workers", "fork_workers"]
+__all__ = ["BOOT_GRACE", "Role", "check_workers", "fork_workers", "take_early_hangup"]
 
 #: A worker that exits sooner than this after it was forked failed to start.
 BOOT_GRACE = 2.0
@@ -86,13 +87,36 @@ def _die_with_parent() -> None:
         pass
 
 
+_early_hangup = False
+
+
+def _keep_early_hangup(signum: int, frame: Any) -> None:
+    global _early_hangup
+    _early_hangup = True
+
+
+def take_early_hangup() -> bool:
+    """Whether a SIGHUP reached this worker before its reload handler was in place (and forget it).
+
+    Call it right after installing that handler, and reload if it says so: the
+    signal may have come after the filters were built (a plugin upgraded
+    meanwhile), and a reload that changes nothing costs next to nothing. A
+    SIGHUP ignored instead was lost: a worker still starting kept the old
+    filters, and said nothing.
+    """
+    global _early_hangup
+    seen, _early_hangup = _early_hangup, False
+    return seen
+
+
 def _child(index: int, parent: int) -> Role:
     # A process group of its own: a terminal's Ctrl-C reaches the parent only, which sends each worker
     # exactly one SIGTERM (two signals would cut a graceful stop short).
-    os.setpgid(0, 0)
+    # The parent's handlers first (a SIGHUP now would run its reload() here, on a copy of its children).
+    signal.signal(signal.SIGHUP, _keep_early_hangup)  # until the worker's own reload handler is in place
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a graceful stop: close() resolves held connections
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own reload handler is in place
+    os.setpgid(0, 0)  # after the handlers: a process group of its own says they are in place
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl
         os._exit(1)

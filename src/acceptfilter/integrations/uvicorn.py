@@ -32,6 +32,7 @@ from typing import Any
 import uvicorn
 
 from ..listener import FilteredListener, FilterSpecs, wrap
+from ..workers import take_early_hangup
 from .asgi import ConnectionInfoMiddleware, index_peers, is_asgi3
 from .asyncio import _is_selector_loop
 
@@ -101,6 +102,8 @@ async def serve(
     reloader = _Reloader(server, listener, filter, core, dict(policy or {}), int(config.get("backlog", 2048)))
     if reload_on_hup:
         loop.add_signal_handler(signal.SIGHUP, reloader.schedule)
+        if take_early_hangup():  # a worker's SIGHUP that came before this handler (acceptfilter.workers)
+            reloader.schedule()
     try:
         await server.serve(sockets=[listener])  # type: ignore[list-item]
     finally:
@@ -160,6 +163,9 @@ class _Reloader:
         from ..reloading import reload_filter_modules
         from .asgi import index_peers
 
+        # A SIGHUP while uvicorn is still starting: its server for the listener does not exist yet.
+        while not self.server.started and not self.server.should_exit:
+            await asyncio.sleep(0.05)
         if self.server.should_exit:
             return
         reload_filter_modules()

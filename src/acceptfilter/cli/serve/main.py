@@ -28,7 +28,7 @@ log = logging.getLogger("acceptfilter")
 def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
     plan = check(args)
     from ...activation import inherited_listener
-    from ...workers import check_workers, fork_workers
+    from ...workers import check_workers, fork_workers, take_early_hangup
 
     workers = check_workers(args.workers)
     sock = inherited_listener() or listen(args.bind, args.port, args.backlog)  # systemd's socket first
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace, ready: threading.Event | None = None) -> int:
         args.metrics_port = None  # the parent answers scrapes,
         args.status = False  # and prints the summed status line (a line per worker under -v)
     with Signals() as signals:
+        if take_early_hangup():  # a worker's SIGHUP that came before Signals: reload once serving
+            signals.post(signal.SIGHUP)
         return _run(args, plan, sock, signals, ready)
 
 

@@ -131,3 +131,32 @@ def test_pool_counts_what_it_could_not_send() -> None:
         address = probe.getsockname()
     report = BalancerPool(address, size=3, idle=0.0, uses=2, timeout=10).run()
     assert (report.planned, report.sent, report.connect_errors) == (6, 0, 6) and not report.all_answered, report
+
+
+def test_pool_reuses_a_connection_the_server_keeps_open() -> None:
+    """A balancer reuses a live keep-alive connection: one connection per pool slot, every use answered on it.
+
+    Before: the liveness check peeked on a socket with a timeout, which Python waits on until readable; a live
+    connection cost the whole timeout, then counted as closed by the server and was reopened (every server
+    model's pool test ran ten times longer with a server that keeps connections, and tested no reuse).
+    """
+    accepted: list[int] = []
+
+    def keep_alive(conn: socket.socket) -> None:
+        accepted.append(1)
+        with conn:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                _, _, data = data.partition(b"\r\n\r\n")
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    lsock, _ = _raw_server(keep_alive)
+    with lsock:
+        report = BalancerPool(lsock.getsockname(), size=3, idle=0.0, uses=3, reuse_idle=0.0, timeout=5).run()
+    assert report.all_answered and report.sent == 9 and report.server_closed == 0, report
+    assert len(accepted) == 3, f"{len(accepted)} connections for 3 pool slots: the pool reopened live ones"

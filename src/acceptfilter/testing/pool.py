@@ -112,13 +112,22 @@ class BalancerPool:
     @staticmethod
     def _closed_by_peer(sock: socket.socket) -> bool:
         """A balancer's liveness check before reusing: readable with nothing to read means a FIN or RST.
-        (No select(): it fails on descriptors past 1023.)"""
+        (No select(): it fails on descriptors past 1023.)
+
+        Non-blocking for the peek: on a socket with a timeout, Python waits for it to be readable
+        before any recv, MSG_DONTWAIT or not, so a live idle connection cost the whole timeout and
+        then counted as closed (a TimeoutError is an OSError), and the pool reopened instead of reusing.
+        """
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return sock.recv(1, socket.MSG_PEEK) == b""
         except BlockingIOError:
             return False
         except OSError:
             return True
+        finally:
+            sock.settimeout(timeout)
 
     def _count(self, name: str, error: str | None = None) -> None:
         with self._lock:

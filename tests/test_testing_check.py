@@ -80,7 +80,8 @@ def test_respects_user_profile() -> None:
             calls += 1
             return super().check(data, final)
 
-    settings.register_profile("_af_tiny", max_examples=3)
+    # No database: examples saved by other check_filter runs (same inner test) would be replayed on top.
+    settings.register_profile("_af_tiny", max_examples=3, database=None)
     previous = settings.get_current_profile_name()
     settings.load_profile("_af_tiny")
     try:

@@ -95,3 +95,66 @@ def test_plain_uvloop_is_refused_with_a_clear_error() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+def test_a_reload_that_cannot_serve_its_new_listener_keeps_every_held_connection_served() -> None:
+    """SIGHUP whose new listener cannot be served (``create_server`` fails, say at EMFILE): nothing moves.
+
+    Before: the held connections were moved into the new listener first, and the failure left them on a
+    listener nothing served: their requests waited forever. The failure is injected into the loop's
+    ``create_server`` only for the reload (uvicorn has started by then); everything else is real.
+    """
+    import logging
+    import os
+    import signal
+
+    app = App()
+    got: dict[str, Any] = {}
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    def started(listener: acceptfilter.FilteredListener, server: uvicorn.Server) -> None:
+        got["listener"], got["server"] = listener, server
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        task = asyncio.create_task(af_uvicorn.serve(app, sock=sock, core="c", policy={"timeout": 30}, started=started,
+                                                    reload_on_hup=True, log_level="warning", lifespan="off"))
+        while "server" not in got or not got["server"].started:
+            await asyncio.sleep(0.01)
+        logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn's dictConfig, which drops handlers
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        deadline = loop.time() + 30
+        while got["listener"].stats()["held"] < 5:
+            assert loop.time() < deadline, got["listener"].stats()
+            await asyncio.sleep(0.01)
+
+        async def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(24, "Too many open files")
+
+        loop.create_server = refuse  # type: ignore[method-assign]
+        os.kill(os.getpid(), signal.SIGHUP)
+        while not any("reload failed" in r for r in records):
+            assert loop.time() < deadline, records
+            await asyncio.sleep(0.01)
+        del loop.create_server  # the class's own again
+        assert got["listener"].stats()["held"] == 5, "the held connections stay with the served listener"
+        for i, (reader, writer) in enumerate(idle):
+            writer.write(f"GET /kept{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            reply = await asyncio.wait_for(reader.read(), 10)
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(f"hello /kept{i}".encode()), reply
+            writer.close()
+        got["server"].should_exit = True
+        await asyncio.wait_for(task, 10)
+
+    handler = Keep()
+    try:
+        with asyncio.Runner(loop_factory=af_uvicorn.loop_factory("asyncio")) as runner:
+            runner.run(main())
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)

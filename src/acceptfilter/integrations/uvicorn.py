@@ -121,12 +121,13 @@ class _Reloader:
 
     uvicorn serves the listener through an asyncio ``Server`` whose accept
     callback watches the listener's ``fileno()``. A reload builds a fresh
-    listener (asyncio driver) on a ``dup`` of the listen socket, moves the
-    held connections into it undecided (``detach_held``/``adopt``: the old
-    engine stops accepting first, so each connection is in exactly one
-    engine), serves it with the old server's protocol factory, and closes
-    the old server only after asyncio has taken everything the old listener
-    had already surfaced. Everything runs on the event loop, between two
+    listener (asyncio driver) on a ``dup`` of the listen socket, serves it
+    with the old server's protocol factory, then moves the held connections
+    into it undecided (``detach_held``/``adopt``: the old engine stops
+    accepting first, so each connection is in exactly one engine), and
+    closes the old server only after asyncio has taken everything the old
+    listener had already surfaced. A reload that fails before the move
+    changes nothing. Everything runs on the event loop, between two
     callbacks: no lock, no thread.
     """
 
@@ -177,7 +178,18 @@ class _Reloader:
         except BaseException:
             dup.close()
             raise
-        index_peers(fresh)
+        # Served before anything moves into it: a reload that fails here leaves the held connections
+        # where they were, on the old listener that is still served, not on one that nothing serves.
+        loop = asyncio.get_running_loop()
+        try:
+            index_peers(fresh)
+            new_server = await loop.create_server(factory, sock=fresh, backlog=self.backlog)  # type: ignore[call-overload]
+        except BaseException:
+            fresh.close()
+            raise
+        self.server.servers.append(new_server)
+        self.listener = fresh
+        self._extra.append(fresh)
         moved = 0
         for fd in old.detach_held():  # the old engine no longer accepts: each connection in one engine
             try:
@@ -185,11 +197,6 @@ class _Reloader:
                 moved += 1
             except OSError:  # it closed meanwhile
                 os.close(fd)
-        self.listener = fresh
-        self._extra.append(fresh)
-        loop = asyncio.get_running_loop()
-        new_server = await loop.create_server(factory, sock=fresh, backlog=self.backlog)  # type: ignore[call-overload]
-        self.server.servers.append(new_server)
         # What the old listener had surfaced is accepted by the old server's callback; then close it.
         deadline = loop.time() + 10.0
         while old.queued and loop.time() < deadline and not self.server.should_exit:

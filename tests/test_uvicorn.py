@@ -43,6 +43,24 @@ async def curl(port: int) -> tuple[int, str]:
     return int(code), body
 
 
+async def start_uvicorn(app: Any, **kwargs: Any) -> tuple[asyncio.Task[None], acceptfilter.FilteredListener,
+                                                         uvicorn.Server, int]:
+    """``af_uvicorn.serve(app, ...)`` on a fresh loopback socket, once uvicorn has started: (task, listener, server, port)."""
+    got: dict[str, Any] = {}
+
+    def started(listener: acceptfilter.FilteredListener, server: uvicorn.Server) -> None:
+        got["listener"], got["server"] = listener, server
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    task = asyncio.create_task(af_uvicorn.serve(app, sock=sock, started=started, log_level="warning", lifespan="off",
+                                                **kwargs))
+    while "server" not in got or not got["server"].started:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    return task, got["listener"], got["server"], port
+
+
 @needs_curl
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_uvicorn_serves_through_httpready_while_idle_are_held(core: str, loop: str) -> None:
@@ -50,19 +68,10 @@ def test_uvicorn_serves_through_httpready_while_idle_are_held(core: str, loop: s
     app = App()
     got: dict[str, Any] = {}
 
-    def started(listener: acceptfilter.FilteredListener, server: uvicorn.Server) -> None:
-        got["listener"], got["server"] = listener, server
-
     async def main() -> None:
         threads = threading.active_count()
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        task = asyncio.create_task(
-            af_uvicorn.serve(app, sock=sock, core=core, policy={"timeout": 30}, started=started, limit_concurrency=5,
-                             log_level="warning", lifespan="off")
-        )
-        while "server" not in got or not got["server"].started:
-            await asyncio.sleep(0.01)
+        task, got["listener"], got["server"], port = await start_uvicorn(app, core=core, policy={"timeout": 30},
+                                                                         limit_concurrency=5)
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
         slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
         for _, w in slow:
@@ -116,17 +125,10 @@ def test_a_reload_that_cannot_serve_its_new_listener_keeps_every_held_connection
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record.getMessage())
 
-    def started(listener: acceptfilter.FilteredListener, server: uvicorn.Server) -> None:
-        got["listener"], got["server"] = listener, server
-
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        task = asyncio.create_task(af_uvicorn.serve(app, sock=sock, core="c", policy={"timeout": 30}, started=started,
-                                                    reload_on_hup=True, log_level="warning", lifespan="off"))
-        while "server" not in got or not got["server"].started:
-            await asyncio.sleep(0.01)
+        task, got["listener"], got["server"], port = await start_uvicorn(app, core="c", policy={"timeout": 30},
+                                                                         reload_on_hup=True)
         logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn's dictConfig, which drops handlers
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
         deadline = loop.time() + 30

@@ -9,9 +9,9 @@ from disk and an SSH route relayed to a backend that never completes a
 connect) and ``gunicorn -c python:acceptfilter.gunicorn -w 2``: 500 idle
 connections, 100 slowloris ones trickling a request head, legit HTTP clients
 in a loop, and (serve) SSH clients whose relay hangs. Meanwhile, at fixed
-fractions of the duration: SIGHUP to the parent, SIGKILL of a worker, a
-the workers' (gunicorn: the filter process's) fd limits lowered to what it has
-open for a while, SIGHUP again; at the end SIGTERM.
+fractions of the duration: SIGHUP to the parent, SIGKILL of a worker,
+the workers' (gunicorn: the filter process's) fd limits lowered to what they
+have open for a while, SIGHUP again; at the end SIGTERM.
 
 Exits non-zero and says why unless: every legit request got its page, except
 those the documentation allows (docs/operations/signals.md): a request in

@@ -207,7 +207,8 @@ def test_serve_at_ulimit_256_with_150_idle_and_150_partial_keeps_answering(tmp_p
     """Issue 23, item 2: held connections are bounded by what the process can afford (fd limit less
     headroom), idle ones evicted first: new requests are answered, no 404, no traceback."""
     (tmp_path / "file.txt").write_text("here\n")
-    proc, port, err = _start(tmp_path, "--timeout", "60", "--status-interval", "0.2", fd_limit=256)
+    # -v: one line per evicted connection, with its client port and the bytes the server had seen of it.
+    proc, port, err = _start(tmp_path, "-v", "--timeout", "60", "--status-interval", "0.2", fd_limit=256)
     held: list[socket.socket] = []
     try:
         for i in range(300):
@@ -228,16 +229,27 @@ def test_serve_at_ulimit_256_with_150_idle_and_150_partial_keeps_answering(tmp_p
             return False
 
         wait_for(bounded, timeout=15)
-        partial_alive = 0
-        for c in held[1::2]:  # the partial ones were never evicted: idle ones made the room
+        evicted = {int(m.group(1)): int(m.group(2)) for line in err
+                   if (m := re.search(r"evicted client=127\.0\.0\.1:(\d+) reason=evicted bytes=(\d+)", line))}
+        # Idle ones made the room: the server evicted no connection it had seen bytes from.
+        assert len(evicted) >= 108 and set(evicted.values()) == {0}, sorted(evicted.items())[:20]
+        dead: dict[int, str] = {}
+        for c in held[1::2]:  # the partial ones
             c.settimeout(0.05)
+            client_port = c.getsockname()[1]
             try:
-                partial_alive += c.recv(1, socket.MSG_PEEK) != b""
+                if c.recv(1, socket.MSG_PEEK) == b"":
+                    dead[client_port] = "closed"
             except TimeoutError:
-                partial_alive += 1
+                pass  # alive, still held
             except ConnectionResetError:
-                pass
-        assert partial_alive == 150
+                dead[client_port] = "reset"
+        # A partial one can be closed only as idle: on a loaded machine loopback can deliver its bytes after
+        # later handshakes (softirq work deferred on another core), and the server evicted it before they came.
+        # Each such one must be in the eviction lines with 0 bytes; any other closed partial one is a bug.
+        unexplained = {p: how for p, how in dead.items() if p not in evicted}
+        assert not unexplained, (unexplained, "".join(line for line in err if "status" not in line)[-3000:])
+        assert len(dead) <= 2, dead  # the rest (148 and more) is still held
         assert not any("Traceback" in line or " 404 " in line for line in err), "".join(err[-20:])
     finally:
         for c in held:

@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -147,6 +147,17 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     if item.get_closest_marker("markdown-docs") is None:
         return (yield)
     watchdog = Watchdog(str(item.path))
+    # Ctrl-C in a reader's terminal raises KeyboardInterrupt. A runner started in the background by a shell
+    # without job control inherits SIGINT ignored, and Python then installs no handler: the watchdog's
+    # Ctrl-C would do nothing and the snippet would serve until the outer timeout.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return (yield from _run_snippet(watchdog))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_snippet(watchdog: Watchdog) -> Generator[None, Any, Any]:
     with any_free_port():
         watchdog.start()
         try:
